@@ -1,0 +1,1 @@
+"""Data: loaders, the session protocol, synthetic populations and caching."""
