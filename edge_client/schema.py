@@ -288,9 +288,12 @@ class ActivityVocabulary:
     """An ordered activity vocabulary; the model needs only this, so datasets may declare their own."""
 
     names: tuple[str, ...] = RIB_ACTIVITIES
-    conversions: frozenset[str] = frozenset({"Cart", "Order"})
+    conversions: frozenset[str] | None = None  # None: whichever of RIB's Cart/Order are among names
 
     def __post_init__(self) -> None:
+        if self.conversions is None:
+            object.__setattr__(self, "conversions", frozenset({"Cart", "Order"} & set(self.names)))
+        object.__setattr__(self, "conversions", frozenset(self.conversions))
         if not self.names:
             raise SchemaError("bad_vocabulary", "an activity vocabulary needs at least one activity")
         if len(set(self.names)) != len(self.names):

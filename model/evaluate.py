@@ -72,13 +72,18 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k best real items per row, best first (column 0 excluded)."""
+    """Indices of the k best real items per row, best first; ties go to the lower index (as in ranks)."""
     scores = np.where(np.isnan(scores), -np.inf, scores).astype(np.float32, copy=True)
     scores[:, 0] = -np.inf
     k = min(k, scores.shape[1] - 1)
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]
+    greater = scores > kth
+    ties = scores == kth
+    room = k - greater.sum(axis=1, keepdims=True)
+    chosen = greater | (ties & (np.cumsum(ties, axis=1) <= room))
+    index = np.nonzero(chosen)[1].reshape(len(scores), k)
+    order = np.lexsort((index, -np.take_along_axis(scores, index, axis=1)), axis=1)
+    return np.take_along_axis(index, order, axis=1)
 
 
 def evaluate(

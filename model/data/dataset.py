@@ -79,6 +79,10 @@ class SessionDataset:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Ids are plain unicode arrays so the dataset saves without pickles.
+        self.session_ids = np.asarray(self.session_ids, dtype=str)
+        if self.user_ids is not None:
+            self.user_ids = np.asarray(self.user_ids, dtype=str)
         n = len(self.items)
         for name in ("activities", "dwell_buckets", "dwell_seconds", "timestamps_ms", "visit_starts"):
             if len(getattr(self, name)) != n:

@@ -1,0 +1,55 @@
+"""Raw UI event logs (the device's own format) -> a tuple frame, through the device's extractor.
+
+Training on raw events goes through ``edge_client.extract`` - the exact code a device runs - so the
+tuples a model learns from and the tuples a device builds are the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from edge_client.extract import ExtractorConfig, extract_population
+from edge_client.schema import RawEvent, SchemaError, SkipReport, read_event_lines
+
+
+def events_to_frame(
+    events: Iterable[RawEvent], config: ExtractorConfig | None = None, report: SkipReport | None = None
+) -> pd.DataFrame:
+    """Extract micro behaviors per device and lay them out as the protocol's tuple frame."""
+    population = extract_population(events, config, report)
+    rows = [
+        (f"{device_id}/{mb.session_id}", device_id, mb.timestamp_ms, mb.item_id, mb.activity, mb.dwell_seconds)
+        for device_id, records in population.items()
+        for mb in records
+    ]
+    frame = pd.DataFrame(rows, columns=["session_id", "user_id", "timestamp_ms", "item_id", "activity", "dwell_seconds"])
+    frame["timestamp_ms"] = frame["timestamp_ms"].astype(np.int64)
+    return frame
+
+
+def read_events_file(path: str | Path, report: SkipReport | None = None) -> list[RawEvent]:
+    """Read a JSON-lines raw event file; bad lines are counted in ``report``, never raised."""
+    path = Path(path)
+    if not path.is_file():
+        raise SchemaError("missing_file", f"no event file at {path}")
+    with path.open("rb") as handle:
+        events = list(read_event_lines(handle, report))
+    if not events:
+        raise SchemaError("empty", f"{path}: no valid events")
+    return events
+
+
+def write_events_file(events: Iterable[RawEvent], path: str | Path) -> int:
+    """Write events as JSON lines; returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with path.open("w", encoding="utf-8") as handle:
+        for event in events:
+            handle.write(event.to_json() + "\n")
+            count += 1
+    return count
