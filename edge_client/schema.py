@@ -17,7 +17,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class SchemaError(ValueError):
         self.reason = reason
 
 
-class EventType(str, Enum):
+class EventType(StrEnum):
     """Raw UI event types a device records."""
 
     PAGE_ENTER = "page_enter"  # opened a product page; needs page_source

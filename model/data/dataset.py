@@ -154,6 +154,13 @@ class SessionDataset:
             targets=self.items[targets_pos].astype(np.int64),
         )
 
+    def repeat_rate(self) -> float:
+        """Share of examples whose target is the prefix's last item (0 where visits merge repeats)."""
+        examples = self.examples()
+        if not len(examples):
+            return 0.0
+        return float(np.mean(self.items[examples.ends - 1] == examples.targets))
+
     def select_sessions(self, mask_or_index: np.ndarray, name: str | None = None) -> SessionDataset:
         """A new dataset holding only the chosen sessions (same vocabulary)."""
         index = np.flatnonzero(mask_or_index) if np.asarray(mask_or_index).dtype == bool else np.asarray(mask_or_index)

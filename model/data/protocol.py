@@ -13,7 +13,7 @@ Input is a *tuple frame* (pandas) with columns ``timestamp_ms, item_id, activity
    (session-rec's rule), or a split given by the source.
 5. Filters, from training data only (so nothing about test reaches training): drop visits of items
    with fewer than ``min_item_support`` training visits, then sessions with < ``min_session_visits``
-   visits; in test drop visits of items unseen in training, then short sessions.
+   visits (one pass, as SR-GNN); in test drop visits of items unseen in training, then short sessions.
 6. Vocabulary (items by training frequency) and dwell buckets (equal-frequency over training tuples).
 """
 
@@ -145,10 +145,11 @@ def build_split(
         "raw": {"rows": int(len(frame)), "tuples": int(len(tuples)), "sessions": int(tuples["session_id"].nunique())},
     }
 
-    # Step 5: filters from training data only.
+    # Step 5: filters from training data only, in one pass as SR-GNN and session-rec do (an item kept
+    # here can fall below the support threshold once short sessions go; iterating would gut small sets).
     support = train.loc[train["visit_start"], "item_id"].value_counts()
-    keep_items = support[support >= config.min_item_support]
-    train = _drop_short_sessions(train.loc[train["item_id"].isin(keep_items.index)], config.min_session_visits)
+    rare = support.index[support < config.min_item_support]
+    train = _drop_short_sessions(train.loc[~train["item_id"].isin(rare)], config.min_session_visits)
     train_items = train.loc[train["visit_start"], "item_id"].value_counts()
     test = _drop_short_sessions(test.loc[test["item_id"].isin(train_items.index)], config.min_session_visits)
     if train.empty:
