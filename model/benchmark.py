@@ -1,0 +1,100 @@
+"""Benchmarks that compare recommenders through the one evaluator and write JSON + markdown."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from model.data.dataset import SplitData
+from model.evaluate import EvalResult, evaluate
+from model.recommender import SessionRecommender
+
+Progress = Callable[[str], None]
+
+
+def data_type_of(split: SplitData) -> str:
+    """Baselines see items only: the paper's 'SKU' data type."""
+    return "SKU"
+
+
+def run_models(
+    split: SplitData,
+    factories: dict[str, Callable[[], SessionRecommender]],
+    progress: Progress | None = None,
+    n_boot: int = 500,
+) -> tuple[list[dict], dict[str, EvalResult]]:
+    """Fit each model on train, evaluate on test, return result rows and the raw results."""
+    rows: list[dict] = []
+    results: dict[str, EvalResult] = {}
+    for name, factory in factories.items():
+        if progress:
+            progress(f"{name}: fitting on {split.train.n_sessions} sessions")
+        started = time.perf_counter()
+        model = factory().fit(split.train)
+        fit_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        result = evaluate(model, split.test)
+        eval_seconds = time.perf_counter() - started
+        results[name] = result
+        row = {"model": name, "data_type": data_type_of(split), **{k: round(v, 4) for k, v in result.metrics.items()}}
+        for metric in ("recall@20", "mrr@20"):
+            low, high = result.bootstrap_ci(metric, n_boot=n_boot)
+            row[f"{metric}_ci95"] = [round(low, 4), round(high, 4)]
+        row.update(train_seconds=round(fit_seconds, 2), eval_seconds=round(eval_seconds, 2), n_examples=result.n_examples)
+        rows.append(row)
+        if progress:
+            progress(f"{name}: recall@20 {row['recall@20']:.4f}  mrr@20 {row['mrr@20']:.4f}  ({fit_seconds:.1f}s fit, {eval_seconds:.1f}s eval)")
+    return rows, results
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] = ("model", "data_type", "recall@20", "mrr@20", "recall@10", "mrr@10", "coverage@20", "train_seconds")) -> str:
+    """A markdown table of result rows; 95% bootstrap intervals shown beside Recall/MRR@20."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column, "")
+            if isinstance(value, float):
+                cell = f"{value:.4f}"
+                ci = row.get(f"{column}_ci95")
+                if ci:
+                    cell += f" [{ci[0]:.4f}, {ci[1]:.4f}]"
+            else:
+                cell = str(value)
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, object]:
+    """Where the numbers came from."""
+    import os
+
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(), "numpy": np.__version__}
+
+
+def write_bench(out_dir: Path, bench: str, dataset: str, split: SplitData, rows: list[dict], extra: dict | None = None) -> tuple[Path, Path]:
+    """Write ``DIR/<bench>.json`` (a ``rows`` list) and ``DIR/<bench>.md``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "bench": bench,
+        "dataset": dataset,
+        "protocol": split.info.get("protocol"),
+        "train": split.info.get("train"),
+        "test": split.info.get("test"),
+        "environment": environment(),
+        "rows": rows,
+        **(extra or {}),
+    }
+    json_path = out_dir / f"{bench}.json"
+    json_path.write_text(json.dumps(payload, indent=2))
+    md_path = out_dir / f"{bench}.md"
+    test = split.info.get("test") or {}
+    header = f"# {bench}: {dataset}\n\nTest examples: {test.get('examples', '?')} (every prefix -> next item). Values: metric [95% bootstrap interval].\n\n"
+    md_path.write_text(header + markdown_table(rows) + "\n")
+    return json_path, md_path
