@@ -1,0 +1,186 @@
+"""The ``rib-edge`` command line. Thin: it parses options and calls the packages that do the work.
+
+Heavy imports (pandas, torch, flwr) happen inside commands, so ``rib-edge --help`` is instant and the
+device-side commands never load training libraries.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from edge_client.schema import SchemaError
+
+DATASET_HELP = (
+    "'synthetic', a shared dataset name (see `rib-edge data list`), a generic interactions CSV/Parquet "
+    "file, or a directory in SR-GNN format."
+)
+
+
+def _echo_step(message: str) -> None:
+    click.echo(f"[{time.strftime('%H:%M:%S')}] {message}")
+
+
+def _fail(err: Exception) -> None:
+    raise click.ClickException(str(err)) from err
+
+
+def _open(dataset: str, mapping: Path | None, refresh: bool = False, min_item_support: int | None = None):
+    from model.data.open import open_dataset
+
+    try:
+        return open_dataset(dataset, mapping=mapping, refresh=refresh, min_item_support=min_item_support)
+    except (SchemaError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+
+
+dataset_option = click.option("--dataset", "dataset", required=True, help=DATASET_HELP)
+support_option = click.option(
+    "--min-item-support", type=click.IntRange(min=1), default=None, help="Override the protocol's item-support filter (default 5)."
+)
+mapping_option = click.option(
+    "--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="TOML mapping actions to activities (generic files)."
+)
+
+
+@click.group()
+@click.version_option(package_name="rib-edge")
+def main() -> None:
+    """rib-edge: on-device next-product recommendation from micro behaviors (RIB)."""
+
+
+# ------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("quickstart_out"), show_default=True)
+@click.option("--devices", default=300, show_default=True, help="Synthetic devices (shoppers).")
+@click.option("--seed", default=0, show_default=True)
+def quickstart(out_dir: Path, devices: int, seed: int) -> None:
+    """End to end on the built-in synthetic population: raw events -> tuples -> models -> recommendations."""
+    from rib_edge.quickstart import run_quickstart
+
+    try:
+        summary = run_quickstart(out_dir, n_devices=devices, seed=seed, progress=_echo_step)
+    except SchemaError as err:
+        _fail(err)
+    click.echo(summary)
+
+
+# ------------------------------------------------------------------------------------------------
+@main.group()
+def data() -> None:
+    """Datasets: list, prepare (cache), Section-3 statistics, synthetic events, extraction."""
+
+
+@data.command("list")
+def data_list() -> None:
+    """List the shared datasets this install knows."""
+    from model.data.loaders import DATASETS, SRGNN_DATASETS, default_data_dir
+    from model.data.open import ALIASES
+
+    root = default_data_dir()
+    click.echo(f"data directory: {root}{'' if root.is_dir() else '  (missing: only synthetic is available)'}")
+    click.echo(f"  {'synthetic':32s} built-in synthetic population (always available)")
+    for name, source in DATASETS.items():
+        click.echo(f"  {name:32s} {source.description}")
+    aliases = {target: alias for alias, target in ALIASES.items()}
+    for name in SRGNN_DATASETS:
+        click.echo(f"  {name:32s} SR-GNN benchmark split (item ids only){'; alias ' + aliases[name] if name in aliases else ''}")
+
+
+@data.command("prepare")
+@click.argument("dataset")
+@mapping_option
+@support_option
+@click.option("--refresh", is_flag=True, help="Rebuild the cached arrays.")
+def data_prepare(dataset: str, mapping: Path | None, min_item_support: int | None, refresh: bool) -> None:
+    """Load DATASET through the protocol (cached) and print its counts."""
+    started = time.perf_counter()
+    split = _open(dataset, mapping, refresh, min_item_support)
+    click.echo(json.dumps({"train": split.info.get("train"), "test": split.info.get("test"), "seconds": round(time.perf_counter() - started, 2)}, indent=2))
+
+
+@data.command("stats")
+@click.argument("dataset")
+@mapping_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: benchmarks/results/stats/<dataset>.")
+@support_option
+def data_stats(dataset: str, mapping: Path | None, out_dir: Path | None, min_item_support: int | None) -> None:
+    """The paper's Section-3 views of DATASET: counts, activity and dwell distributions, conversion rates."""
+    from model.analysis import format_stats, write_stats
+
+    split = _open(dataset, mapping, min_item_support=min_item_support)
+    out_dir = out_dir or Path("benchmarks/results/stats") / Path(dataset).name
+    stats = write_stats(split, out_dir, Path(dataset).name)
+    click.echo(format_stats(stats))
+    click.echo(f"wrote {out_dir}/stats.json and plots")
+
+
+@data.command("synth")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JSON-lines file of raw UI events.")
+@click.option("--devices", default=300, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def data_synth(out_path: Path, devices: int, seed: int) -> None:
+    """Write a synthetic population's raw UI events (JSON lines)."""
+    from model.data.events import write_events_file
+    from model.data.synthetic import SyntheticConfig, generate_population
+
+    count = write_events_file(generate_population(SyntheticConfig(n_devices=devices), seed), out_path)
+    click.echo(f"wrote {count} events from {devices} devices to {out_path}")
+
+
+@data.command("extract")
+@click.argument("events", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="CSV of micro-behavior tuples.")
+def data_extract(events: Path, out_path: Path) -> None:
+    """Turn a raw-event JSON-lines file into micro-behavior tuples with the device's extractor."""
+    from edge_client.schema import SkipReport
+    from model.data.events import events_to_frame, read_events_file
+
+    parsed, extracted = SkipReport(), SkipReport()
+    try:
+        frame = events_to_frame(read_events_file(events, parsed), report=extracted)
+    except SchemaError as err:
+        _fail(err)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out_path, index=False)
+    click.echo(f"parse: {parsed.summary()}\nextract: {extracted.summary()}\nwrote {len(frame)} tuples to {out_path}")
+    for example in parsed.examples + extracted.examples:
+        click.echo(f"  skipped: {example}", err=True)
+
+
+# ------------------------------------------------------------------------------------------------
+@main.group()
+def bench() -> None:
+    """Benchmarks: each writes DIR/<bench>.json (a `rows` list) and a markdown table."""
+
+
+@bench.command("baselines")
+@dataset_option
+@mapping_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: benchmarks/results/<dataset>.")
+@click.option("--models", default=None, help="Comma-separated subset, e.g. POP,SR,S-KNN (default: all).")
+@support_option
+def bench_baselines(dataset: str, mapping: Path | None, out_dir: Path | None, models: str | None, min_item_support: int | None) -> None:
+    """POP, Item-KNN, BPR-MF, SR, S-KNN, V-SKNN, STAN through the one evaluator."""
+    from model.baselines import BASELINES
+    from model.benchmark import markdown_table, run_models, write_bench
+
+    names = [m.strip() for m in models.split(",")] if models else list(BASELINES)
+    unknown = [m for m in names if m not in BASELINES]
+    if unknown:
+        raise click.BadParameter(f"unknown model(s) {unknown}; choose from {list(BASELINES)}", param_hint="--models")
+    split = _open(dataset, mapping, min_item_support=min_item_support)
+    _echo_step(f"{dataset}: {split.train.n_sessions} train / {split.test.n_sessions} test sessions, {split.vocab.n_items} items")
+    rows, _ = run_models(split, {name: BASELINES[name] for name in names}, progress=_echo_step)
+    out_dir = out_dir or Path("benchmarks/results") / Path(dataset).name
+    json_path, md_path = write_bench(out_dir, "baselines", dataset, split, rows)
+    click.echo(markdown_table(rows))
+    click.echo(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
