@@ -1,0 +1,424 @@
+"""Training RIB: time-based validation, length-bucketed batches, Adam, early stopping, checkpoints.
+
+One file, no framework: ``train_rib`` is a plain loop.
+
+- Validation is carved from the END of the training period (the last ``val_fraction`` of training
+  sessions by end time), never from test, so early stopping sees the same kind of future as the test.
+- One forward pass per session computes every prefix's prediction (see ``model/rib.py``); the loss is
+  taken at the positions whose next tuple starts a new visit, i.e. exactly the dataset's examples.
+  Sessions longer than ``max_len`` are cut into overlapping windows; each example is counted once.
+- Batches hold windows of similar length (sorted into length buckets, order shuffled with the seed), so
+  little compute goes to padding.
+- Early stopping on validation Recall@20 through the one evaluator (``model.evaluate.evaluate``); the best
+  state is restored at the end and, with ``checkpoint_dir``, saved as ``rib.pt``.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.data.dataset import SessionDataset
+from model.device import pick_device
+from model.evaluate import evaluate
+from model.recommender import PrefixBatch
+from model.rib import RIB, RIBConfig, data_type_flags
+from model.word2vec import Word2VecConfig, train_item_vectors
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_NAME = "rib.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping settings for one training run."""
+
+    epochs: int = 10
+    batch_size: int = 128  # windows (≈ sessions) per step
+    lr: float = 5e-3  # measured: 1e-3 needs 3-4x the epochs on the small shared datasets
+    weight_decay: float = 0.0
+    patience: int = 3  # epochs without a better validation Recall@20 before stopping
+    min_steps: int = 400  # no early stop before this many optimizer steps (tiny data: an epoch is a few steps)
+    val_fraction: float = 0.1  # last fraction of training sessions by end time; 0 = no validation
+    seed: int = 0
+    num_threads: int | None = 1  # torch intra-op threads (None: leave torch's setting alone)
+    max_len: int | None = None  # training window in tuples; None = the model's max_len
+    checkpoint_dir: str | None = None  # where rib.pt (best state) goes; None = keep in memory only
+    grad_clip: float | None = 5.0  # max gradient norm (GRUs on long sessions occasionally spike)
+    w2v_init: bool = True  # initialise item embeddings with Word2vec (the paper's choice)
+    w2v_epochs: int = 10
+    w2v_window: int = 5
+    w2v_unit_rms: bool = True  # rescale Word2vec vectors to unit RMS entries (nn.Embedding's init scale)
+    device: str | None = None  # see model.device.pick_device
+    eval_batch_size: int = 512
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> TrainConfig:
+        """Inverse of to_dict (keys this version does not know are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def rib_config_for(data: SessionDataset, data_type: str = "SKU+Micro", **overrides: object) -> RIBConfig:
+    """A RIBConfig sized for ``data``'s vocabulary, with the fields of a paper data type switched on."""
+    settings: dict[str, object] = {
+        "n_items": data.n_items,
+        "n_activities": len(data.vocab.activities),
+        "n_dwell": data.vocab.dwell.vocab_size,
+        **data_type_flags(data_type),
+    }
+    settings.update(overrides)
+    return RIBConfig(**settings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: validation split, windows, batches
+# --------------------------------------------------------------------------------------------------
+
+
+def time_validation_split(train: SessionDataset, val_fraction: float) -> tuple[SessionDataset, SessionDataset | None]:
+    """(fit, validation): validation = the last ``val_fraction`` of sessions by end time (dataset order on ties)."""
+    n = train.n_sessions
+    n_val = int(round(n * val_fraction))
+    if val_fraction <= 0 or n_val == 0 or n_val >= n:
+        return train, None
+    lengths = train.session_lengths()
+    end_time = np.zeros(n, dtype=np.int64)
+    nonempty = lengths > 0
+    end_time[nonempty] = train.timestamps_ms[train.offsets[1:][nonempty] - 1]
+    order = np.lexsort((np.arange(n), end_time))  # by end time, then original order
+    is_val = np.zeros(n, dtype=bool)
+    is_val[order[n - n_val :]] = True
+    fit = train.select_sessions(~is_val, name=f"{train.name}/fit")
+    val = train.select_sessions(is_val, name=f"{train.name}/val")
+    return fit, val
+
+
+@dataclass
+class Windows:
+    """Training rows: tuples [start, end) of the dataset; loss at positions t >= loss_from (absolute)."""
+
+    start: np.ndarray
+    end: np.ndarray
+    loss_from: np.ndarray
+    session_end: np.ndarray
+
+    def __len__(self) -> int:
+        return int(len(self.start))
+
+
+def make_windows(data: SessionDataset, max_len: int) -> Windows:
+    """Every session as one row, or as overlapping max_len windows (stride max_len // 2) when longer."""
+    stride = max(1, max_len // 2)
+    starts, ends, loss_from, session_end = [], [], [], []
+    lengths = data.session_lengths()
+    for s in np.flatnonzero(lengths >= 2):  # a one-tuple session has no next visit to predict
+        lo, hi = int(data.offsets[s]), int(data.offsets[s + 1])
+        prev_end = lo
+        end = min(hi, lo + max_len)
+        while True:
+            starts.append(end - min(max_len, end - lo))
+            ends.append(end)
+            loss_from.append(prev_end)  # positions before it were scored by the previous window
+            session_end.append(hi)
+            if end >= hi:
+                break
+            prev_end, end = end, min(hi, end + stride)
+    as_array = lambda values: np.asarray(values, dtype=np.int64)  # noqa: E731
+    return Windows(as_array(starts), as_array(ends), as_array(loss_from), as_array(session_end))
+
+
+def length_batches(windows: Windows, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Window indices grouped into batches of similar length; batch order (and ties) shuffled by ``rng``."""
+    shuffled = rng.permutation(len(windows))
+    by_length = shuffled[np.argsort(windows.end[shuffled] - windows.start[shuffled], kind="stable")]
+    batches = [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def batch_tensors(data: SessionDataset, windows: Windows, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    """Left-aligned padded inputs, mask, and the (position -> target) pairs of a batch of windows."""
+    start, end = windows.start[rows], windows.end[rows]
+    lengths = end - start
+    steps = np.arange(int(lengths.max()))
+    mask = steps[None, :] < lengths[:, None]
+    index = np.where(mask, start[:, None] + steps[None, :], 0)
+    # A position t (absolute index) is an example when tuple t + 1 exists and opens a new visit.
+    nxt = np.minimum(index + 1, len(data.items) - 1)
+    is_example = (
+        mask
+        & (index >= windows.loss_from[rows][:, None])
+        & (index + 1 < windows.session_end[rows][:, None])
+        & data.visit_starts[nxt]
+    )
+    as_long = lambda array: torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(device)  # noqa: E731
+    return {
+        "items": as_long(np.where(mask, data.items[index], 0)),
+        "activities": as_long(np.where(mask, data.activities[index], 0)),
+        "dwell": as_long(np.where(mask, data.dwell_buckets[index], 0)),
+        "mask": torch.from_numpy(mask).to(device),
+        "positions": torch.from_numpy(is_example).to(device),
+        "targets": as_long(data.items[nxt[is_example]]),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The recommender
+# --------------------------------------------------------------------------------------------------
+
+
+class RIBRecommender:
+    """RIB behind the SessionRecommender protocol: ``fit`` trains, ``score`` runs the model in eval mode."""
+
+    def __init__(
+        self,
+        rib_config: RIBConfig | None = None,
+        train_config: TrainConfig | None = None,
+        data_type: str = "SKU+Micro",
+        progress: bool = False,
+        **rib_overrides: object,
+    ) -> None:
+        self.rib_config = rib_config
+        self.train_config = train_config or TrainConfig()
+        self.data_type = rib_config.data_type if rib_config is not None else data_type
+        self.rib_overrides = rib_overrides
+        self.progress = progress
+        self.model: RIB | None = None
+        self.history: dict[str, object] = {}
+        self.device = pick_device(self.train_config.device)
+
+    @property
+    def name(self) -> str:
+        """'RIB', or 'RIB-Attention' for the paper's ablation without the attention layer."""
+        use_attention = self.rib_config.use_attention if self.rib_config else self.rib_overrides.get("use_attention", True)
+        return "RIB" if use_attention else "RIB-Attention"
+
+    def fit(self, train: SessionDataset) -> RIBRecommender:
+        """Train on ``train`` (validation carved from its end); keeps the best state."""
+        if self.rib_config is None:
+            self.rib_config = rib_config_for(train, self.data_type, **self.rib_overrides)
+        _train(self, train, self.progress)
+        return self
+
+    @torch.no_grad()
+    def score(self, batch: PrefixBatch) -> np.ndarray:
+        """(len(batch), n_items + 1) logits for the last ``max_len`` tuples of every prefix."""
+        if self.model is None:
+            raise RuntimeError("RIB: call fit() or load() before score()")
+        self.model.eval()
+        max_len = self.model.config.max_len
+        out = np.empty((len(batch), self.model.config.n_items + 1), dtype=np.float32)
+        size = self.train_config.eval_batch_size
+        for lo in range(0, len(batch), size):
+            part = PrefixBatch(batch.dataset, batch.starts[lo : lo + size], batch.ends[lo : lo + size])
+            items, mask = part.padded("items", max_len)
+            activities, _ = part.padded("activities", max_len)
+            dwell, _ = part.padded("dwell_buckets", max_len)
+            tensors = [torch.from_numpy(a.astype(np.int64)).to(self.device) for a in (items, activities, dwell)]
+            logits = self.model(*tensors, torch.from_numpy(mask).to(self.device))
+            out[lo : lo + len(part)] = logits.float().cpu().numpy()
+        return out
+
+    # ---- persistence ---------------------------------------------------------------------------------
+    def checkpoint(self) -> dict[str, object]:
+        """State dict + configs + history as one plain dict (what ``save`` writes)."""
+        if self.model is None or self.rib_config is None:
+            raise RuntimeError("RIB: nothing to save before fit()")
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "state_dict": state,
+            "rib_config": self.rib_config.to_dict(),
+            "train_config": self.train_config.to_dict(),
+            "history": _jsonable(self.history),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """torch.save the checkpoint dict to ``path`` (atomically) and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.checkpoint(), tmp)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> RIBRecommender:
+        """A ready-to-score recommender from a checkpoint written by ``save``."""
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True)  # plain data only: no pickled code
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format')!r}")
+        rib_config = RIBConfig.from_dict(payload["rib_config"])
+        train_config = TrainConfig.from_dict(payload["train_config"])
+        if device is not None:
+            train_config = replace(train_config, device=device)
+        rec = cls(rib_config, train_config)
+        rec.model = RIB(rib_config).to(rec.device)
+        rec.model.load_state_dict(payload["state_dict"])
+        rec.model.eval()
+        rec.history = payload.get("history", {})
+        return rec
+
+
+def load_checkpoint(path: str | Path, device: str | None = None) -> RIBRecommender:
+    """Load a RIB checkpoint (``RIBRecommender.load``)."""
+    return RIBRecommender.load(path, device=device)
+
+
+def train_rib(
+    split_train: SessionDataset,
+    rib_config: RIBConfig | None = None,
+    train_config: TrainConfig | None = None,
+    progress: bool = True,
+) -> tuple[RIBRecommender, dict[str, object]]:
+    """Train RIB on a training dataset; returns the fitted recommender and its training history."""
+    rec = RIBRecommender(rib_config, train_config, progress=progress)
+    rec.fit(split_train)
+    return rec, rec.history
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
+    """The training loop behind ``RIBRecommender.fit``; fills rec.model and rec.history."""
+    from tqdm.auto import tqdm
+
+    config, tc = rec.rib_config, rec.train_config
+    assert config is not None
+    if config.n_items != train.n_items:
+        raise ValueError(f"RIBConfig.n_items={config.n_items} but the dataset has {train.n_items} items")
+    if tc.num_threads is not None:
+        torch.set_num_threads(tc.num_threads)
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    started = time.perf_counter()
+
+    fit, val = time_validation_split(train, tc.val_fraction)
+    model = RIB(config)
+    w2v_seconds = 0.0
+    if tc.w2v_init:
+        t0 = time.perf_counter()
+        # Only the fit part: validation sessions must not shape what early stopping measures.
+        w2v = Word2VecConfig(vector_size=config.item_dim, epochs=tc.w2v_epochs, window=tc.w2v_window, seed=tc.seed)
+        vectors = train_item_vectors(fit, w2v)
+        scaled = vectors.vectors
+        if vectors.present.any() and tc.w2v_unit_rms:
+            # Word2vec entries are ~0.2 while nn.Embedding starts at N(0, 1): unscaled, the activity and
+            # dwell embeddings would drown the item signal at the GRU input. One global factor keeps cosines.
+            scaled = scaled / np.sqrt(np.mean(scaled[vectors.present] ** 2))
+        model.init_item_embeddings(torch.from_numpy(scaled), torch.from_numpy(vectors.present))
+        w2v_seconds = time.perf_counter() - t0
+    model.to(rec.device)
+    rec.model = model
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
+
+    windows = make_windows(fit, tc.max_len or config.max_len)
+    checkpoint_path = Path(tc.checkpoint_dir) / CHECKPOINT_NAME if tc.checkpoint_dir else None
+    epochs: list[dict[str, object]] = []
+    best_recall, best_epoch, best_state, bad_epochs, steps = -1.0, 0, None, 0, 0
+    for epoch in range(1, tc.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        total_loss, total_examples = 0.0, 0
+        batches = length_batches(windows, tc.batch_size, rng)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress, leave=False, unit="batch")
+        for rows in bar:
+            batch = batch_tensors(fit, windows, rows, rec.device)
+            n = int(batch["targets"].numel())
+            if n == 0:
+                continue
+            pooled, _ = model.pooled_all(batch["items"], batch["activities"], batch["dwell"], batch["mask"])
+            loss = model.loss_at(pooled[batch["positions"]], batch["targets"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            steps += 1
+            total_loss += loss.item() * n
+            total_examples += n
+            bar.set_postfix(loss=f"{total_loss / total_examples:.4f}")
+        train_seconds = time.perf_counter() - t0
+        row: dict[str, object] = {
+            "epoch": epoch,
+            "train_loss": total_loss / max(1, total_examples),
+            "train_seconds": train_seconds,
+            "sessions_per_s": fit.n_sessions / max(train_seconds, 1e-9),
+            "examples_per_s": total_examples / max(train_seconds, 1e-9),
+        }
+        improved = True
+        if val is not None:
+            t0 = time.perf_counter()
+            result = evaluate(rec, val)
+            row.update({f"val_{k}": v for k, v in result.metrics.items() if k in ("recall@20", "mrr@20")})
+            row["val_seconds"] = time.perf_counter() - t0
+            improved = result.metrics["recall@20"] > best_recall
+            if improved:
+                best_recall = result.metrics["recall@20"]
+        epochs.append(row)
+        if progress:
+            shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            tqdm.write(shown)
+        if improved:
+            best_epoch, bad_epochs = epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+            if checkpoint_path is not None:
+                rec.history = {"epochs": epochs, "best_epoch": best_epoch}
+                rec.save(checkpoint_path)
+        else:
+            bad_epochs += 1
+            # Small datasets first sit on a popularity plateau for several short epochs; don't stop there.
+            if bad_epochs >= tc.patience and steps >= tc.min_steps:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    total_seconds = time.perf_counter() - started
+    train_seconds = sum(float(e["train_seconds"]) for e in epochs)
+    rec.history = {
+        "epochs": epochs,
+        "best_epoch": best_epoch,
+        "best_val_recall@20": best_recall if val is not None else None,
+        "n_fit_sessions": fit.n_sessions,
+        "n_val_sessions": 0 if val is None else val.n_sessions,
+        "n_windows": len(windows),
+        "steps": steps,
+        "w2v_seconds": w2v_seconds,
+        "train_seconds": train_seconds,
+        "total_seconds": total_seconds,
+        "sessions_per_s": fit.n_sessions * len(epochs) / max(train_seconds, 1e-9),
+        "peak_rss_mb": _peak_rss_mb(),
+        "device": str(rec.device),
+        "num_threads": torch.get_num_threads(),
+        "data_type": config.data_type,
+        "loss": config.loss,
+    }
+    if checkpoint_path is not None:
+        rec.save(checkpoint_path)

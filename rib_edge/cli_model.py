@@ -1,0 +1,123 @@
+"""``rib-edge train`` and ``rib-edge eval``: thin click wrappers around model/train.py.
+
+The lead registers them on the main group (``main.add_command(train_command)``, ``eval_command``).
+torch and pandas are imported inside the commands so ``rib-edge --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from edge_client.schema import SchemaError
+
+DATA_TYPE_NAMES = ("SKU", "SKU+Activity", "SKU+Dwell", "SKU+Micro")
+DATASET_HELP = "'synthetic', a shared dataset name, a generic interactions CSV/Parquet file, or an SR-GNN directory."
+
+
+def _echo_step(message: str) -> None:
+    click.echo(f"[{time.strftime('%H:%M:%S')}] {message}")
+
+
+def _open(dataset: str, mapping: Path | None):
+    from model.data.open import open_dataset
+
+    try:
+        return open_dataset(dataset, mapping=mapping)
+    except (SchemaError, FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+
+
+def _metric_lines(result) -> list[str]:
+    lines = []
+    for metric in ("recall@20", "mrr@20"):
+        low, high = result.bootstrap_ci(metric)
+        lines.append(f"{metric}: {result.metrics[metric]:.4f}  95% CI [{low:.4f}, {high:.4f}]")
+    return lines
+
+
+@click.command("train")
+@click.option("--dataset", required=True, help=DATASET_HELP)
+@click.option("--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="TOML mapping actions to activities (generic files).")
+@click.option("--data-type", type=click.Choice(DATA_TYPE_NAMES), default="SKU+Micro", show_default=True, help="Which tuple fields the model sees (paper Section 5.1).")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the checkpoint rib.pt and history.json.")
+@click.option("--loss", type=click.Choice(["softmax", "paper"]), default="softmax", show_default=True)
+@click.option("--no-attention", is_flag=True, help="RIB-Attention: last hidden state instead of attention pooling.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--item-dim", default=64, show_default=True)
+@click.option("--hidden-dim", default=100, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--lr", default=5e-3, show_default=True)
+@click.option("--threads", default=1, show_default=True, help="torch CPU threads.")
+@click.option("--device", default=None, help="auto, cpu or cuda (env RIB_EDGE_DEVICE overrides).")
+def train_command(
+    dataset: str,
+    mapping: Path | None,
+    data_type: str,
+    epochs: int,
+    out_dir: Path,
+    loss: str,
+    no_attention: bool,
+    seed: int,
+    item_dim: int,
+    hidden_dim: int,
+    batch_size: int,
+    lr: float,
+    threads: int,
+    device: str | None,
+) -> None:
+    """Train RIB on a dataset's training split (validation = end of the training period)."""
+    from model.train import TrainConfig, rib_config_for, train_rib
+
+    split = _open(dataset, mapping)
+    train = split.train
+    if data_type in ("SKU+Activity", "SKU+Micro") and not train.has_activity:
+        click.echo(f"note: {dataset} has no activity field; the activity embedding sees one constant value")
+    if data_type in ("SKU+Dwell", "SKU+Micro") and not train.has_dwell:
+        click.echo(f"note: {dataset} has no dwell time; the dwell embedding sees only 'unknown'")
+    rib_config = rib_config_for(train, data_type, item_dim=item_dim, hidden_dim=hidden_dim, loss=loss, use_attention=not no_attention)
+    train_config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_threads=threads, checkpoint_dir=str(out_dir), device=device
+    )
+    _echo_step(f"training {'RIB-Attention' if no_attention else 'RIB'} ({data_type}, {loss} loss) on {train.n_sessions} sessions")
+    try:
+        rec, history = train_rib(train, rib_config, train_config, progress=True)
+    except (ValueError, RuntimeError) as err:
+        raise click.ClickException(str(err)) from err
+    (out_dir / "history.json").write_text(json.dumps(rec.checkpoint()["history"], indent=2))
+    best = history.get("best_val_recall@20")
+    _echo_step(
+        f"best epoch {history['best_epoch']}"
+        + (f", validation recall@20 {best:.4f}" if best is not None else "")
+        + f"; {history['sessions_per_s']:.0f} sessions/s, {history['total_seconds']:.1f}s, peak RSS {history['peak_rss_mb']:.0f} MB"
+    )
+    click.echo(f"checkpoint: {out_dir / 'rib.pt'}")
+
+
+@click.command("eval")
+@click.option("--dataset", required=True, help=DATASET_HELP)
+@click.option("--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="TOML mapping actions to activities (generic files).")
+@click.option("--checkpoint", "checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="rib.pt written by `rib-edge train`.")
+@click.option("--device", default=None, help="auto, cpu or cuda (env RIB_EDGE_DEVICE overrides).")
+def eval_command(dataset: str, mapping: Path | None, checkpoint: Path, device: str | None) -> None:
+    """Evaluate a RIB checkpoint on a dataset's test split: Recall@20 and MRR@20 with 95% bootstrap CIs."""
+    from model.evaluate import evaluate
+    from model.train import load_checkpoint
+
+    split = _open(dataset, mapping)
+    try:
+        rec = load_checkpoint(checkpoint, device=device)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise click.ClickException(f"cannot load {checkpoint}: {err}") from err
+    if rec.rib_config.n_items != split.test.n_items:
+        raise click.ClickException(
+            f"checkpoint has {rec.rib_config.n_items} items but {dataset} has {split.test.n_items}: trained on another dataset?"
+        )
+    result = evaluate(rec, split.test)
+    click.echo(f"{rec.name} ({rec.rib_config.data_type}, {rec.rib_config.loss} loss) on {dataset} test: {result.n_examples} examples")
+    for line in _metric_lines(result):
+        click.echo(line)

@@ -1,0 +1,227 @@
+"""RIB network: shapes, masking, causal all-prefix forward, and DP-SGD (Opacus) compatibility."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from model.rib import DATA_TYPES, RIB, RIBConfig, data_type_flags
+
+N_ITEMS, N_ACT, N_DWELL = 30, 5, 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is fastest and leaves the other core to parallel test workers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(seed: int = 0, **overrides: object) -> RIB:
+    torch.manual_seed(seed)
+    settings = dict(n_items=N_ITEMS, n_activities=N_ACT, n_dwell=N_DWELL, item_dim=8, activity_dim=3, dwell_dim=2, hidden_dim=12, dropout=0.0, max_len=10)
+    settings.update(overrides)
+    return RIB(RIBConfig(**settings)).eval()
+
+
+def random_inputs(batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, N_ITEMS + 1, (batch, length), generator=g)
+    activities = torch.randint(0, N_ACT, (batch, length), generator=g)
+    dwell = torch.randint(0, N_DWELL, (batch, length), generator=g)
+    return items, activities, dwell
+
+
+ALL_VARIANTS = [
+    {**data_type_flags(dt), "use_attention": att, "loss": loss}
+    for dt in DATA_TYPES
+    for att in (True, False)
+    for loss in ("softmax", "paper")
+]
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS, ids=lambda v: f"{v['use_activity']}-{v['use_dwell']}-{v['use_attention']}-{v['loss']}")
+def test_shapes(variant):
+    model = make_model(**variant)
+    items, activities, dwell = random_inputs(4, 7)
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 3, 1, 5])[:, None]
+    assert model(items, activities, dwell, mask).shape == (4, N_ITEMS + 1)
+    assert model.forward_all(items, activities, dwell, mask).shape == (4, 7, N_ITEMS + 1)
+    if variant["use_attention"]:
+        assert model.attention_weights(items, activities, dwell, mask).shape == (4, 7)
+    expected_input = 8 + 3 * variant["use_activity"] + 2 * variant["use_dwell"]
+    assert model.gru.input_size == expected_input == model.config.input_dim
+
+
+def test_config_validation_and_round_trip():
+    config = RIBConfig(n_items=5, loss="paper", use_dwell=False)
+    assert RIBConfig.from_dict(config.to_dict()) == config
+    assert config.data_type == "SKU+Activity"
+    with pytest.raises(ValueError):
+        RIBConfig(n_items=5, loss="bpr")
+    with pytest.raises(ValueError):
+        data_type_flags("SKU+Everything")
+    with pytest.raises(ValueError):
+        RIBConfig.from_dict({"n_items": 5, "bogus": 1})
+
+
+def test_disabled_fields_are_ignored():
+    """SKU-only: changing activities/dwell must not change the output."""
+    model = make_model(use_activity=False, use_dwell=False)
+    items, activities, dwell = random_inputs(3, 6)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    a = model(items, activities, dwell, mask)
+    b = model(items, (activities + 1) % N_ACT, (dwell + 2) % N_DWELL, mask)
+    torch.testing.assert_close(a, b)
+    assert model.activity_emb is None and model.dwell_emb is None
+
+
+@pytest.mark.parametrize("use_attention", [True, False])
+def test_padding_never_matters(use_attention):
+    """The same sequence with 0..5 padding steps after it, or before it, gives the same scores."""
+    model = make_model(use_attention=use_attention)
+    items, activities, dwell = random_inputs(1, 4)
+    reference = model(items, activities, dwell, torch.ones(1, 4, dtype=torch.bool))
+    for pad in range(0, 6):
+        for before in (False, True):
+            garbage = random_inputs(1, pad, seed=pad + 10)  # padding content must not matter either
+            parts = [garbage, (items, activities, dwell)] if before else [(items, activities, dwell), garbage]
+            padded = [torch.cat([p[i] for p in parts], dim=1) for i in range(3)]
+            mask = torch.cat([torch.zeros(1, pad, dtype=torch.bool), torch.ones(1, 4, dtype=torch.bool)][:: 1 if before else -1], dim=1)
+            out = model(*padded, mask)
+            torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+            if use_attention:
+                weights = model.attention_weights(*padded, mask)
+                assert torch.all(weights[~mask] == 0), "padding received attention"
+                torch.testing.assert_close(weights.sum(1), torch.ones(1))
+                torch.testing.assert_close(weights[mask], model.attention_weights(items, activities, dwell, torch.ones(1, 4, dtype=torch.bool))[0])
+
+
+def test_attention_sums_to_one_over_valid_steps_in_a_batch():
+    model = make_model()
+    items, activities, dwell = random_inputs(5, 8)
+    lengths = torch.tensor([8, 1, 4, 6, 2])
+    mask = torch.arange(8)[None, :] < lengths[:, None]
+    weights = model.attention_weights(items, activities, dwell, mask)
+    torch.testing.assert_close(weights.sum(1), torch.ones(5))
+    assert torch.all(weights[~mask] == 0)
+    assert torch.all(weights[mask] > 0)
+    _, causal = model.pooled_all(items, activities, dwell, mask)
+    # Causal weights of row t: over valid steps <= t only, summing to 1.
+    for b in range(5):
+        for t in range(int(lengths[b])):
+            torch.testing.assert_close(causal[b, t].sum(), torch.tensor(1.0))
+            assert torch.all(causal[b, t, t + 1 :] == 0)
+
+
+@pytest.mark.parametrize("variant", [{"use_attention": True}, {"use_attention": False}, {"loss": "paper"}])
+def test_forward_all_equals_truncated_forward(variant):
+    """Position t of the all-prefix forward == forward on the prefix that ends at t."""
+    model = make_model(**variant)
+    items, activities, dwell = random_inputs(3, 9)
+    lengths = torch.tensor([9, 5, 2])
+    mask = torch.arange(9)[None, :] < lengths[:, None]
+    every = model.forward_all(items, activities, dwell, mask)
+    for b in range(3):
+        for t in range(int(lengths[b])):
+            prefix = [x[b : b + 1, : t + 1] for x in (items, activities, dwell)]
+            alone = model(*prefix, torch.ones(1, t + 1, dtype=torch.bool))
+            torch.testing.assert_close(every[b, t], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_all_with_leading_padding_matches_left_aligned():
+    model = make_model()
+    items, activities, dwell = random_inputs(1, 5)
+    left = model.forward_all(items, activities, dwell, torch.ones(1, 5, dtype=torch.bool))
+    pad = 3
+    shifted = [torch.cat([torch.zeros(1, pad, dtype=x.dtype), x], dim=1) for x in (items, activities, dwell)]
+    mask = torch.arange(8)[None, :] >= pad
+    right = model.forward_all(*shifted, mask)
+    torch.testing.assert_close(right[0, pad:], left[0], rtol=1e-5, atol=1e-5)
+
+
+def test_init_item_embeddings_keeps_padding_zero():
+    model = make_model(loss="paper")
+    vectors = torch.randn(N_ITEMS + 1, 8)
+    present = torch.ones(N_ITEMS + 1, dtype=torch.bool)
+    present[5] = False
+    before = model.item_emb.weight[5].clone()
+    model.init_item_embeddings(vectors, present)
+    torch.testing.assert_close(model.item_emb.weight[1], vectors[1])
+    torch.testing.assert_close(model.item_emb.weight[5], before)
+    assert torch.all(model.item_emb.weight[0] == 0)
+    torch.testing.assert_close(model.target_emb.weight[1], vectors[1])
+    assert not model.target_emb.weight.requires_grad
+    with pytest.raises(ValueError):
+        model.init_item_embeddings(torch.randn(N_ITEMS, 8))
+
+
+def test_losses_are_finite_and_trainable():
+    for loss in ("softmax", "paper"):
+        model = make_model(loss=loss).train()
+        items, activities, dwell = random_inputs(4, 6)
+        mask = torch.ones(4, 6, dtype=torch.bool)
+        pooled, _ = model.pooled_all(items, activities, dwell, mask)
+        value = model.loss_at(pooled[:, :-1].reshape(-1, 12), items[:, 1:].reshape(-1))
+        assert torch.isfinite(value)
+        value.backward()
+        assert model.item_emb.weight.grad is not None
+
+
+def _per_sample_reference(model: nn.Module, inputs, last, targets) -> dict[str, torch.Tensor]:
+    """Per-sample gradients the slow way: one backward per example."""
+    grads: dict[str, list[torch.Tensor]] = {}
+    for b in range(len(targets)):
+        model.zero_grad()
+        pooled, _ = model.pooled_all(*(x[b : b + 1] for x in inputs))
+        model.loss_at(pooled[:, last[b]], targets[b : b + 1]).backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                grads.setdefault(name, []).append(p.grad.detach().clone())
+    return {name: torch.stack(g) for name, g in grads.items()}
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # Opacus hooks on index-input embeddings
+@pytest.mark.parametrize("loss", ["softmax", "paper"])
+def test_opacus_accepts_model_and_per_sample_grads_are_right(loss):
+    """After swapping nn.GRU for DPGRU the model validates, and Opacus' per-sample grads are exact."""
+    from opacus import GradSampleModule
+    from opacus.layers import DPGRU
+    from opacus.validators import ModuleValidator
+
+    model = make_model(loss=loss)
+    assert isinstance(model.out, nn.Module)  # scoring goes through a registered submodule
+    dp_model = ModuleValidator.fix(copy.deepcopy(model))
+    assert isinstance(dp_model.gru, DPGRU)
+    dp_model.train()  # Opacus validates training-mode models (dropout is 0 here, so outputs are unchanged)
+    assert ModuleValidator.validate(dp_model, strict=False) == []
+    items, activities, dwell = random_inputs(3, 5)
+    lengths = torch.tensor([5, 3, 2])
+    mask = torch.arange(5)[None, :] < lengths[:, None]
+    items = items.masked_fill(~mask, 0)  # real padding, as training batches have
+    inputs = (items, activities, dwell, mask)
+    torch.testing.assert_close(dp_model(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+
+    targets = torch.tensor([3, 7, 11])
+    last = lengths - 1
+    reference = _per_sample_reference(dp_model, inputs, last, targets)
+    gsm = GradSampleModule(dp_model)
+    gsm.zero_grad()
+    pooled, _ = gsm._module.pooled_all(*inputs)
+    # Mean loss, as GradSampleModule(loss_reduction="mean") expects: grad_sample = each example's own gradient.
+    # Padded steps never reach the loss, so Opacus' embedding sampler (which ignores padding_idx) still
+    # gives the padding row a zero per-sample gradient.
+    dp_model.loss_at(pooled[torch.arange(3), last], targets).backward()
+    checked = 0
+    for name, p in dp_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        assert p.grad_sample is not None, f"no per-sample gradient for {name}"
+        torch.testing.assert_close(p.grad_sample, reference[name], rtol=1e-3, atol=1e-5, msg=f"per-sample grad of {name}")
+        checked += 1
+    assert checked >= 8
