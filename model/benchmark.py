@@ -17,18 +17,18 @@ from model.recommender import SessionRecommender
 Progress = Callable[[str], None]
 
 
-def data_type_of(split: SplitData) -> str:
-    """Baselines see items only: the paper's 'SKU' data type."""
-    return "SKU"
-
-
 def run_models(
     split: SplitData,
     factories: dict[str, Callable[[], SessionRecommender]],
     progress: Progress | None = None,
     n_boot: int = 500,
+    fitted: dict[str, SessionRecommender] | None = None,
 ) -> tuple[list[dict], dict[str, EvalResult]]:
-    """Fit each model on train, evaluate on test, return result rows and the raw results."""
+    """Fit each model on train, evaluate on test, return result rows and the raw results.
+
+    Keys of ``factories`` are labels; rows carry the model's own ``name`` and ``data_type`` (item-only
+    models have none: the paper's 'SKU'). Fitted models are kept in ``fitted`` when it is given.
+    """
     rows: list[dict] = []
     results: dict[str, EvalResult] = {}
     for name, factory in factories.items():
@@ -41,14 +41,16 @@ def run_models(
         result = evaluate(model, split.test)
         eval_seconds = time.perf_counter() - started
         results[name] = result
-        row = {"model": name, "data_type": data_type_of(split), **{k: round(v, 4) for k, v in result.metrics.items()}}
+        if fitted is not None:
+            fitted[name] = model
+        row = {"model": model.name, "data_type": getattr(model, "data_type", "SKU"), **{k: round(v, 4) for k, v in result.metrics.items()}}
         for metric in ("recall@20", "mrr@20"):
             low, high = result.bootstrap_ci(metric, n_boot=n_boot)
             row[f"{metric}_ci95"] = [round(low, 4), round(high, 4)]
         row.update(train_seconds=round(fit_seconds, 2), eval_seconds=round(eval_seconds, 2), n_examples=result.n_examples)
         rows.append(row)
         if progress:
-            progress(f"{name}: recall@20 {row['recall@20']:.4f}  mrr@20 {row['mrr@20']:.4f}  ({fit_seconds:.1f}s fit, {eval_seconds:.1f}s eval)")
+            progress(f"{row['model']} ({row['data_type']}): recall@20 {row['recall@20']:.4f}  mrr@20 {row['mrr@20']:.4f}  ({fit_seconds:.1f}s fit, {eval_seconds:.1f}s eval)")
     return rows, results
 
 

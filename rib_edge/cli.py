@@ -182,5 +182,13 @@ def bench_baselines(dataset: str, mapping: Path | None, out_dir: Path | None, mo
     click.echo(f"wrote {json_path} and {md_path}")
 
 
+# ------------------------------------------------------------------------------------------------
+# Model commands live beside the CLI in rib_edge/cli_model.py; they import torch only when run.
+from rib_edge.cli_model import eval_command, train_command  # noqa: E402
+
+main.add_command(train_command)
+main.add_command(eval_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
