@@ -47,6 +47,35 @@ def main(results: Path = RESULTS) -> None:
     print("\n".join(lines))
 
 
+def stats_summary(results: Path = RESULTS) -> str:
+    """One markdown table of every stats/*/stats.json: counts, dwell edges and conversion by dwell."""
+    lines = [
+        "# Section-3 statistics on every dataset",
+        "",
+        "Counts after the protocol (train + test). Conversion: share of tuples whose item converts (cart/order)",
+        "later in the session, by dwell bucket (lowest bucket -> highest, then unknown).",
+        "",
+        "| dataset | sessions | visits | tuples | items | activities | dwell edges (s) | conversion by dwell bucket |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted((results / "stats").glob("*/stats.json")):
+        stats = json.loads(path.read_text())
+        counts = stats["counts"]
+        total = {k: counts["train"][k] + counts["test"][k] for k in ("sessions", "visits", "tuples")}
+        items = counts.get("n_items_vocab", counts["train"]["items"])
+        activities = len(stats["activity"]["by_activity"]) if isinstance(stats.get("activity"), dict) else "n/a"
+        dwell = stats.get("dwell") or {}
+        edges = ", ".join(f"{e:g}" for e in dwell.get("edges_s", [])) or "n/a"
+        by_dwell = ((stats.get("conversion") or {}).get("by_dwell")) or {}
+        rates = " / ".join("-" if v["rate"] is None else f"{100 * v['rate']:.1f}%" for v in by_dwell.values()) or "n/a"
+        lines.append(
+            f"| {path.parent.name} | {total['sessions']:,} | {total['visits']:,} | {total['tuples']:,} | {items:,} | {activities} | {edges} | {rates} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (results / "stats" / "summary.md").write_text(text)
+    return text
+
+
 def _plot(summary: dict, models: list[str], path: Path) -> None:
     import matplotlib
 
@@ -74,3 +103,4 @@ def _plot(summary: dict, models: list[str], path: Path) -> None:
 
 if __name__ == "__main__":
     main()
+    print(stats_summary())
