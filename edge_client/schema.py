@@ -112,6 +112,19 @@ def _check_id(name: str, value: object, required: bool) -> str | None:
     return text
 
 
+def _check_choice(name: str, value: object, event_type: EventType, owner: EventType, choices: tuple[str, ...]) -> str | None:
+    """A field that only ``owner`` events carry, required there and drawn from ``choices``."""
+    if event_type is not owner:
+        if value is not None:
+            raise SchemaError("bad_value", f"{name} only belongs to {owner.value}, not {event_type.value}")
+        return None
+    if value is None:
+        raise SchemaError("missing_field", f"'{name}' is required for {owner.value}")
+    if value not in choices:
+        raise SchemaError("bad_value", f"{name} {str(value)[:40]!r} not in {choices}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class RawEvent:
     """One raw UI event as the device records it (schema version 1)."""
@@ -155,22 +168,8 @@ class RawEvent:
         except (ValueError, TypeError):
             raise SchemaError("unknown_event_type", f"unknown event_type {str(raw_type)[:40]!r}") from None
         item_id = _check_id("item_id", record.get("item_id"), required=event_type in _NEEDS_ITEM)
-        page_source = record.get("page_source")
-        if event_type is EventType.PAGE_ENTER:
-            if page_source is None:
-                raise SchemaError("missing_field", "'page_source' is required for page_enter")
-            if page_source not in PAGE_SOURCES:
-                raise SchemaError("bad_value", f"page_source {str(page_source)[:40]!r} not in {PAGE_SOURCES}")
-        elif page_source is not None:
-            raise SchemaError("bad_value", f"page_source only belongs to page_enter, not {event_type.value}")
-        module = record.get("module")
-        if event_type is EventType.MODULE_VIEW:
-            if module is None:
-                raise SchemaError("missing_field", "'module' is required for module_view")
-            if module not in MODULES:
-                raise SchemaError("bad_value", f"module {str(module)[:40]!r} not in {MODULES}")
-        elif module is not None:
-            raise SchemaError("bad_value", f"module only belongs to module_view, not {event_type.value}")
+        page_source = _check_choice("page_source", record.get("page_source"), event_type, EventType.PAGE_ENTER, PAGE_SOURCES)
+        module = _check_choice("module", record.get("module"), event_type, EventType.MODULE_VIEW, MODULES)
         value = record.get("value")
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

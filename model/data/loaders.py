@@ -441,8 +441,8 @@ DATASETS: dict[str, DatasetSource] = {
                 "as MKM-SR). test_new_item is used rather than test.csv because it is the same rows before "
                 "MKM-SR removed test items unseen in *its* train set; our protocol does that filtering "
                 "itself against our train set. Exact: items, sessions (MKM-SR's ids), types "
-                "(browse/order/follow/comment, 1-s time from `index`). Item support >= 2: the demo has 12k "
-                "items in 30k rows and support 5 leaves 533 test examples. Approximated: dwell from event "
+                "(browse/order/follow/comment, 1-s time from `index`). Sparse: 12k items in 30k rows, so the "
+                "standard item support 5 keeps 402 test prefixes (--min-item-support 2 keeps 1,152). Approximated: dwell from event "
                 "gaps; no page-module activity (MKM-SR dropped module_id)."
             ),
             reader=_read_jdata2018,
@@ -473,7 +473,7 @@ DATASETS: dict[str, DatasetSource] = {
                 "Views only (one activity). Time = the session's first eventdate at midnight UTC + timeframe "
                 "(ms), so order and dwell inside a session are exact, while times across sessions are only "
                 "day-accurate. Test = the last 30 days (SR-GNN uses 7 on the full set; the sample has ~20 "
-                "sessions a day, too sparse for that). Item support >= 2 because the sample has ~1.7 views per item. "
+                "sessions a day, too sparse for that). Sparse (~1.7 views per item): try --min-item-support 2. "
                 "Purchases are not joined (138 of 12,630 purchase sessions overlap the sample)."
             ),
             reader=_read_diginetica_views,
@@ -499,8 +499,8 @@ DATASETS: dict[str, DatasetSource] = {
             config=ProtocolConfig(test_seconds=30 * 60.0),
             notes=(
                 "Test = the last 30 min (02:40-03:10 UTC, as its README suggests). Exact: items, users, "
-                "pv/cart/fav/buy, 1-s time. Item support >= 2: 84,793 items in 110k rows, and support 5 "
-                "keeps 249 training sessions. Approximated: sessions cut per user at 30 min inactivity; dwell "
+                "pv/cart/fav/buy, 1-s time. Sparse: 84,793 items in 110k rows, so item support 5 "
+                "keeps 249 training sessions (--min-item-support 2 keeps 718). Approximated: sessions cut per user at 30 min inactivity; dwell "
                 "from event gaps; one 2-hour window, so sessions at its edges are truncated."
             ),
             reader=_read_taobao,
@@ -512,7 +512,7 @@ DATASETS: dict[str, DatasetSource] = {
             file_names=("UserBehavior_sample.csv.gz",),
             config=ProtocolConfig(test_seconds=2 * _DAY_S),
             notes=(
-                "A small fixture. Test = the last 2 days of the 9; item support >= 2. Exact: pv/cart/fav/buy, "
+                "A small fixture. Test = the last 2 days of the 9; sparse, like the time slice. Exact: pv/cart/fav/buy, "
                 "1-s time. Approximated: sessions per user at 30 min inactivity, dwell from gaps. One event "
                 "dated 2017-09-11 (outside the official range, as in the original file) lands in training."
             ),
