@@ -23,9 +23,25 @@ Padding: the model accepts any mask whose valid steps are contiguous (padding af
 ``PrefixBatch.padded`` gives, or before); rows are shifted to start at step 0 internally, so the GRU never
 sees padding before a valid step and the output does not depend on how much padding surrounds a sequence.
 
-The two losses (``RIBConfig.loss``):
+Copy/repeat term (``RIBConfig.copy``, on by default except with the paper loss): a second, bilinear
+attention of the prefix's pooled vector over the prefix's own GRU states, scaled by a non-negative gate
+(softplus of a Linear on the pooled vector), is added onto the logits of the items at those steps
+(``scatter_add`` on activations only, so Opacus' per-sample gradients stay exact; tested). Measured on the
+validation split carved from training: +6 points Recall@20 on jdata2016 (65% of its targets repeat an
+item of the session), +0.4 on yoochoose_100k, -3 on the tiny jdata2018 validation set. Loops must pass
+the copy term to the loss: ``example_loss`` (or ``outputs_all(...).at(positions)`` + ``loss_at``).
+Other options: ``attention_micro`` (activity/dwell embeddings inside the attention scorer's tanh) and
+``micro_dropout`` (dropout on the activity/dwell embeddings); both off by default (no consistent gain on
+validation). Activity/dwell embeddings default to 4 dims (beat 16/8 on jdata2016 and jdata2018 validation).
+
+The losses (``RIBConfig.loss``):
 - ``"softmax"`` (default, and better in our measurements): full softmax cross-entropy over the catalogue,
   ``nn.Linear(hidden, n_items + 1)``.
+- ``"sampled"``: sampled softmax for big catalogues. Training scores only the batch's targets plus
+  ``TrainConfig.n_negatives`` shared negatives (uniform or popularity), with the logQ correction, through
+  ``SampledOutput.sampled`` (rows of ``self.out.weight`` indexed inside the module); evaluation scores the
+  whole catalogue through the same module's ordinary ``nn.Linear`` forward. Opacus has no per-sample rule
+  for the row indexing, so the DP-SGD path keeps ``"softmax"`` (a plain ``nn.Linear``).
 - ``"paper"``: our faithful reading of Section 4.4, ``L = sum_i -t_i log(o_i)`` where "t is the normalized
   target embedding and o is the normalized output embedding". Both vectors live in item-embedding space:
   the pooled output is projected to ``item_dim`` (``nn.Linear``) and normalised with a softmax over the
@@ -45,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("softmax", "paper")
+LOSSES = ("softmax", "paper", "sampled")
 
 # The paper's four data types (Section 5.1) -> which micro-behavior fields enter the embedding.
 DATA_TYPES: dict[str, tuple[bool, bool]] = {
@@ -73,19 +89,24 @@ class RIBConfig:
     n_activities: int = 10  # ActivityVocabulary length
     n_dwell: int = 6  # DwellBuckets.vocab_size (known buckets + unknown)
     item_dim: int = 64  # must equal the Word2vec vector size when initialising from Word2vec
-    activity_dim: int = 16
-    dwell_dim: int = 8
+    activity_dim: int = 4  # measured (validation, jdata2016/2018): 4 beats 16
+    dwell_dim: int = 4
     hidden_dim: int = 100
     use_activity: bool = True
     use_dwell: bool = True
     use_attention: bool = True  # False: RIB-Attention (last hidden state)
     dropout: float = 0.1
     max_len: int = 50  # tuples of context the model looks at (the last max_len of a prefix)
-    loss: str = "softmax"  # "softmax" | "paper"
+    loss: str = "softmax"  # "softmax" | "paper" | "sampled" (sampled softmax in training, full scores at eval)
+    copy: bool | None = None  # repeat/copy term (see RIB._copy_amounts); None = on, except with the paper loss
+    attention_micro: bool = False  # the attention scorer also sees the step's activity/dwell embeddings
+    micro_dropout: float = 0.0  # dropout on the activity/dwell embeddings only (on top of ``dropout``)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.copy is True and self.loss == "paper":
+            raise ValueError("the copy term adds onto item logits; the paper loss has none")
         if self.n_items < 1 or self.n_activities < 1 or self.n_dwell < 1 or self.max_len < 1:
             raise ValueError(f"bad sizes in {self}")
 
@@ -96,6 +117,11 @@ class RIBConfig:
             if flags == (self.use_activity, self.use_dwell):
                 return name
         raise AssertionError("unreachable")
+
+    @property
+    def use_copy(self) -> bool:
+        """Whether the copy term is on (``copy`` resolved: default on for item-logit losses)."""
+        return self.loss != "paper" if self.copy is None else bool(self.copy)
 
     @property
     def input_dim(self) -> int:
@@ -131,9 +157,21 @@ class RIB(nn.Module):
         if c.use_attention:
             self.att_proj = nn.Linear(c.hidden_dim, c.hidden_dim)  # W_m, b_m
             self.att_score = nn.Linear(c.hidden_dim, 1)  # w_a, b_a
+            if c.attention_micro and c.input_dim > c.item_dim:
+                # W_x [a_t; d_t] added inside the tanh: the scorer sees the micro behavior directly.
+                self.att_micro = nn.Linear(c.input_dim - c.item_dim, c.hidden_dim, bias=False)
+        self.micro_dropout = nn.Dropout(c.micro_dropout)
+        if c.use_copy:
+            # Copy/repeat term (see ``_copy_weights``): bilinear attention of the prefix's pooled vector over
+            # its own steps, scaled by a non-negative gate, is added to the logits of the items at those steps.
+            self.copy_query = nn.Linear(c.hidden_dim, c.hidden_dim, bias=False)
+            self.copy_key = nn.Linear(c.hidden_dim, c.hidden_dim)
+            self.copy_gate = nn.Linear(c.hidden_dim, 1)
         self.output_dropout = nn.Dropout(c.dropout)
         if c.loss == "softmax":
             self.out = nn.Linear(c.hidden_dim, c.n_items + 1)
+        elif c.loss == "sampled":
+            self.out = SampledOutput(c.hidden_dim, c.n_items + 1)
         else:
             self.out = nn.Linear(c.hidden_dim, c.item_dim)  # output embedding, before normalisation
             self.target_emb = nn.Embedding(c.n_items + 1, c.item_dim)  # frozen target table (see docstring)
@@ -171,33 +209,63 @@ class RIB(nn.Module):
         moved = [torch.where(aligned, f.gather(1, index), torch.zeros_like(f)) for f in fields]
         return aligned, moved, shift
 
-    def _hidden(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor) -> torch.Tensor:
-        """GRU hidden states h_1..h_L of left-aligned inputs, (B, L, hidden)."""
-        parts = [self.item_emb(items)]
+    def _encode(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """GRU hidden states h_1..h_L of left-aligned inputs (B, L, hidden), and the micro embeddings (or None)."""
+        micro_parts = []
         if self.activity_emb is not None:
-            parts.append(self.activity_emb(activities))
+            micro_parts.append(self.activity_emb(activities))
         if self.dwell_emb is not None:
-            parts.append(self.dwell_emb(dwell))
+            micro_parts.append(self.dwell_emb(dwell))
+        micro = self.micro_dropout(torch.cat(micro_parts, dim=-1)) if micro_parts else None
+        parts = [self.item_emb(items)] + ([micro] if micro is not None else [])
         embedded = self.input_dropout(torch.cat(parts, dim=-1))
         # Padding is always after the valid steps here, so the causal GRU's valid outputs never see it.
         hidden, _ = self.gru(embedded)
-        return hidden
+        return hidden, micro
 
-    def _attention_scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """score_t = w_a . tanh(W_m h_t + b_m) + b_a, (B, L)."""
-        return self.att_score(torch.tanh(self.att_proj(hidden))).squeeze(-1)
+    def _hidden(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor) -> torch.Tensor:
+        """GRU hidden states h_1..h_L of left-aligned inputs, (B, L, hidden)."""
+        return self._encode(items, activities, dwell)[0]
 
-    def _pool_all(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _attention_scores(self, hidden: torch.Tensor, micro: torch.Tensor | None = None) -> torch.Tensor:
+        """score_t = w_a . tanh(W_m h_t + b_m [+ W_x micro_t]) + b_a, (B, L)."""
+        pre = self.att_proj(hidden)
+        att_micro = getattr(self, "att_micro", None)
+        if att_micro is not None and micro is not None:
+            pre = pre + att_micro(micro)
+        return self.att_score(torch.tanh(pre)).squeeze(-1)
+
+    def _copy_amounts(self, pooled: torch.Tensor, hidden: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Copy term: gate(query) * softmax_j(q . k_j / sqrt(H)) over allowed steps j.
+
+        ``pooled`` is (B, Q, H) queries, ``hidden`` (B, L, H) keys, ``allowed`` (B, Q, L); returns (B, Q, L),
+        zero where not allowed. Pure activations after the Linear modules (Opacus-safe).
+        """
+        query = self.copy_query(pooled)
+        key = self.copy_key(hidden)
+        scores = query @ key.transpose(1, 2) / float(self.config.hidden_dim) ** 0.5
+        weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        weights = weights * allowed
+        gate = F.softplus(self.copy_gate(pooled))  # (B, Q, 1), >= 0
+        return gate * weights
+
+    @staticmethod
+    def _causal_allowed(mask: torch.Tensor) -> torch.Tensor:
+        """(B, t, j): j <= t and j is a real step."""
+        steps = mask.shape[1]
+        causal = torch.ones(steps, steps, dtype=torch.bool, device=mask.device).tril()
+        return causal[None, :, :] & mask[:, None, :]
+
+    def _pool_all(self, hidden: torch.Tensor, mask: torch.Tensor, micro: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pooled output for every prefix end t (attention over valid steps <= t), and the weights."""
         if not self.config.use_attention:
             return hidden, None
         steps = hidden.shape[1]
-        causal = torch.ones(steps, steps, dtype=torch.bool, device=hidden.device).tril()
-        allowed = causal[None, :, :] & mask[:, None, :]  # (B, t, j): j <= t and j is a real step
+        allowed = self._causal_allowed(mask)
         # A padding row t has no allowed j only if the whole sequence is empty; let it see step 0 so the
         # softmax stays finite (its output is never used).
         allowed[:, :, 0] |= ~allowed.any(-1)
-        scores = self._attention_scores(hidden)[:, None, :].expand(-1, steps, -1)
+        scores = self._attention_scores(hidden, micro)[:, None, :].expand(-1, steps, -1)
         weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
         return weights @ hidden, weights
 
@@ -205,11 +273,11 @@ class RIB(nn.Module):
         """The output module applied to pooled vectors."""
         return self.out(self.output_dropout(pooled))
 
-    def _logits(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Item scores from pooled vectors (..., hidden) -> (..., n_items + 1)."""
+    def _logits(self, pooled: torch.Tensor, copy: CopyTerm | None = None) -> torch.Tensor:
+        """Item scores from pooled vectors (..., hidden) -> (..., n_items + 1), plus the copy term if given."""
         projected = self._project(pooled)
-        if self.config.loss == "softmax":
-            return projected
+        if self.config.loss in ("softmax", "sampled"):
+            return projected if copy is None else copy.add_to(projected)
         # Paper loss: score_j = -KL(t_j || o) = sum_i t_ji log o_i + H(t_j), t_j = softmax(E_j). For a fixed
         # target, KL and the cross-entropy differ by H(t_j) only, so the training gradient is the same; but
         # ranking by raw cross-entropy would favour items with peaked t_j whatever the context. The target
@@ -219,35 +287,93 @@ class RIB(nn.Module):
         entropy = -(targets * log_targets).sum(-1)
         return torch.log_softmax(projected, dim=-1) @ targets.T + entropy
 
+    def _unshift(self, values: torch.Tensor, shift: torch.Tensor, roll_last: bool) -> torch.Tensor:
+        """Undo ``_left_align`` along dim 1 (and roll the key dim of (B, L, L) weights when ``roll_last``)."""
+        steps = torch.arange(values.shape[1], device=values.device)
+        back = (steps[None, :] - shift[:, None]).clamp(min=0)
+        values = values.gather(1, back[:, :, None].expand(-1, -1, values.shape[-1]))
+        if roll_last:
+            values = torch.stack([w.roll(int(s), dims=-1) for w, s in zip(values, shift, strict=True)])
+        return values
+
+    def outputs_all(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor) -> AllOutputs:
+        """Everything the loss needs for every prefix end, at the caller's positions."""
+        aligned, (items_a, activities_a, dwell_a), shift = self._left_align(mask, items, activities, dwell)
+        hidden, micro = self._encode(items_a, activities_a, dwell_a)
+        pooled, weights = self._pool_all(hidden, aligned, micro)
+        copy = None
+        if self.config.use_copy:
+            copy = self._copy_amounts(pooled, hidden, self._causal_allowed(aligned))
+        if bool(shift.any()):  # put every row back where the caller had it
+            pooled = self._unshift(pooled, shift, roll_last=False)
+            if weights is not None:
+                weights = self._unshift(weights, shift, roll_last=True)
+            if copy is not None:
+                copy = self._unshift(copy, shift, roll_last=True)
+        return AllOutputs(pooled, weights, copy, items)
+
     def pooled_all(
         self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pooled (B, L, hidden) output for every prefix end, aligned with the input positions, plus weights."""
-        aligned, (items, activities, dwell), shift = self._left_align(mask, items, activities, dwell)
-        hidden = self._hidden(items, activities, dwell)
-        pooled, weights = self._pool_all(hidden, aligned)
-        if bool(shift.any()):  # put every row back where the caller had it
-            steps = torch.arange(mask.shape[1], device=mask.device)
-            back = (steps[None, :] - shift[:, None]).clamp(min=0)
-            pooled = pooled.gather(1, back[:, :, None].expand(-1, -1, pooled.shape[-1]))
-            if weights is not None:
-                weights = weights.gather(1, back[:, :, None].expand(-1, -1, weights.shape[-1]))
-                weights = torch.stack([w.roll(int(s), dims=-1) for w, s in zip(weights, shift, strict=True)])
-        return pooled, weights
+        out = self.outputs_all(items, activities, dwell, mask)
+        return out.pooled, out.weights
 
     def forward_all(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, L, n_items + 1) logits: position t scores the next item after the prefix ending at t."""
-        pooled, _ = self.pooled_all(items, activities, dwell, mask)
-        return self._logits(pooled)
+        out = self.outputs_all(items, activities, dwell, mask)
+        copy = None
+        if out.copy is not None:
+            copy = CopyTerm(out.copy, out.items[:, None, :].expand(-1, out.copy.shape[1], -1))
+        return self._logits(out.pooled, copy)
 
-    def loss_at(self, pooled: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean training loss of pooled vectors (N, hidden) against target items (N,)."""
-        projected = self._project(pooled)
-        if self.config.loss == "softmax":
-            return F.cross_entropy(projected, targets)
+    def loss_at(
+        self,
+        pooled: torch.Tensor,
+        targets: torch.Tensor,
+        copy: CopyTerm | None = None,
+        negatives: torch.Tensor | None = None,
+        log_q: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean training loss of pooled vectors (N, hidden) against target items (N,).
+
+        ``copy``: the copy term of these N examples (``AllOutputs.at``). ``negatives`` (loss "sampled"
+        only): shared negative item ids; the candidates are the unique batch targets plus these, scored
+        through ``self.out.sampled``; ``log_q`` (n_items + 1,) is subtracted from candidate logits (logQ
+        correction for the sampling probability). Without ``negatives`` the full softmax is used.
+        """
+        if self.config.use_copy and copy is None and self.config.loss != "paper":
+            raise ValueError("this RIB has a copy term: pass copy= from outputs_all(...).at(positions), or use example_loss")
+        if self.config.loss == "sampled" and negatives is not None:
+            candidates = torch.unique(torch.cat([targets, negatives]))  # sorted
+            labels = torch.searchsorted(candidates, targets)
+            logits = self.out.sampled(self.output_dropout(pooled), candidates)
+            if log_q is not None:
+                logits = logits - log_q[candidates]
+            if copy is not None:
+                logits = copy.add_to(logits, candidates, self.config.n_items + 1)
+            return F.cross_entropy(logits, labels)
+        if self.config.loss in ("softmax", "sampled"):
+            return F.cross_entropy(self._logits(pooled, copy), targets)
         # -sum_i t_i log o_i with t = softmax(E[target]) from the frozen table; only gathered rows needed.
+        projected = self._project(pooled)
         target_dist = torch.softmax(self.target_emb(targets), dim=-1)
         return -(target_dist * torch.log_softmax(projected, dim=-1)).sum(-1).mean()
+
+    def example_loss(
+        self,
+        items: torch.Tensor,
+        activities: torch.Tensor,
+        dwell: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        targets: torch.Tensor,
+        **sampled: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean loss of the prefixes ending at boolean ``positions`` (B, L) against ``targets`` (N,), in one call
+        (what the training loop and a DP-SGD loop should use: it includes the copy term when there is one)."""
+        pooled, copy = self.outputs_all(items, activities, dwell, mask).at(positions)
+        return self.loss_at(pooled, targets, copy, **sampled)
 
     def _last(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Value at each row's last valid position, (B, ...) from (B, L, ...)."""
@@ -256,26 +382,82 @@ class RIB(nn.Module):
         last = torch.where(mask, steps[None, :], torch.full_like(steps[None, :], -1)).amax(1).clamp(min=0)
         return values[torch.arange(len(values), device=values.device), last]
 
-    def forward(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, n_items + 1) logits for the whole (masked) sequence of each row."""
-        aligned, (items, activities, dwell), _ = self._left_align(mask, items, activities, dwell)
-        hidden = self._hidden(items, activities, dwell)
+    def _pool_last(self, items, activities, dwell, mask):
+        aligned, (items, activities, dwell), shift = self._left_align(mask, items, activities, dwell)
+        hidden, micro = self._encode(items, activities, dwell)
+        weights = None
         if self.config.use_attention:
             # Only the last position is needed: plain (non-causal) masked attention over the valid steps.
-            scores = self._attention_scores(hidden).masked_fill(~aligned, float("-inf"))
+            scores = self._attention_scores(hidden, micro).masked_fill(~aligned, float("-inf"))
             weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows -> zero vector
             pooled = (weights[:, :, None] * hidden).sum(1)
         else:
             pooled = self._last(hidden, aligned)
-        return self._logits(pooled)
+        copy = None
+        if self.config.use_copy:
+            amounts = self._copy_amounts(pooled[:, None, :], hidden, aligned[:, None, :])[:, 0]
+            copy = CopyTerm(amounts, items)
+        return pooled, weights, copy, shift
+
+    def forward(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, n_items + 1) logits for the whole (masked) sequence of each row."""
+        pooled, _, copy, _ = self._pool_last(items, activities, dwell, mask)
+        return self._logits(pooled, copy)
 
     @torch.no_grad()
     def attention_weights(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, L) attention over each whole sequence, at the caller's positions (zero on padding); case study."""
         if not self.config.use_attention:
             raise ValueError("RIB-Attention (use_attention=False) has no attention layer")
-        aligned, (items_a, activities_a, dwell_a), shift = self._left_align(mask, items, activities, dwell)
-        hidden = self._hidden(items_a, activities_a, dwell_a)
-        scores = self._attention_scores(hidden).masked_fill(~aligned, float("-inf"))
-        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        _, weights, _, shift = self._pool_last(items, activities, dwell, mask)
         return torch.stack([w.roll(int(s)) for w, s in zip(weights, shift, strict=True)])
+
+
+class SampledOutput(nn.Linear):
+    """The item output layer for loss "sampled": an ``nn.Linear`` (same weights, same full-catalogue
+    ``forward`` at eval) that can also score a subset of rows during training.
+
+    ``sampled`` indexes ``self.weight``/``self.bias`` inside the module; Opacus has no per-sample
+    gradient rule for that, so the DP-SGD path uses loss "softmax" (a plain ``nn.Linear``) instead.
+    """
+
+    def sampled(self, x: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(N, len(candidates)) logits of ``x`` (N, in) for the candidate rows only."""
+        return F.linear(x, self.weight[candidates], self.bias[candidates])
+
+
+@dataclass
+class CopyTerm:
+    """Copy amounts (..., L) on the items (..., L) they belong to (activations only, no weights)."""
+
+    amounts: torch.Tensor
+    items: torch.Tensor
+
+    def add_to(self, logits: torch.Tensor, candidates: torch.Tensor | None = None, n_items: int | None = None) -> torch.Tensor:
+        """logits[..., item] += amount for every step; with ``candidates``, logits' columns are those items."""
+        if candidates is None:
+            return logits.scatter_add(-1, self.items, self.amounts)
+        lookup = torch.full((n_items,), -1, dtype=torch.long, device=logits.device)
+        lookup[candidates] = torch.arange(len(candidates), device=logits.device)
+        column = lookup[self.items]
+        return logits.scatter_add(-1, column.clamp(min=0), self.amounts * (column >= 0))
+
+
+@dataclass
+class AllOutputs:
+    """``RIB.outputs_all``: pooled (B, L, H), attention (B, L, L) or None, copy amounts (B, L, L) or None,
+    and the input items (B, L) the copy amounts refer to."""
+
+    pooled: torch.Tensor
+    weights: torch.Tensor | None
+    copy: torch.Tensor | None
+    items: torch.Tensor
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, CopyTerm | None]:
+        """(pooled, copy term) of the prefixes at boolean ``positions`` (B, L), as (N, H) and (N, L)."""
+        pooled = self.pooled[positions]
+        if self.copy is None:
+            return pooled, None
+        steps = self.items.shape[1]
+        items = self.items[:, None, :].expand(-1, steps, -1)[positions]
+        return pooled, CopyTerm(self.copy[positions], items)

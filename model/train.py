@@ -57,6 +57,12 @@ class TrainConfig:
     w2v_unit_rms: bool = True  # rescale Word2vec vectors to unit RMS entries (nn.Embedding's init scale)
     device: str | None = None  # see model.device.pick_device
     eval_batch_size: int = 512
+    # Sampled softmax (RIBConfig.loss == "sampled" only): candidates = the batch's own targets (in-batch
+    # negatives) + n_negatives shared items drawn from ``negative_sampler`` ("uniform" or "popularity":
+    # training-frequency ** 0.75); logits get the logQ correction -log P(item is a candidate).
+    n_negatives: int = 2048
+    val_max_examples: int | None = 20_000  # early stopping on a fixed seeded sample of validation examples (speed)
+    negative_sampler: str = "uniform"
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
@@ -258,7 +264,9 @@ class RIBRecommender:
         payload = torch.load(Path(path), map_location="cpu", weights_only=True)  # plain data only: no pickled code
         if payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format')!r}")
-        rib_config = RIBConfig.from_dict(payload["rib_config"])
+        stored = dict(payload["rib_config"])
+        stored.setdefault("copy", False)  # checkpoints from before the copy term have none
+        rib_config = RIBConfig.from_dict(stored)
         train_config = TrainConfig.from_dict(payload["train_config"])
         if device is not None:
             train_config = replace(train_config, device=device)
@@ -290,6 +298,33 @@ def train_rib(
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
+
+
+class NegativeSampler:
+    """Shared negatives for sampled softmax and the log inclusion probability of every item (logQ)."""
+
+    def __init__(self, fit: SessionDataset, tc: TrainConfig, device: torch.device) -> None:
+        if tc.negative_sampler not in ("uniform", "popularity"):
+            raise ValueError(f"negative_sampler must be 'uniform' or 'popularity', got {tc.negative_sampler!r}")
+        n = fit.n_items + 1
+        examples = fit.examples()
+        counts = np.bincount(examples.targets, minlength=n).astype(np.float64)[:n]
+        counts[0] = 0.0
+        self.target_freq = torch.from_numpy(counts / max(1.0, counts.sum())).to(device)  # in-batch draws
+        weights = np.ones(n) if tc.negative_sampler == "uniform" else (counts + 1.0) ** 0.75
+        weights[0] = 0.0
+        self.q = torch.from_numpy(weights / weights.sum()).to(device)
+        self.k = int(tc.n_negatives)
+        self.generator = torch.Generator(device="cpu").manual_seed(tc.seed + 1)
+        self.p_negative = 1.0 - (1.0 - self.q) ** self.k
+        self.device = device
+
+    def draw(self, n_targets: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(negative ids, log P(candidate)) for a batch with ``n_targets`` examples."""
+        negatives = torch.multinomial(self.q.cpu(), self.k, replacement=True, generator=self.generator).to(self.device)
+        p_batch = 1.0 - (1.0 - self.target_freq) ** n_targets
+        p = 1.0 - (1.0 - self.p_negative) * (1.0 - p_batch)
+        return negatives, torch.log(p.clamp(min=1e-12)).float()
 
 
 def _peak_rss_mb() -> float:
@@ -340,7 +375,14 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
 
     windows = make_windows(fit, tc.max_len or config.max_len)
+    sampler = NegativeSampler(fit, tc, rec.device) if config.loss == "sampled" and tc.n_negatives > 0 else None
     checkpoint_path = Path(tc.checkpoint_dir) / CHECKPOINT_NAME if tc.checkpoint_dir else None
+    val_examples = None
+    if val is not None:
+        val_examples = val.examples()
+        if tc.val_max_examples is not None and len(val_examples) > tc.val_max_examples:
+            keep = np.sort(np.random.default_rng(tc.seed + 2).choice(len(val_examples), tc.val_max_examples, replace=False))
+            val_examples = val_examples.subset(keep)
     epochs: list[dict[str, object]] = []
     best_recall, best_epoch, best_state, bad_epochs, steps = -1.0, 0, None, 0, 0
     for epoch in range(1, tc.epochs + 1):
@@ -354,8 +396,13 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
             n = int(batch["targets"].numel())
             if n == 0:
                 continue
-            pooled, _ = model.pooled_all(batch["items"], batch["activities"], batch["dwell"], batch["mask"])
-            loss = model.loss_at(pooled[batch["positions"]], batch["targets"])
+            outputs = model.outputs_all(batch["items"], batch["activities"], batch["dwell"], batch["mask"])
+            pooled, copy_term = outputs.at(batch["positions"])
+            if sampler is not None:
+                negatives, log_q = sampler.draw(n)
+                loss = model.loss_at(pooled, batch["targets"], copy_term, negatives=negatives, log_q=log_q)
+            else:
+                loss = model.loss_at(pooled, batch["targets"], copy_term)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip:
@@ -376,7 +423,7 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
         improved = True
         if val is not None:
             t0 = time.perf_counter()
-            result = evaluate(rec, val)
+            result = evaluate(rec, val, examples=val_examples)
             row.update({f"val_{k}": v for k, v in result.metrics.items() if k in ("recall@20", "mrr@20")})
             row["val_seconds"] = time.perf_counter() - t0
             improved = result.metrics["recall@20"] > best_recall
@@ -408,6 +455,7 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
         "best_val_recall@20": best_recall if val is not None else None,
         "n_fit_sessions": fit.n_sessions,
         "n_val_sessions": 0 if val is None else val.n_sessions,
+        "n_val_examples": 0 if val_examples is None else len(val_examples),
         "n_windows": len(windows),
         "steps": steps,
         "w2v_seconds": w2v_seconds,

@@ -166,8 +166,9 @@ def test_losses_are_finite_and_trainable():
         model = make_model(loss=loss).train()
         items, activities, dwell = random_inputs(4, 6)
         mask = torch.ones(4, 6, dtype=torch.bool)
-        pooled, _ = model.pooled_all(items, activities, dwell, mask)
-        value = model.loss_at(pooled[:, :-1].reshape(-1, 12), items[:, 1:].reshape(-1))
+        positions = mask.clone()
+        positions[:, -1] = False
+        value = model.example_loss(items, activities, dwell, mask, positions, items[:, 1:].reshape(-1))
         assert torch.isfinite(value)
         value.backward()
         assert model.item_emb.weight.grad is not None
@@ -178,8 +179,9 @@ def _per_sample_reference(model: nn.Module, inputs, last, targets) -> dict[str, 
     grads: dict[str, list[torch.Tensor]] = {}
     for b in range(len(targets)):
         model.zero_grad()
-        pooled, _ = model.pooled_all(*(x[b : b + 1] for x in inputs))
-        model.loss_at(pooled[:, last[b]], targets[b : b + 1]).backward()
+        at_last = torch.zeros_like(inputs[3][b : b + 1])
+        at_last[0, last[b]] = True
+        model.example_loss(*(x[b : b + 1] for x in inputs), at_last, targets[b : b + 1]).backward()
         for name, p in model.named_parameters():
             if p.requires_grad:
                 grads.setdefault(name, []).append(p.grad.detach().clone())
@@ -212,11 +214,12 @@ def test_opacus_accepts_model_and_per_sample_grads_are_right(loss):
     reference = _per_sample_reference(dp_model, inputs, last, targets)
     gsm = GradSampleModule(dp_model)
     gsm.zero_grad()
-    pooled, _ = gsm._module.pooled_all(*inputs)
+    at_last = torch.zeros_like(mask)
+    at_last[torch.arange(3), last] = True
     # Mean loss, as GradSampleModule(loss_reduction="mean") expects: grad_sample = each example's own gradient.
     # Padded steps never reach the loss, so Opacus' embedding sampler (which ignores padding_idx) still
     # gives the padding row a zero per-sample gradient.
-    dp_model.loss_at(pooled[torch.arange(3), last], targets).backward()
+    gsm._module.example_loss(*inputs, at_last, targets).backward()
     checked = 0
     for name, p in dp_model.named_parameters():
         if not p.requires_grad:
@@ -225,3 +228,119 @@ def test_opacus_accepts_model_and_per_sample_grads_are_right(loss):
         torch.testing.assert_close(p.grad_sample, reference[name], rtol=1e-3, atol=1e-5, msg=f"per-sample grad of {name}")
         checked += 1
     assert checked >= 8
+
+
+# ---- sampled softmax -----------------------------------------------------------------------------------
+def test_sampled_softmax_trains_and_full_scores_rank_the_planted_item_first():
+    """Training on sampled candidates (shared negatives + in-batch targets, logQ-corrected) learns a planted
+    next-item rule that the full-catalogue scores (the same nn.Linear, all rows) then rank first."""
+    from model.rib import SampledOutput
+
+    n_items = 300
+    torch.manual_seed(0)
+    model = RIB(RIBConfig(n_items=n_items, n_activities=N_ACT, n_dwell=N_DWELL, item_dim=16, hidden_dim=32, dropout=0.0,
+                          max_len=6, loss="sampled", use_activity=False, use_dwell=False))
+    assert isinstance(model.out, SampledOutput) and isinstance(model.out, nn.Linear)
+    successor = lambda x: x % n_items + 1  # noqa: E731  planted rule: i -> i + 1
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    log_q = torch.full((n_items + 1,), float(torch.log(torch.tensor(64.0 / n_items))))
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(250):
+        start = torch.randint(1, n_items + 1, (64, 1), generator=g)
+        items = (start + torch.arange(4)[None, :] - 1) % n_items + 1
+        zeros = torch.zeros_like(items)
+        mask = torch.ones_like(items, dtype=torch.bool)
+        pooled, copy = model.outputs_all(items, zeros, zeros, mask).at(mask)
+        negatives = torch.randint(1, n_items + 1, (64,), generator=g)
+        loss = model.loss_at(pooled, successor(items).reshape(-1), copy, negatives=negatives, log_q=log_q)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
+    model.eval()
+    items = torch.arange(1, n_items + 1)[:, None]
+    zeros = torch.zeros_like(items)
+    scores = model(items, zeros, zeros, torch.ones_like(items, dtype=torch.bool))
+    assert scores.shape == (n_items, n_items + 1)
+    top = scores[:, 1:].argmax(-1) + 1
+    assert (top == successor(items[:, 0])).float().mean() > 0.9
+    # Sampled logits are exactly the full logits' columns.
+    pooled = torch.randn(5, 32)
+    candidates = torch.tensor([1, 7, 300])
+    torch.testing.assert_close(model.out.sampled(pooled, candidates), model.out(pooled)[:, candidates])
+
+
+# ---- copy term ------------------------------------------------------------------------------------------
+COPY_VARIANTS = [{"copy": True, "use_attention": att, **data_type_flags(dt)} for att in (True, False) for dt in ("SKU", "SKU+Micro")]
+
+
+@pytest.mark.parametrize("variant", COPY_VARIANTS, ids=lambda v: f"att{v['use_attention']}-{v['use_activity']}")
+def test_copy_term_padding_and_causality(variant):
+    model = make_model(**variant, attention_micro=True)
+    items, activities, dwell = random_inputs(3, 6)
+    lengths = torch.tensor([6, 4, 2])
+    mask = torch.arange(6)[None, :] < lengths[:, None]
+    full = model(items, activities, dwell, mask)
+    # Padding content never matters.
+    noisy = model(items.masked_fill(~mask, 5), activities.masked_fill(~mask, 1), dwell, mask)
+    torch.testing.assert_close(full, noisy)
+    # forward_all at t == forward on the prefix ending at t; leading padding gives the same outputs.
+    every = model.forward_all(items, activities, dwell, mask)
+    for b, n in enumerate(lengths.tolist()):
+        for t in range(n):
+            one = model(items[b : b + 1, : t + 1], activities[b : b + 1, : t + 1], dwell[b : b + 1, : t + 1], torch.ones(1, t + 1, dtype=torch.bool))
+            torch.testing.assert_close(every[b, t], one[0], rtol=1e-4, atol=1e-5)
+    shifted = model(torch.roll(items, 2, 1), torch.roll(activities, 2, 1), torch.roll(dwell, 2, 1), torch.roll(mask, 2, 1))
+    torch.testing.assert_close(shifted[1:], full[1:], rtol=1e-4, atol=1e-5)
+    # The copy term only raises the items of the session: others keep the plain output-layer score.
+    plain = model._project(model._pool_last(items, activities, dwell, mask)[0])
+    bonus = full - plain
+    assert (bonus >= -1e-6).all()
+    for b, n in enumerate(lengths.tolist()):
+        outside = torch.ones(N_ITEMS + 1, dtype=torch.bool)
+        outside[items[b, :n]] = False
+        assert torch.allclose(bonus[b, outside], torch.zeros(()), atol=1e-6)
+    if variant["use_attention"]:
+        weights = model.attention_weights(items, activities, dwell, mask)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(3))
+        assert (weights[~mask] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_opacus_per_sample_grads_with_copy_term_and_micro_attention():
+    from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    model = make_model(copy=True, attention_micro=True, micro_dropout=0.0)
+    dp_model = ModuleValidator.fix(copy.deepcopy(model)).train()
+    assert ModuleValidator.validate(dp_model, strict=False) == []
+    items, activities, dwell = random_inputs(3, 5)
+    lengths = torch.tensor([5, 3, 2])
+    mask = torch.arange(5)[None, :] < lengths[:, None]
+    items = items.masked_fill(~mask, 0)
+    targets = torch.tensor([items[0, 1].item(), 7, items[2, 0].item()])  # two repeats: the copy term matters
+    last = lengths - 1
+    at_last = torch.zeros_like(mask)
+    at_last[torch.arange(3), last] = True
+
+    def loss_of(module, rows):
+        out = module.outputs_all(items[rows], activities[rows], dwell[rows], mask[rows])
+        pooled, copy_term = out.at(at_last[rows])
+        return dp_model.loss_at(pooled, targets[rows], copy_term)
+
+    reference: dict[str, list[torch.Tensor]] = {}
+    for b in range(3):
+        dp_model.zero_grad()
+        loss_of(dp_model, slice(b, b + 1)).backward()
+        for name, p in dp_model.named_parameters():
+            reference.setdefault(name, []).append(p.grad.detach().clone())
+    gsm = GradSampleModule(dp_model)
+    gsm.zero_grad()
+    loss_of(gsm._module, slice(0, 3)).backward()
+    names = []
+    for name, p in dp_model.named_parameters():
+        torch.testing.assert_close(p.grad_sample, torch.stack(reference[name]), rtol=1e-3, atol=1e-5, msg=f"per-sample grad of {name}")
+        names.append(name)
+    assert {"copy_query.weight", "copy_key.weight", "copy_gate.weight", "att_micro.weight"} <= set(names)

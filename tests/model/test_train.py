@@ -114,14 +114,13 @@ def _loss_before_after(data, steps: int = 15, **rib_overrides: object) -> tuple[
 
     def mean_loss() -> float:
         with torch.no_grad():
-            return float(np.mean([model.loss_at(model.pooled_all(b["items"], b["activities"], b["dwell"], b["mask"])[0][b["positions"]], b["targets"]).item() for b in batches]))
+            return float(np.mean([model.example_loss(b["items"], b["activities"], b["dwell"], b["mask"], b["positions"], b["targets"]).item() for b in batches]))
 
     before = mean_loss()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(steps):
         b = batches[step % len(batches)]
-        pooled, _ = model.pooled_all(b["items"], b["activities"], b["dwell"], b["mask"])
-        loss = model.loss_at(pooled[b["positions"]], b["targets"])
+        loss = model.example_loss(b["items"], b["activities"], b["dwell"], b["mask"], b["positions"], b["targets"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -213,3 +212,30 @@ def test_cli_train_then_eval(tmp_path):
 
     result = runner.invoke(train_command, [*args[:-4], "--data-type", "SKU+Everything"])
     assert result.exit_code != 0
+
+
+# ---- sampled softmax and copy term through the training loop ---------------------------------------
+@pytest.mark.parametrize("sampler", ["uniform", "popularity"])
+def test_sampled_softmax_training_loop_and_checkpoint(split, tmp_path, sampler):
+    config = replace(FAST, epochs=3, patience=5, n_negatives=32, negative_sampler=sampler, checkpoint_dir=str(tmp_path))
+    rib_config = rib_config_for(split.train, "SKU+Micro", loss="sampled", copy=True, **TINY)
+    rec, history = train_rib(split.train, rib_config, config, progress=False)
+    losses = [e["train_loss"] for e in history["epochs"]]
+    assert losses[-1] < losses[0]
+    assert history["loss"] == "sampled"
+    loaded = load_checkpoint(tmp_path / "rib.pt")
+    batch = PrefixBatch(split.test, split.test.examples().starts[:7], split.test.examples().ends[:7])
+    np.testing.assert_allclose(loaded.score(batch), rec.score(batch), rtol=1e-5, atol=1e-5)
+    assert loaded.score(batch).shape == (7, split.test.n_items + 1)
+
+
+def test_negative_sampler_log_q_is_a_log_probability(split):
+    from model.train import NegativeSampler
+
+    sampler = NegativeSampler(split.train, replace(FAST, n_negatives=16, negative_sampler="popularity"), torch.device("cpu"))
+    negatives, log_q = sampler.draw(50)
+    assert negatives.shape == (16,) and int(negatives.min()) >= 1
+    assert log_q.shape == (split.train.n_items + 1,)
+    assert (log_q[1:] <= 0).all() and torch.isfinite(log_q[1:]).all()
+    with pytest.raises(ValueError):
+        NegativeSampler(split.train, replace(FAST, negative_sampler="zipf"), torch.device("cpu"))
