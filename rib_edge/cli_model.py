@@ -45,7 +45,9 @@ def _metric_lines(result) -> list[str]:
 @click.option("--data-type", type=click.Choice(DATA_TYPE_NAMES), default="SKU+Micro", show_default=True, help="Which tuple fields the model sees (paper Section 5.1).")
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the checkpoint rib.pt and history.json.")
-@click.option("--loss", type=click.Choice(["softmax", "paper"]), default="softmax", show_default=True)
+@click.option("--loss", type=click.Choice(["softmax", "paper", "sampled"]), default="softmax", show_default=True,
+              help="sampled: sampled softmax in training (big catalogues), full-catalogue scores at eval.")
+@click.option("--copy/--no-copy", "copy_term", default=None, help="Copy/repeat term [default: on, except with the paper loss].")
 @click.option("--no-attention", is_flag=True, help="RIB-Attention: last hidden state instead of attention pooling.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--item-dim", default=64, show_default=True)
@@ -61,6 +63,7 @@ def train_command(
     epochs: int,
     out_dir: Path,
     loss: str,
+    copy_term: bool | None,
     no_attention: bool,
     seed: int,
     item_dim: int,
@@ -79,7 +82,7 @@ def train_command(
         click.echo(f"note: {dataset} has no activity field; the activity embedding sees one constant value")
     if data_type in ("SKU+Dwell", "SKU+Micro") and not train.has_dwell:
         click.echo(f"note: {dataset} has no dwell time; the dwell embedding sees only 'unknown'")
-    rib_config = rib_config_for(train, data_type, item_dim=item_dim, hidden_dim=hidden_dim, loss=loss, use_attention=not no_attention)
+    rib_config = rib_config_for(train, data_type, item_dim=item_dim, hidden_dim=hidden_dim, loss=loss, use_attention=not no_attention, copy=copy_term)
     train_config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_threads=threads, checkpoint_dir=str(out_dir), device=device
     )
@@ -121,3 +124,76 @@ def eval_command(dataset: str, mapping: Path | None, checkpoint: Path, device: s
     click.echo(f"{rec.name} ({rec.rib_config.data_type}, {rec.rib_config.loss} loss) on {dataset} test: {result.n_examples} examples")
     for line in _metric_lines(result):
         click.echo(line)
+
+
+def _split_csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@click.command("accuracy")
+@click.option("--dataset", required=True, help=DATASET_HELP)
+@click.option("--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="TOML mapping actions to activities (generic files).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output directory [default: benchmarks/results/accuracy/<dataset>].")
+@click.option("--models", default=None, help="Comma-separated subset of: POP,BPR-MF,Item-KNN,SR,S-KNN,V-SKNN,STAN,Word2vec,Word2vec-Avg,RIB-Attention,RIB.")
+@click.option("--data-types", default=None, help="Comma-separated subset of RIB data types: SKU,SKU+Activity,SKU+Dwell,SKU+Micro.")
+@click.option("--epochs", type=int, default=None, help="Max RIB epochs (early stopping on validation Recall@20).")
+@click.option("--quick", is_flag=True, help="CI-sized run: tiny RIB, 2 epochs, 100 bootstrap resamples.")
+@click.option("--threads", default=1, show_default=True, help="torch CPU threads for RIB.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--merge", "merge_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Instead of running: merge accuracy runs (dirs with accuracy.json + ranks.npz) of this dataset into --out.")
+def bench_accuracy_command(
+    dataset: str, mapping: Path | None, out_dir: Path | None, models: str | None, data_types: str | None,
+    epochs: int | None, quick: bool, threads: int, seed: int, merge_dirs: tuple[Path, ...],
+) -> None:
+    """Paper Table 3 for one dataset: baselines, then RIB-Attention and RIB per data type (JSON + markdown)."""
+    from model.accuracy import DATA_TYPE_NAMES as TYPES
+    from model.accuracy import MODEL_NAMES, AccuracySettings, merge_accuracy, run_accuracy
+
+    if merge_dirs:
+        out_dir = out_dir or Path("benchmarks/results/accuracy") / Path(dataset).name
+        try:
+            merge_accuracy(merge_dirs, out_dir)
+        except ValueError as err:
+            raise click.ClickException(str(err)) from err
+        click.echo(f"merged {len(merge_dirs)} runs into {out_dir / 'accuracy.json'} and {out_dir / 'accuracy.md'}")
+        return
+
+    try:
+        settings = AccuracySettings(
+            models=_split_csv(models) or MODEL_NAMES, data_types=_split_csv(data_types) or TYPES,
+            epochs=epochs, quick=quick, threads=threads, seed=seed,
+        )
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    split = _open(dataset, mapping)
+    out_dir = out_dir or Path("benchmarks/results/accuracy") / Path(dataset).name
+    payload = run_accuracy(split, dataset, out_dir, settings, progress=_echo_step)
+    for row in payload["rows"]:
+        if row.get("skipped"):
+            click.echo(f"{row['model']:14s} {row['data_type']:13s} skipped: {row['skipped']}")
+        else:
+            click.echo(f"{row['model']:14s} {row['data_type']:13s} recall@20 {row['recall@20']:.4f}  mrr@20 {row['mrr@20']:.4f}")
+    click.echo(f"wrote {out_dir / 'accuracy.json'} and {out_dir / 'accuracy.md'}")
+
+
+@click.command("case-study")
+@click.option("--dataset", required=True, help=DATASET_HELP)
+@click.option("--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="TOML mapping actions to activities (generic files).")
+@click.option("--checkpoint", "checkpoints", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="rib.pt of a RIB model (with attention); repeat once per data type (SKU, SKU+Activity, SKU+Dwell, SKU+Micro).")
+@click.option("--session", type=int, default=None, help="Test session index [default: a 6-14 tuple session with varied activities].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output directory [default: benchmarks/results/case_study/<dataset>].")
+def case_study_command(dataset: str, mapping: Path | None, checkpoints: tuple[Path, ...], session: int | None, out_dir: Path | None) -> None:
+    """Figure-8 case study: attention weight of every tuple of one test session, per data type (text + PNG)."""
+    from model.case_study import case_study, case_study_text, write_case_study
+
+    split = _open(dataset, mapping)
+    try:
+        study = case_study(split.test, checkpoints, session)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise click.ClickException(str(err)) from err
+    out_dir = out_dir or Path("benchmarks/results/case_study") / Path(dataset).name
+    paths = write_case_study(study, out_dir)
+    click.echo(case_study_text(study))
+    click.echo(f"wrote {paths['json']}, {paths['text']} and {paths['png']}")

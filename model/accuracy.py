@@ -1,0 +1,382 @@
+"""The paper's Table 3 for one dataset: baselines (data type SKU), then RIB-Attention and RIB per data type.
+
+``run_accuracy`` fits every model on the split's training part, scores it with the one evaluator
+(``model.evaluate.evaluate``) on the test part and writes ``DIR/accuracy.json`` + ``DIR/accuracy.md``:
+
+- rows of ``{"model", "data_type", "recall@20", "mrr@20", "train_seconds", ...}`` with 95% bootstrap
+  intervals and ``n_examples``; a RIB variant whose field is missing from the data (no activities / no dwell
+  time) gets a row with ``"skipped": "<why>"`` instead of a model trained on a constant input;
+- RIB cells carry the change over the best baseline (best of the nine, per metric) like the paper:
+  ``0.4732 (+29.8%)``;
+- RIB training throughput (sessions/s) and process peak RSS;
+- paired bootstrap intervals (same test examples) for RIB SKU+Micro minus the best baseline and
+  each micro data type minus SKU (SKU+Micro first), and every RIB data type minus the best baseline.
+
+Model selection only ever sees the validation split carved from the end of the training period
+(``model.train``); the test split is touched once per model, for the reported numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from model.benchmark import environment
+from model.data.dataset import SessionDataset, SplitData
+from model.evaluate import EvalResult, evaluate, paired_bootstrap_diff
+
+BASELINE_NAMES = ("POP", "BPR-MF", "Item-KNN", "SR", "S-KNN", "V-SKNN", "STAN", "Word2vec", "Word2vec-Avg")
+RIB_NAMES = ("RIB-Attention", "RIB")
+MODEL_NAMES = BASELINE_NAMES + RIB_NAMES
+DATA_TYPE_NAMES = ("SKU", "SKU+Activity", "SKU+Dwell", "SKU+Micro")
+METRICS = ("recall@20", "mrr@20")
+LARGE_CATALOGUE = 10_000  # above this many items RIB trains with sampled softmax (see model/rib.py)
+
+Progress = Callable[[str], None]
+
+
+def missing_field(train: SessionDataset, data_type: str) -> str | None:
+    """Why ``data_type`` cannot be trained on this data (None when it can)."""
+    needs_activity = data_type in ("SKU+Activity", "SKU+Micro")
+    needs_dwell = data_type in ("SKU+Dwell", "SKU+Micro")
+    missing = []
+    if needs_activity and not train.has_activity:
+        missing.append("activities")
+    if needs_dwell and not train.has_dwell:
+        missing.append("dwell times")
+    return f"no {' or '.join(missing)} in this data" if missing else None
+
+
+@dataclass
+class AccuracySettings:
+    """What to run and how long: ``models``/``data_types`` subsets, epochs, and RIB overrides."""
+
+    models: Sequence[str] = MODEL_NAMES
+    data_types: Sequence[str] = DATA_TYPE_NAMES
+    epochs: int | None = None  # None: the dataset default
+    quick: bool = False  # CI-sized: tiny RIB, 2 epochs, 100 bootstrap resamples
+    n_boot: int = 500
+    seed: int = 0
+    threads: int = 1
+    rib_overrides: dict[str, object] = field(default_factory=dict)
+    train_overrides: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.models if m not in MODEL_NAMES]
+        if unknown:
+            raise ValueError(f"unknown models {unknown}; known: {list(MODEL_NAMES)}")
+        unknown = [d for d in self.data_types if d not in DATA_TYPE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown data types {unknown}; known: {list(DATA_TYPE_NAMES)}")
+
+
+def rib_settings(train: SessionDataset, settings: AccuracySettings) -> tuple[dict[str, object], dict[str, object]]:
+    """(RIBConfig overrides, TrainConfig fields) for this dataset: the defaults of model/rib.py and
+    model/train.py, with sampled softmax and larger batches on big catalogues, tiny sizes under ``quick``."""
+    rib: dict[str, object] = {}
+    tc: dict[str, object] = {"epochs": 30, "seed": settings.seed, "num_threads": settings.threads}
+    if train.n_items > LARGE_CATALOGUE:
+        rib.update(loss="sampled")
+        tc.update(epochs=7, batch_size=256, lr=3e-3, patience=2, min_steps=0)
+    if settings.quick:
+        rib.update(item_dim=16, hidden_dim=24, activity_dim=4, dwell_dim=4)
+        tc.update(epochs=2, w2v_epochs=2, min_steps=0)
+    if settings.epochs is not None:
+        tc["epochs"] = settings.epochs
+    rib.update(settings.rib_overrides)
+    tc.update(settings.train_overrides)
+    return rib, tc
+
+
+def _baseline(name: str):
+    from model.baselines import make_baseline
+    from model.word2vec import Word2VecAvgRecommender, Word2VecRecommender
+
+    if name == "Word2vec":
+        return Word2VecRecommender()
+    if name == "Word2vec-Avg":
+        return Word2VecAvgRecommender()
+    return make_baseline(name)
+
+
+def _metric_row(result: EvalResult, n_boot: int, seed: int) -> dict[str, object]:
+    row: dict[str, object] = {k: round(float(v), 4) for k, v in result.metrics.items()}
+    for metric in METRICS:
+        low, high = result.bootstrap_ci(metric, n_boot=n_boot, seed=seed)
+        row[f"{metric}_ci95"] = [round(low, 4), round(high, 4)]
+    row["n_examples"] = int(result.n_examples)
+    return row
+
+
+def run_accuracy(
+    split: SplitData,
+    dataset: str,
+    out_dir: Path | None = None,
+    settings: AccuracySettings | None = None,
+    progress: Progress | None = None,
+) -> dict[str, object]:
+    """Fit and evaluate the Table-3 models on ``split``; write JSON + markdown to ``out_dir`` if given."""
+    import torch
+
+    from model.rib import RIBConfig
+    from model.train import RIBRecommender, TrainConfig, rib_config_for
+
+    settings = settings or AccuracySettings()
+    say = progress or (lambda message: None)
+    n_boot = 100 if settings.quick else settings.n_boot
+    train, test = split.train, split.test
+    rows: list[dict[str, object]] = []
+    results: dict[tuple[str, str], EvalResult] = {}
+    checkpoints: dict[str, str] = {}
+
+    for name in BASELINE_NAMES:
+        if name not in settings.models:
+            continue
+        say(f"{name}: fitting on {train.n_sessions} sessions")
+        t0 = time.perf_counter()
+        model = _baseline(name).fit(train)
+        fit_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = evaluate(model, test)
+        eval_seconds = time.perf_counter() - t0
+        results[(name, "SKU")] = result
+        rows.append({"model": name, "data_type": "SKU", **_metric_row(result, n_boot, settings.seed),
+                     "train_seconds": round(fit_seconds, 2), "eval_seconds": round(eval_seconds, 2)})
+        say(f"{name}: recall@20 {result.metrics['recall@20']:.4f} mrr@20 {result.metrics['mrr@20']:.4f} ({fit_seconds:.1f}s fit)")
+
+    rib_overrides, tc_fields = rib_settings(train, settings)
+    for data_type in settings.data_types:
+        for name in RIB_NAMES:
+            if name not in settings.models:
+                continue
+            why = missing_field(train, data_type)
+            if why is not None:
+                rows.append({"model": name, "data_type": data_type, "skipped": why, "recall@20": None, "mrr@20": None, "train_seconds": None})
+                continue
+            config: RIBConfig = rib_config_for(train, data_type, use_attention=(name == "RIB"), **rib_overrides)
+            checkpoint_dir = None
+            if out_dir is not None:
+                checkpoint_dir = str(Path(out_dir) / "checkpoints" / f"{name}_{data_type}".replace("+", "_"))
+            tc = TrainConfig(**{**tc_fields, "checkpoint_dir": checkpoint_dir})
+            say(f"{name} {data_type}: training ({config.loss} loss, {tc.epochs} epochs max)")
+            t0 = time.perf_counter()
+            rec = RIBRecommender(config, tc).fit(train)
+            fit_seconds = time.perf_counter() - t0
+            history = rec.history
+            t0 = time.perf_counter()
+            result = evaluate(rec, test)
+            eval_seconds = time.perf_counter() - t0
+            results[(name, data_type)] = result
+            if checkpoint_dir is not None:
+                checkpoints[f"{name} {data_type}"] = str(Path(checkpoint_dir) / "rib.pt")
+            rows.append({
+                "model": name, "data_type": data_type, **_metric_row(result, n_boot, settings.seed),
+                "train_seconds": round(fit_seconds, 2), "eval_seconds": round(eval_seconds, 2),
+                "sessions_per_s": round(float(history["sessions_per_s"]), 1),
+                "peak_rss_mb": round(float(history["peak_rss_mb"]), 1),
+                "best_epoch": history["best_epoch"], "epochs_run": len(history["epochs"]),
+                "best_val_recall@20": history.get("best_val_recall@20"),
+                "loss": config.loss, "copy": config.use_copy,
+            })
+            say(f"{name} {data_type}: recall@20 {result.metrics['recall@20']:.4f} mrr@20 {result.metrics['mrr@20']:.4f} "
+                f"({fit_seconds:.1f}s fit, {history['sessions_per_s']:.0f} sessions/s, best epoch {history['best_epoch']})")
+            torch.set_num_threads(max(1, settings.threads))
+
+    best = _best_baselines(results)
+    _add_improvements(rows, best)
+    payload: dict[str, object] = {
+        "bench": "accuracy",
+        "dataset": dataset,
+        "protocol": split.info.get("protocol"),
+        "train": split.info.get("train"),
+        "test": split.info.get("test"),
+        "has_activity": bool(train.has_activity),
+        "has_dwell": bool(train.has_dwell),
+        "n_items": int(train.n_items),
+        "environment": environment(),
+        "settings": {"quick": settings.quick, "rib_overrides": rib_overrides, "train_config": tc_fields, "n_boot": n_boot},
+        "best_baseline": best,
+        "rows": rows,
+        "paired_diffs": _paired_diffs(results, best, n_boot, settings.seed),
+        "checkpoints": checkpoints,
+    }
+    if out_dir is not None:
+        write_accuracy(Path(out_dir), payload, results)
+    return payload
+
+
+def _best_baselines(results: dict[tuple[str, str], EvalResult]) -> dict[str, dict[str, object]]:
+    """Per metric, the baseline with the highest value."""
+    best: dict[str, dict[str, object]] = {}
+    for metric in METRICS:
+        candidates = [(r.metrics[metric], name) for (name, _), r in results.items() if name in BASELINE_NAMES]
+        if candidates:
+            value, name = max(candidates)
+            best[metric] = {"model": name, "value": round(float(value), 4)}
+    return best
+
+
+def _add_improvements(rows: list[dict[str, object]], best: dict[str, dict[str, object]]) -> None:
+    for row in rows:
+        if row["model"] not in RIB_NAMES or row.get("skipped"):
+            continue
+        for metric in METRICS:
+            if metric in best and best[metric]["value"]:
+                row[f"{metric}_vs_best_baseline"] = round(float(row[metric]) / float(best[metric]["value"]) - 1.0, 4)
+
+
+def _paired_diffs(results: dict[tuple[str, str], EvalResult], best: dict[str, dict[str, object]], n_boot: int, seed: int) -> list[dict[str, object]]:
+    """Paired bootstrap intervals of per-example metric differences on the same test examples."""
+    pairs: list[tuple[tuple[str, str], tuple[str, str], str]] = []
+    for data_type in DATA_TYPE_NAMES:
+        if ("RIB", data_type) in results:
+            pairs.append((("RIB", data_type), ("best", ""), "best baseline"))
+    for data_type in ("SKU+Micro", "SKU+Activity", "SKU+Dwell"):
+        if ("RIB", data_type) in results and ("RIB", "SKU") in results:
+            pairs.append((("RIB", data_type), ("RIB", "SKU"), "RIB SKU"))
+    out = []
+    for a_key, b_key, label in pairs:
+        for metric in METRICS:
+            if b_key[0] == "best":
+                if metric not in best:
+                    continue
+                b_key_m = (str(best[metric]["model"]), "SKU")
+                b_label = f"{best[metric]['model']} (best baseline)"
+            else:
+                b_key_m, b_label = b_key, label
+            mean, low, high = paired_bootstrap_diff(
+                results[a_key].per_example(metric), results[b_key_m].per_example(metric), n_boot=n_boot, seed=seed
+            )
+            out.append({"a": f"{a_key[0]} {a_key[1]}", "b": b_label, "metric": metric,
+                        "diff": round(mean, 4), "ci95": [round(low, 4), round(high, 4)]})
+    return out
+
+
+def _cell(row: dict[str, object], metric: str) -> str:
+    value = row.get(metric)
+    if value is None:
+        return "—"
+    text = f"{float(value):.4f}"
+    change = row.get(f"{metric}_vs_best_baseline")
+    if change is not None:
+        text += f" ({float(change) * 100:+.1f}%)"
+    return text
+
+
+def accuracy_markdown(payload: dict[str, object]) -> str:
+    """Table 3 layout for one dataset, then intervals, notices, throughput and paired differences."""
+    rows = payload["rows"]
+    test = payload.get("test") or {}
+    best = payload.get("best_baseline") or {}
+    best_text = ", ".join(f"{m}: {b['model']} {b['value']:.4f}" for m, b in best.items()) or "none run"
+    lines = [
+        f"# Accuracy (paper Table 3 layout): {payload['dataset']}",
+        "",
+        f"Test examples: {test.get('examples', '?')} (every test prefix -> next item, full-catalogue ranking, "
+        f"{payload.get('n_items')} items). RIB cells: value (change vs the best baseline of that column; best: {best_text}).",
+        "",
+        "| Model | Data type | Recall@20 | MRR@20 | train s |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.get("skipped"):
+            lines.append(f"| {row['model']} | {row['data_type']} | skipped: {row['skipped']} | — | — |")
+            continue
+        seconds = row.get("train_seconds")
+        lines.append(f"| {row['model']} | {row['data_type']} | {_cell(row, 'recall@20')} | {_cell(row, 'mrr@20')} | {'' if seconds is None else f'{seconds:.1f}'} |")
+    notes = sorted({f"{r['data_type']}: {r['skipped']}" for r in rows if r.get("skipped")})
+    if notes:
+        lines += ["", "Not trained (field missing from the data, so the variant would only see a constant):"]
+        lines += [f"- {n}" for n in notes]
+    lines += ["", "## 95% bootstrap intervals", "", "| Model | Data type | Recall@20 | MRR@20 | n |", "|---|---|---|---|---|"]
+    for row in rows:
+        if row.get("skipped"):
+            continue
+        r, m = row["recall@20_ci95"], row["mrr@20_ci95"]
+        lines.append(f"| {row['model']} | {row['data_type']} | [{r[0]:.4f}, {r[1]:.4f}] | [{m[0]:.4f}, {m[1]:.4f}] | {row['n_examples']} |")
+    rib_rows = [r for r in rows if r["model"] in RIB_NAMES and not r.get("skipped")]
+    if rib_rows:
+        lines += ["", "## RIB training", "", "| Model | Data type | loss | sessions/s | peak RSS MB | best epoch / run | val Recall@20 |", "|---|---|---|---|---|---|---|"]
+        for row in rib_rows:
+            val = row.get("best_val_recall@20")
+            lines.append(
+                f"| {row['model']} | {row['data_type']} | {row['loss']}{' + copy' if row.get('copy') else ''} | {row['sessions_per_s']:.0f} | "
+                f"{row['peak_rss_mb']:.0f} | {row['best_epoch']} / {row['epochs_run']} | {'' if val is None else f'{val:.4f}'} |"
+            )
+        lines.append("")
+        lines.append("sessions/s = training sessions x epochs / training seconds (validation excluded); peak RSS is the process's.")
+    diffs = payload.get("paired_diffs") or []
+    if diffs:
+        lines += ["", "## Paired bootstrap differences (same test examples)", "", "| A | minus B | metric | A - B | 95% CI |", "|---|---|---|---|---|"]
+        for d in diffs:
+            lines.append(f"| {d['a']} | {d['b']} | {d['metric']} | {d['diff']:+.4f} | [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] |")
+    settings = payload.get("settings") or {}
+    lines += ["", f"RIB settings: `{json.dumps(settings.get('rib_overrides', {}))}`; training: `{json.dumps(settings.get('train_config', {}))}`."]
+    return "\n".join(lines) + "\n"
+
+
+def write_accuracy(out_dir: Path, payload: dict[str, object], results: dict[tuple[str, str], EvalResult] | None = None) -> tuple[Path, Path]:
+    """``DIR/accuracy.json``, ``DIR/accuracy.md`` (and per-example ranks ``DIR/ranks.npz``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "accuracy.json"
+    json_path.write_text(json.dumps(payload, indent=2))
+    md_path = out_dir / "accuracy.md"
+    md_path.write_text(accuracy_markdown(payload))
+    if results:
+        np.savez_compressed(out_dir / "ranks.npz", **{f"{m}|{d}": r.ranks.astype(np.int32) for (m, d), r in results.items()})
+    return json_path, md_path
+
+
+def quick_settings(**changes: object) -> AccuracySettings:
+    """CI-sized settings (used by tests and ``--quick``)."""
+    return replace(AccuracySettings(quick=True), **changes)
+
+
+def _row_order(row: dict[str, object]) -> tuple[int, int, int]:
+    model = str(row["model"])
+    if model in BASELINE_NAMES:
+        return (0, BASELINE_NAMES.index(model), 0)
+    return (1, DATA_TYPE_NAMES.index(str(row["data_type"])), RIB_NAMES.index(model))
+
+
+def merge_accuracy(parts: Sequence[Path], out_dir: Path) -> dict[str, object]:
+    """Combine accuracy runs of the same dataset made in separate processes (e.g. baselines and RIB in
+    parallel) into one table: rows in Table-3 order, best baseline, improvements and paired differences
+    recomputed from the saved per-example ranks (``ranks.npz``)."""
+    payloads = [json.loads((Path(p) / "accuracy.json").read_text()) for p in parts]
+    datasets = {p["dataset"] for p in payloads}
+    if len(datasets) != 1:
+        raise ValueError(f"cannot merge runs of different datasets: {sorted(datasets)}")
+    rows: dict[tuple[str, str], dict[str, object]] = {}
+    results: dict[tuple[str, str], EvalResult] = {}
+    for part, payload in zip(parts, payloads, strict=True):
+        ranks_path = Path(part) / "ranks.npz"
+        stored = np.load(ranks_path) if ranks_path.exists() else {}
+        for row in payload["rows"]:
+            key = (str(row["model"]), str(row["data_type"]))
+            rows[key] = {k: v for k, v in row.items() if not k.endswith("_vs_best_baseline")}
+            name = f"{key[0]}|{key[1]}"
+            if name in stored:
+                ranks = np.asarray(stored[name], dtype=np.int64)
+                metrics = {f"{m}@{k}": float(EvalResult({}, ranks).per_example(f"{m}@{k}").mean()) for m in ("recall", "mrr") for k in (10, 20)}
+                results[key] = EvalResult(metrics, ranks, len(ranks))
+    merged_rows = sorted(rows.values(), key=_row_order)
+    best = _best_baselines(results)
+    _add_improvements(merged_rows, best)
+    n_boot = int((payloads[0].get("settings") or {}).get("n_boot", 500))
+    payload = {
+        **{k: v for k, v in payloads[0].items() if k not in ("rows", "settings", "checkpoints")},
+        "merged_from": [str(p) for p in parts],
+        "settings": (payloads[-1].get("settings") or {}) | {"parts": [p.get("settings") for p in payloads]},
+        "best_baseline": best,
+        "rows": merged_rows,
+        "paired_diffs": _paired_diffs(results, best, n_boot, 0),
+        "checkpoints": {k: v for p in payloads for k, v in (p.get("checkpoints") or {}).items()},
+    }
+    write_accuracy(Path(out_dir), payload, results)
+    return payload

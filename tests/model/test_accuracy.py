@@ -1,0 +1,111 @@
+"""The accuracy bench (paper Table 3 layout): JSON contract, skipped variants, improvements, CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from model.accuracy import (
+    BASELINE_NAMES,
+    DATA_TYPE_NAMES,
+    RIB_NAMES,
+    missing_field,
+    quick_settings,
+    run_accuracy,
+)
+from model.data.dataset import SplitData
+from model.data.open import synthetic_split
+from model.data.synthetic import SyntheticConfig
+from rib_edge.cli_model import bench_accuracy_command
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small_split() -> SplitData:
+    return synthetic_split(SyntheticConfig(n_devices=60))
+
+
+def _item_only(split: SplitData) -> SplitData:
+    return SplitData(replace(split.train, has_activity=False, has_dwell=False), replace(split.test, has_activity=False, has_dwell=False), dict(split.info))
+
+
+def test_json_contract_names_and_improvements(small_split, tmp_path):
+    payload = run_accuracy(small_split, "synthetic-small", tmp_path, quick_settings(epochs=1))
+    saved = json.loads((tmp_path / "accuracy.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(payload["rows"]))
+    models = [(r["model"], r["data_type"]) for r in saved["rows"]]
+    expected = [(m, "SKU") for m in BASELINE_NAMES] + [(m, d) for d in DATA_TYPE_NAMES for m in RIB_NAMES]
+    assert models == expected
+    for row in saved["rows"]:
+        assert {"model", "data_type", "recall@20", "mrr@20", "train_seconds"} <= set(row)
+        assert "skipped" not in row
+        assert 0.0 <= row["recall@20"] <= 1.0 and row["n_examples"] > 0
+        assert row["recall@20_ci95"][0] <= row["recall@20"] <= row["recall@20_ci95"][1]
+        if row["model"] in RIB_NAMES:
+            assert row["sessions_per_s"] > 0 and row["peak_rss_mb"] > 0
+            best = saved["best_baseline"]["recall@20"]["value"]
+            assert row["recall@20_vs_best_baseline"] == pytest.approx(row["recall@20"] / best - 1, abs=2e-3)
+    pairs = {(d["a"], d["b"].split(" ")[0], d["metric"]) for d in saved["paired_diffs"]}
+    assert ("RIB SKU+Micro", "RIB", "recall@20") in pairs
+    assert any(d["a"] == "RIB SKU+Micro" and "best baseline" in d["b"] for d in saved["paired_diffs"])
+    markdown = (tmp_path / "accuracy.md").read_text()
+    assert "| RIB | SKU+Micro |" in markdown and "%)" in markdown
+    assert (tmp_path / "checkpoints").is_dir()
+
+
+def test_item_only_split_skips_micro_variants(small_split, tmp_path):
+    split = _item_only(small_split)
+    assert missing_field(split.train, "SKU") is None
+    assert missing_field(split.train, "SKU+Activity") == "no activities in this data"
+    assert missing_field(split.train, "SKU+Micro") == "no activities or dwell times in this data"
+    payload = run_accuracy(split, "items-only", tmp_path, quick_settings(epochs=1, models=("POP", "RIB")))
+    rows = {(r["model"], r["data_type"]): r for r in payload["rows"]}
+    assert set(rows) == {("POP", "SKU"), ("RIB", "SKU"), ("RIB", "SKU+Activity"), ("RIB", "SKU+Dwell"), ("RIB", "SKU+Micro")}
+    assert "skipped" not in rows[("RIB", "SKU")]
+    assert rows[("RIB", "SKU+Dwell")]["skipped"] == "no dwell times in this data"
+    assert rows[("RIB", "SKU+Activity")]["recall@20"] is None
+    markdown = (tmp_path / "accuracy.md").read_text()
+    assert "skipped: no activities in this data" in markdown
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError):
+        quick_settings(models=("GRU4Rec",))
+    with pytest.raises(ValueError):
+        quick_settings(data_types=("SKU+Click",))
+
+
+def test_cli_accuracy_subset(tmp_path):
+    result = CliRunner().invoke(
+        bench_accuracy_command,
+        ["--dataset", "synthetic", "--quick", "--models", "POP,S-KNN,RIB", "--data-types", "SKU,SKU+Micro", "--epochs", "1", "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
+    assert [(r["model"], r["data_type"]) for r in rows] == [("POP", "SKU"), ("S-KNN", "SKU"), ("RIB", "SKU"), ("RIB", "SKU+Micro")]
+    bad = CliRunner().invoke(bench_accuracy_command, ["--dataset", "synthetic", "--models", "NARM", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "unknown models" in bad.output
+
+
+def test_merge_parallel_runs(small_split, tmp_path):
+    from model.accuracy import merge_accuracy
+
+    run_accuracy(small_split, "s", tmp_path / "a", quick_settings(epochs=1, models=("RIB",), data_types=("SKU", "SKU+Micro")))
+    run_accuracy(small_split, "s", tmp_path / "b", quick_settings(epochs=1, models=("POP", "S-KNN")))
+    merged = merge_accuracy([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    assert [(r["model"], r["data_type"]) for r in merged["rows"]] == [("POP", "SKU"), ("S-KNN", "SKU"), ("RIB", "SKU"), ("RIB", "SKU+Micro")]
+    assert merged["best_baseline"]["recall@20"]["model"] in ("POP", "S-KNN")
+    assert all("recall@20_vs_best_baseline" in r for r in merged["rows"] if r["model"] == "RIB")
+    assert {d["a"] for d in merged["paired_diffs"]} == {"RIB SKU", "RIB SKU+Micro"}
+    assert (tmp_path / "m" / "accuracy.md").exists()
