@@ -1,0 +1,177 @@
+"""``rib-edge edge ...`` (device-side packages and recommendations) and ``rib-edge bench edge``.
+
+The lead registers them: ``main.add_command(edge_group)`` and ``bench.add_command(bench_edge_command)``.
+``edge verify`` / ``edge recommend`` / ``edge keygen`` import only the device modules (numpy, onnxruntime,
+cryptography); ``edge package`` and ``bench edge`` import torch inside the command.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from rib_edge.cli_common import echo_step, open_or_fail
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _package_error(err) -> click.ClickException:
+    exc = click.ClickException(f"package refused ({err.reason}): {err}")
+    exc.exit_code = 2
+    return exc
+
+
+public_key_option = click.option(
+    "--public-key",
+    "public_key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Ed25519 public key (PEM) the package must be signed with.",
+)
+
+
+@click.group("edge")
+def edge_group() -> None:
+    """On-device model packages: keys, packaging (export + int8 + sign), verification, recommendations."""
+
+
+@edge_group.command("keygen")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the key pair.")
+@click.option("--force", is_flag=True, help="Replace an existing key pair.")
+def keygen(out_dir: Path, force: bool) -> None:
+    """Write an Ed25519 signing key (0600) and its public key, both PEM."""
+    from edge_client.package import generate_keypair
+
+    try:
+        private, public = generate_keypair(out_dir, overwrite=force)
+    except FileExistsError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"private key: {private} (keep it off devices)\npublic key:  {public} (ship it with the app)")
+
+
+@edge_group.command("package")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="RIB checkpoint (rib.pt).")
+@click.option("--dataset", required=True, help="The dataset the checkpoint was trained on (vocabulary and popularity).")
+@click.option("--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="TOML mapping (generic files).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="New package directory.")
+@click.option("--key", "key", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="Ed25519 private key (PEM).")
+@click.option("--model-version", type=click.IntRange(min=1), default=None, help="Monotonic model version (default: Unix time).")
+@click.option("--fp32", is_flag=True, help="Ship fp32 graphs instead of int8.")
+@click.option("--per-tensor", is_flag=True, help="Per-tensor int8 weights instead of per-channel.")
+def package(checkpoint: Path, dataset: str, mapping: Path | None, out_dir: Path, key: Path, model_version: int | None, fp32: bool, per_tensor: bool) -> None:
+    """Export a checkpoint to ONNX (parity-checked), quantize to int8 and sign it as a device package."""
+    from edge_client.package import PackageError
+    from model.export import ExportError, build_package, popularity_from
+    from model.train import RIBRecommender
+
+    split = open_or_fail(dataset, mapping)
+    rec = RIBRecommender.load(checkpoint, device="cpu")
+    version = model_version or int(time.time())
+    echo_step(f"exporting {checkpoint} ({rec.rib_config.data_type}, {rec.rib_config.n_items} items) as version {version}")
+    try:
+        manifest = build_package(
+            rec.model, split.vocab, out_dir, key, version, popularity_from(split.train), int8=not fp32, per_channel=not per_tensor,
+            extra={"checkpoint": checkpoint.name, "dataset": dataset},
+        )
+    except (ExportError, FileExistsError) as err:
+        raise click.ClickException(str(err)) from err
+    except PackageError as err:
+        raise _package_error(err) from err
+    export = manifest.extra["export"]
+    click.echo(
+        f"wrote {out_dir}: model_version {manifest.model_version}, {manifest.precision}, "
+        f"{export['bytes'] / 2**20:.2f} MB graphs (fp32 {export['fp32_bytes'] / 2**20:.2f} MB); "
+        f"fp32 parity max abs diff full {export['full_max_abs_diff']:.2e}, step {export['step_max_abs_diff']:.2e}"
+    )
+
+
+@edge_group.command("verify")
+@click.argument("package_dir", type=click.Path(path_type=Path))
+@public_key_option
+@click.option("--installed-version", type=int, default=None, help="Refuse unless the package is newer than this.")
+def verify(package_dir: Path, public_key: Path, installed_version: int | None) -> None:
+    """Check a package's signature, manifest, files and version; prints the manifest (exit 2 if refused)."""
+    from edge_client.package import PackageError, verify_package
+
+    try:
+        manifest = verify_package(package_dir, public_key, installed_version)
+    except PackageError as err:
+        raise _package_error(err) from err
+    click.echo(json.dumps({"ok": True, **manifest.to_dict()}, indent=2))
+
+
+@edge_group.command("recommend")
+@click.option("--package", "package_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--events", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="Raw UI events, JSON lines.")
+@public_key_option
+@click.option("-k", "k", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", "device_id", default=None, help="Device whose latest session to use (default: the latest session of any device).")
+@click.option("--keep-seen", is_flag=True, help="Do not exclude items already in the session.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output with explanations.")
+def recommend(package_dir: Path, events: Path, public_key: Path, k: int, device_id: str | None, keep_seen: bool, as_json: bool) -> None:
+    """Run the device extractor on raw events and recommend for the latest session."""
+    from edge_client.extract import extract_population
+    from edge_client.package import PackageError
+    from edge_client.runtime import Recommender, format_recommendations, latest_session
+    from edge_client.schema import SkipReport, read_event_lines
+
+    try:
+        rec = Recommender(package_dir, public_key)
+    except PackageError as err:
+        raise _package_error(err) from err
+    report = SkipReport()
+    with open(events, "rb") as handle:
+        population = extract_population(read_event_lines(handle, report), report=report)
+    if device_id is not None:
+        population = {device_id: population.get(device_id, [])}
+    records = [r for device in population.values() for r in device]
+    session = latest_session(records)
+    recs = rec.recommend(session, k=k, exclude_seen=not keep_seen)
+    if as_json:
+        click.echo(json.dumps({"model_version": rec.model_version, "session_tuples": len(session), "skipped": dict(rec.stats),
+                               "events": report.to_dict(), "recommendations": format_recommendations(recs)}, indent=2))
+        return
+    session_id = session[0].session_id if session else "-"
+    click.echo(f"model v{rec.model_version}; session {session_id}: {len(session)} tuples; events: {report.summary()}")
+    if rec.stats:
+        click.echo(f"skipped tuples: {dict(rec.stats)}")
+    if recs and recs[0].explanation:
+        click.echo("attention over the session:")
+        for t in recs[0].explanation:
+            click.echo(f"  {t.weight:6.3f}  {t.item_id:>20s}  {t.activity:22s} dwell bucket {t.dwell_bucket}{'' if t.used else '  (skipped)'}")
+    for rank, r in enumerate(recs, start=1):
+        click.echo(f"{rank:3d}. {r.item_id:>20s}  {r.score:10.4f}  ({r.source})")
+
+
+def _load_bench_module():
+    # benchmarks/ is not an installed package (and a PyPI 'benchmarks' can shadow it): load by path.
+    path = REPO / "benchmarks" / "edge.py"
+    spec = importlib.util.spec_from_file_location("rib_edge_benchmarks_edge", path)
+    if spec is None or spec.loader is None:
+        raise click.ClickException(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@click.command("edge")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results/edge"), show_default=True)
+@click.option("--items", "n_items", default=100_000, show_default=True, help="Catalogue size of the random-weight model.")
+@click.option("--seq-len", default=50, show_default=True)
+@click.option("--repeats", default=500, show_default=True, help="Timed runs per latency figure.")
+@click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--epochs", default=10, show_default=True, help="Training epochs of the synthetic model.")
+@click.option("--skip-trained", is_flag=True, help="Only the random-weight model.")
+def bench_edge_command(out_dir: Path, n_items: int, seq_len: int, repeats: int, threads: int, epochs: int, skip_trained: bool) -> None:
+    """int8 vs fp32 ONNX: latency (full session, incremental step), size, top-20 agreement; extraction, RSS."""
+    bench = _load_bench_module()
+    result = bench.run_edge_bench(out_dir, n_items=n_items, seq_len=seq_len, repeats=repeats, threads=threads,
+                                  trained=not skip_trained, epochs=epochs, progress=echo_step)
+    click.echo(bench.markdown(result))
+    click.echo(f"wrote {out_dir / 'edge.json'} and {out_dir / 'edge.md'}")

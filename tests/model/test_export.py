@@ -1,0 +1,155 @@
+"""ONNX export of RIB: fp32 parity with torch (full graph and step by step), int8 top-20 agreement, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.export import (
+    ExportError,
+    FullSession,
+    _session,
+    build_package,
+    check_exportable,
+    export_onnx,
+    feed_for,
+    popularity_from,
+    quantize_int8,
+    real_prefixes,
+    run_steps,
+    topk_agreement,
+)
+from model.rib import RIB, RIBConfig
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small RIB trained for a few epochs on the synthetic population (seconds)."""
+    from model.data.open import open_dataset
+    from model.train import TrainConfig, rib_config_for, train_rib
+
+    split = open_dataset("synthetic")
+    tc = TrainConfig(epochs=6, min_steps=0, patience=10, w2v_init=False)
+    rec, _ = train_rib(split.train, rib_config_for(split.train, hidden_dim=64), tc, progress=False)
+    return rec.model.eval(), split
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    model, _ = trained
+    return export_onnx(model, tmp_path_factory.mktemp("onnx"))
+
+
+def test_fp32_full_and_step_parity_with_torch(exported):
+    assert exported.full_max_abs_diff < 1e-4
+    assert exported.step_max_abs_diff < 1e-4
+
+
+def test_step_by_step_equals_full_graph_on_real_prefixes(trained, exported):
+    model, split = trained
+    full, step = _session(exported.full), _session(exported.step)
+    for items, activities, dwell in real_prefixes(split.test, model.config.max_len, n=10):
+        step_scores, _, step_weights = run_steps(step, model.config.hidden_dim, items, activities, dwell)
+        feed = {"items": items[None], "activities": activities[None], "dwell": dwell[None], "lengths": np.array([len(items)])}
+        scores, weights = full.run(None, feed_for(full, feed))
+        assert np.abs(step_scores[-1] - scores[0]).max() < 1e-4
+        assert np.abs(step_weights - weights[0]).max() < 1e-5
+        with torch.no_grad():
+            ref = model(*(torch.from_numpy(a[None]) for a in (items, activities, dwell)), torch.ones(1, len(items), dtype=torch.bool))
+            all_prefixes = model.forward_all(*(torch.from_numpy(a[None]) for a in (items, activities, dwell)), torch.ones(1, len(items), dtype=torch.bool))
+        assert np.abs(scores[0] - ref[0].numpy()).max() < 1e-4
+        assert np.abs(step_scores - all_prefixes[0].numpy()).max() < 1e-4
+
+
+def test_full_graph_padded_batch_and_dynamic_length(trained, exported):
+    model, _ = trained
+    full = _session(exported.full)
+    g = torch.Generator().manual_seed(3)
+    for length in (1, 5, 50):
+        items = torch.randint(1, model.config.n_items + 1, (3, length), generator=g)
+        acts = torch.randint(0, model.config.n_activities, (3, length), generator=g)
+        dwell = torch.randint(0, model.config.n_dwell, (3, length), generator=g)
+        lengths = torch.tensor([length, max(1, length // 2), 1])
+        mask = torch.arange(length)[None] < lengths[:, None]
+        items, acts, dwell = (torch.where(mask, x, torch.zeros_like(x)) for x in (items, acts, dwell))
+        with torch.no_grad():
+            ref = model(items, acts, dwell, mask).numpy()
+            ref_w = model.attention_weights(items, acts, dwell, mask).numpy()
+        scores, weights = full.run(None, feed_for(full, {"items": items.numpy(), "activities": acts.numpy(), "dwell": dwell.numpy(), "lengths": lengths.numpy()}))
+        assert np.abs(scores - ref).max() < 1e-4
+        assert np.abs(weights - ref_w).max() < 1e-5
+        assert np.allclose(weights.sum(1), 1.0, atol=1e-5)
+
+
+def test_int8_top20_agreement(trained, exported, tmp_path):
+    model, split = trained
+    full8 = quantize_int8(exported.full, tmp_path / "full8.onnx")
+    prefixes = real_prefixes(split.test, model.config.max_len, n=200)
+    agreement = topk_agreement(exported.full, full8, prefixes, k=20)
+    print(f"int8 vs fp32 top-20 agreement on {len(prefixes)} real prefixes: {agreement:.4f}")
+    assert agreement >= 0.9
+    assert full8.stat().st_size < exported.full.stat().st_size
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"use_attention": False},
+        {"use_activity": False, "use_dwell": False},
+        {"attention_micro": True},
+        {"loss": "sampled"},
+        {"copy": True},
+        {"copy": False},
+        {"copy": True, "use_attention": False, "attention_micro": True},
+    ],
+)
+def test_parity_other_exportable_configs(overrides, tmp_path):
+    torch.manual_seed(0)
+    try:
+        config = RIBConfig(n_items=40, hidden_dim=16, item_dim=8, **overrides)
+    except TypeError:
+        pytest.skip(f"this RIBConfig has no {overrides}")
+    model = RIB(config)
+    if getattr(model, "copy_gate", None) is not None:
+        torch.nn.init.constant_(model.copy_gate.bias, 3.0)  # a copy term that moves the ranking
+    result = export_onnx(model, tmp_path)  # raises ExportError on a parity failure
+    assert result.full_max_abs_diff < 1e-4 and result.step_max_abs_diff < 1e-4
+
+
+def test_refuses_configs_it_cannot_export(tmp_path):
+    with pytest.raises(ExportError, match="paper"):
+        check_exportable(RIBConfig(n_items=10, loss="paper"))
+    with pytest.raises(ExportError):
+        FullSession(RIB(RIBConfig(n_items=10, loss="paper")))
+
+
+
+def test_refuses_a_model_whose_forward_the_graphs_do_not_follow(tmp_path, monkeypatch):
+    model = RIB(RIBConfig(n_items=20, hidden_dim=8, item_dim=8))
+    original = RIB.forward
+    monkeypatch.setattr(RIB, "forward", lambda self, *a: original(self, *a) + 1.0)
+    with pytest.raises(ExportError, match="parity"):
+        export_onnx(model, tmp_path)
+
+
+def test_refuses_unknown_config_fields_off_default():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class FutureConfig(RIBConfig):
+        new_trick: bool = False
+
+    check_exportable(FutureConfig(n_items=10))
+    with pytest.raises(ExportError, match="new_trick"):
+        check_exportable(FutureConfig(n_items=10, new_trick=True))
+
+
+def test_build_package_refuses_mismatched_vocab(trained, tmp_path):
+    from edge_client.package import generate_keypair
+
+    model, split = trained
+    private, _ = generate_keypair(tmp_path / "keys")
+    other = RIB(RIBConfig(n_items=model.config.n_items + 1))
+    with pytest.raises(ExportError, match="items"):
+        build_package(other, split.vocab, tmp_path / "pkg", private, 1, popularity_from(split.train))
