@@ -14,37 +14,9 @@ from pathlib import Path
 import click
 
 from edge_client.schema import SchemaError
-
-DATASET_HELP = (
-    "'synthetic', a shared dataset name (see `rib-edge data list`), a generic interactions CSV/Parquet "
-    "file, or a directory in SR-GNN format."
-)
-
-
-def _echo_step(message: str) -> None:
-    click.echo(f"[{time.strftime('%H:%M:%S')}] {message}")
-
-
-def _fail(err: Exception) -> None:
-    raise click.ClickException(str(err)) from err
-
-
-def _open(dataset: str, mapping: Path | None, refresh: bool = False, min_item_support: int | None = None):
-    from model.data.open import open_dataset
-
-    try:
-        return open_dataset(dataset, mapping=mapping, refresh=refresh, min_item_support=min_item_support)
-    except (SchemaError, FileNotFoundError, ValueError) as err:
-        _fail(err)
-
+from rib_edge.cli_common import DATASET_HELP, echo_step, mapping_option, open_or_fail, support_option
 
 dataset_option = click.option("--dataset", "dataset", required=True, help=DATASET_HELP)
-support_option = click.option(
-    "--min-item-support", type=click.IntRange(min=1), default=None, help="Override the protocol's item-support filter (default 5)."
-)
-mapping_option = click.option(
-    "--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="TOML mapping actions to activities (generic files)."
-)
 
 
 @click.group()
@@ -63,9 +35,9 @@ def quickstart(out_dir: Path, devices: int, seed: int) -> None:
     from rib_edge.quickstart import run_quickstart
 
     try:
-        summary = run_quickstart(out_dir, n_devices=devices, seed=seed, progress=_echo_step)
+        summary = run_quickstart(out_dir, n_devices=devices, seed=seed, progress=echo_step)
     except SchemaError as err:
-        _fail(err)
+        raise click.ClickException(str(err)) from err
     click.echo(summary)
 
 
@@ -99,7 +71,7 @@ def data_list() -> None:
 def data_prepare(dataset: str, mapping: Path | None, min_item_support: int | None, refresh: bool) -> None:
     """Load DATASET through the protocol (cached) and print its counts."""
     started = time.perf_counter()
-    split = _open(dataset, mapping, refresh, min_item_support)
+    split = open_or_fail(dataset, mapping, refresh, min_item_support)
     click.echo(json.dumps({"train": split.info.get("train"), "test": split.info.get("test"), "seconds": round(time.perf_counter() - started, 2)}, indent=2))
 
 
@@ -112,7 +84,7 @@ def data_stats(dataset: str, mapping: Path | None, out_dir: Path | None, min_ite
     """The paper's Section-3 views of DATASET: counts, activity and dwell distributions, conversion rates."""
     from model.analysis import format_stats, write_stats
 
-    split = _open(dataset, mapping, min_item_support=min_item_support)
+    split = open_or_fail(dataset, mapping, min_item_support=min_item_support)
     out_dir = out_dir or Path("benchmarks/results/stats") / Path(dataset).name
     stats = write_stats(split, out_dir, Path(dataset).name)
     click.echo(format_stats(stats))
@@ -144,7 +116,7 @@ def data_extract(events: Path, out_path: Path) -> None:
     try:
         frame = events_to_frame(read_events_file(events, parsed), report=extracted)
     except SchemaError as err:
-        _fail(err)
+        raise click.ClickException(str(err)) from err
     out_path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out_path, index=False)
     click.echo(f"parse: {parsed.summary()}\nextract: {extracted.summary()}\nwrote {len(frame)} tuples to {out_path}")
@@ -173,9 +145,9 @@ def bench_baselines(dataset: str, mapping: Path | None, out_dir: Path | None, mo
     unknown = [m for m in names if m not in BASELINES]
     if unknown:
         raise click.BadParameter(f"unknown model(s) {unknown}; choose from {list(BASELINES)}", param_hint="--models")
-    split = _open(dataset, mapping, min_item_support=min_item_support)
-    _echo_step(f"{dataset}: {split.train.n_sessions} train / {split.test.n_sessions} test sessions, {split.vocab.n_items} items")
-    rows, _ = run_models(split, {name: BASELINES[name] for name in names}, progress=_echo_step)
+    split = open_or_fail(dataset, mapping, min_item_support=min_item_support)
+    echo_step(f"{dataset}: {split.train.n_sessions} train / {split.test.n_sessions} test sessions, {split.vocab.n_items} items")
+    rows, _ = run_models(split, {name: BASELINES[name] for name in names}, progress=echo_step)
     out_dir = out_dir or Path("benchmarks/results") / Path(dataset).name
     json_path, md_path = write_bench(out_dir, "baselines", dataset, split, rows)
     click.echo(markdown_table(rows))
@@ -183,11 +155,16 @@ def bench_baselines(dataset: str, mapping: Path | None, out_dir: Path | None, mo
 
 
 # ------------------------------------------------------------------------------------------------
-# Model commands live beside the CLI in rib_edge/cli_model.py; they import torch only when run.
-from rib_edge.cli_model import eval_command, train_command  # noqa: E402
+# Model and device commands live beside this file; each imports torch / onnxruntime only when run.
+from rib_edge.cli_edge import bench_edge_command, edge_group  # noqa: E402
+from rib_edge.cli_model import bench_accuracy_command, case_study_command, eval_command, train_command  # noqa: E402
 
 main.add_command(train_command)
 main.add_command(eval_command)
+main.add_command(case_study_command)
+main.add_command(edge_group)
+bench.add_command(bench_accuracy_command)
+bench.add_command(bench_edge_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

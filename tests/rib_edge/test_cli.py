@@ -65,5 +65,11 @@ def test_quickstart_end_to_end(runner, tmp_path):
     summary = json.loads((tmp_path / "quickstart.json").read_text())
     assert summary["tuples"] > 0 and summary["test"]["examples"] > 0
     assert len(summary["example_recommendation"]["top5"]) == 5
+    assert {row["data_type"] for row in summary["models"] if row["model"] == "RIB"} == {"SKU", "SKU+Micro"}
+    # The on-device step used a signed package that the device-side verifier accepts.
+    from edge_client.package import verify_package
+
+    manifest = verify_package(tmp_path / "package", summary["package"]["public_key"])
+    assert manifest.model_version == summary["package"]["model_version"] == 1
     assert (tmp_path / "stats" / "stats.json").exists()
     assert any(p.suffix == ".png" for p in (tmp_path / "stats").iterdir())
