@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from rib_edge.cli_common import echo_step, open_or_fail
+from rib_edge.cli_common import echo_step, mapping_option, open_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def keygen(out_dir: Path, force: bool) -> None:
 @edge_group.command("package")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="RIB checkpoint (rib.pt).")
 @click.option("--dataset", required=True, help="The dataset the checkpoint was trained on (vocabulary and popularity).")
-@click.option("--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="TOML mapping (generic files).")
+@mapping_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="New package directory.")
 @click.option("--key", "key", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="Ed25519 private key (PEM).")
 @click.option("--model-version", type=click.IntRange(min=1), default=None, help="Monotonic model version (default: Unix time).")

@@ -1,35 +1,18 @@
-"""``rib-edge train`` and ``rib-edge eval``: thin click wrappers around model/train.py.
+"""``rib-edge train``, ``eval``, ``case-study`` and ``bench accuracy``: thin wrappers around model/.
 
-The lead registers them on the main group (``main.add_command(train_command)``, ``eval_command``).
-torch and pandas are imported inside the commands so ``rib-edge --help`` stays instant.
+rib_edge/cli.py registers them. torch and pandas are imported inside the commands so ``rib-edge --help`` stays instant.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import click
 
-from edge_client.schema import SchemaError
+from rib_edge.cli_common import DATASET_HELP, echo_step, mapping_option, open_or_fail
 
 DATA_TYPE_NAMES = ("SKU", "SKU+Activity", "SKU+Dwell", "SKU+Micro")
-DATASET_HELP = "'synthetic', a shared dataset name, a generic interactions CSV/Parquet file, or an SR-GNN directory."
-
-
-def _echo_step(message: str) -> None:
-    click.echo(f"[{time.strftime('%H:%M:%S')}] {message}")
-
-
-def _open(dataset: str, mapping: Path | None):
-    from model.data.open import open_dataset
-
-    try:
-        return open_dataset(dataset, mapping=mapping)
-    except (SchemaError, FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from err
-
 
 def _metric_lines(result) -> list[str]:
     lines = []
@@ -41,7 +24,7 @@ def _metric_lines(result) -> list[str]:
 
 @click.command("train")
 @click.option("--dataset", required=True, help=DATASET_HELP)
-@click.option("--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="TOML mapping actions to activities (generic files).")
+@mapping_option
 @click.option("--data-type", type=click.Choice(DATA_TYPE_NAMES), default="SKU+Micro", show_default=True, help="Which tuple fields the model sees (paper Section 5.1).")
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the checkpoint rib.pt and history.json.")
@@ -76,7 +59,7 @@ def train_command(
     """Train RIB on a dataset's training split (validation = end of the training period)."""
     from model.train import TrainConfig, rib_config_for, train_rib
 
-    split = _open(dataset, mapping)
+    split = open_or_fail(dataset, mapping)
     train = split.train
     if data_type in ("SKU+Activity", "SKU+Micro") and not train.has_activity:
         click.echo(f"note: {dataset} has no activity field; the activity embedding sees one constant value")
@@ -86,14 +69,14 @@ def train_command(
     train_config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_threads=threads, checkpoint_dir=str(out_dir), device=device
     )
-    _echo_step(f"training {'RIB-Attention' if no_attention else 'RIB'} ({data_type}, {loss} loss) on {train.n_sessions} sessions")
+    echo_step(f"training {'RIB-Attention' if no_attention else 'RIB'} ({data_type}, {loss} loss) on {train.n_sessions} sessions")
     try:
         rec, history = train_rib(train, rib_config, train_config, progress=True)
     except (ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
     (out_dir / "history.json").write_text(json.dumps(rec.checkpoint()["history"], indent=2))
     best = history.get("best_val_recall@20")
-    _echo_step(
+    echo_step(
         f"best epoch {history['best_epoch']}"
         + (f", validation recall@20 {best:.4f}" if best is not None else "")
         + f"; {history['sessions_per_s']:.0f} sessions/s, {history['total_seconds']:.1f}s, peak RSS {history['peak_rss_mb']:.0f} MB"
@@ -103,7 +86,7 @@ def train_command(
 
 @click.command("eval")
 @click.option("--dataset", required=True, help=DATASET_HELP)
-@click.option("--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="TOML mapping actions to activities (generic files).")
+@mapping_option
 @click.option("--checkpoint", "checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="rib.pt written by `rib-edge train`.")
 @click.option("--device", default=None, help="auto, cpu or cuda (env RIB_EDGE_DEVICE overrides).")
 def eval_command(dataset: str, mapping: Path | None, checkpoint: Path, device: str | None) -> None:
@@ -111,7 +94,7 @@ def eval_command(dataset: str, mapping: Path | None, checkpoint: Path, device: s
     from model.evaluate import evaluate
     from model.train import load_checkpoint
 
-    split = _open(dataset, mapping)
+    split = open_or_fail(dataset, mapping)
     try:
         rec = load_checkpoint(checkpoint, device=device)
     except (ValueError, RuntimeError, KeyError) as err:
@@ -132,7 +115,7 @@ def _split_csv(value: str | None) -> list[str] | None:
 
 @click.command("accuracy")
 @click.option("--dataset", required=True, help=DATASET_HELP)
-@click.option("--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="TOML mapping actions to activities (generic files).")
+@mapping_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output directory [default: benchmarks/results/accuracy/<dataset>].")
 @click.option("--models", default=None, help="Comma-separated subset of: POP,BPR-MF,Item-KNN,SR,S-KNN,V-SKNN,STAN,Word2vec,Word2vec-Avg,RIB-Attention,RIB.")
 @click.option("--data-types", default=None, help="Comma-separated subset of RIB data types: SKU,SKU+Activity,SKU+Dwell,SKU+Micro.")
@@ -166,9 +149,9 @@ def bench_accuracy_command(
         )
     except ValueError as err:
         raise click.ClickException(str(err)) from err
-    split = _open(dataset, mapping)
+    split = open_or_fail(dataset, mapping)
     out_dir = out_dir or Path("benchmarks/results/accuracy") / Path(dataset).name
-    payload = run_accuracy(split, dataset, out_dir, settings, progress=_echo_step)
+    payload = run_accuracy(split, dataset, out_dir, settings, progress=echo_step)
     for row in payload["rows"]:
         if row.get("skipped"):
             click.echo(f"{row['model']:14s} {row['data_type']:13s} skipped: {row['skipped']}")
@@ -179,7 +162,7 @@ def bench_accuracy_command(
 
 @click.command("case-study")
 @click.option("--dataset", required=True, help=DATASET_HELP)
-@click.option("--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="TOML mapping actions to activities (generic files).")
+@mapping_option
 @click.option("--checkpoint", "checkpoints", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="rib.pt of a RIB model (with attention); repeat once per data type (SKU, SKU+Activity, SKU+Dwell, SKU+Micro).")
 @click.option("--session", type=int, default=None, help="Test session index [default: a 6-14 tuple session with varied activities].")
@@ -188,7 +171,7 @@ def case_study_command(dataset: str, mapping: Path | None, checkpoints: tuple[Pa
     """Figure-8 case study: attention weight of every tuple of one test session, per data type (text + PNG)."""
     from model.case_study import case_study, case_study_text, write_case_study
 
-    split = _open(dataset, mapping)
+    split = open_or_fail(dataset, mapping)
     try:
         study = case_study(split.test, checkpoints, session)
     except (ValueError, RuntimeError, KeyError) as err:
