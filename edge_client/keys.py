@@ -61,7 +61,8 @@ class KeyProvider(Protocol):
         ...
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory so a rename or unlink inside it survives a crash (best effort)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -109,7 +110,7 @@ class KeyFileProvider:
             pass
         finally:
             os.unlink(tmp)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def _read(self) -> bytes:
         try:
@@ -152,7 +153,7 @@ class KeyFileProvider:
                     os.close(fd)
         finally:
             os.unlink(self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
 
 def keyring_available() -> bool:

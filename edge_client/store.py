@@ -48,7 +48,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from edge_client.keys import KeyProvider, KeyProviderError, default_key_provider
+from edge_client.keys import KeyProvider, KeyProviderError, default_key_provider, fsync_dir
 from edge_client.schema import MAX_TIMESTAMP_MS, MicroBehavior, SchemaError
 
 SEGMENT_MAGIC = b"RIBSEG01"
@@ -117,17 +117,6 @@ def _segment_name(segment_id: int) -> str:
     return f"seg-{segment_id:010d}.rseg"
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -146,7 +135,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _encode_str(value: object, name: str) -> bytes:
@@ -372,7 +361,7 @@ class TupleStore:
                 with contextlib.suppress(OSError):
                     os.unlink(self._segment_path(seg.id))
             raise
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._sealed, self._active, self._next_id = new_sealed, None, next_id
         self._write_manifest()
         keep_names = {self._segment_path(seg.id) for seg in new_sealed}
@@ -380,7 +369,7 @@ class TupleStore:
             if path not in keep_names:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._reset_active()
         return dropped
 
@@ -419,7 +408,7 @@ class TupleStore:
             for entry in doomed:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.directory / entry)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             with contextlib.suppress(OSError):
                 self.directory.rmdir()  # only when empty
         self._erased = True

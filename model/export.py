@@ -149,8 +149,8 @@ class _Copy(nn.Module):
         return logits.scatter_add(-1, items, amounts)
 
 
-class FullSession(nn.Module):
-    """The full-session graph (see module docstring)."""
+class _ExportedRIB(nn.Module):
+    """The trained RIB's parts, shared by both exported graphs."""
 
     def __init__(self, model: RIB) -> None:
         super().__init__()
@@ -161,6 +161,10 @@ class FullSession(nn.Module):
         self.scorer = _Scorer(model) if self.use_attention else None
         self.out = model.out
         self.copy = _Copy(model) if uses_copy(model.config) else None
+
+
+class FullSession(_ExportedRIB):
+    """The full-session graph (see module docstring)."""
 
     def forward(self, items, activities, dwell, lengths):
         embedded, micro = self.embed(items, activities, dwell)
@@ -179,18 +183,8 @@ class FullSession(nn.Module):
         return logits, weights
 
 
-class IncrementalStep(nn.Module):
+class IncrementalStep(_ExportedRIB):
     """The incremental step graph (see module docstring)."""
-
-    def __init__(self, model: RIB) -> None:
-        super().__init__()
-        _check_module(model)
-        self.embed = _Embed(model)
-        self.gru = model.gru
-        self.use_attention = model.config.use_attention
-        self.scorer = _Scorer(model) if self.use_attention else None
-        self.out = model.out
-        self.copy = _Copy(model) if uses_copy(model.config) else None
 
     def forward(self, item, activity, dwell, hidden, run_max, run_den, run_num, keys=None, past_items=None):
         embedded, micro = self.embed(item[:, None], activity[:, None], dwell[:, None])
