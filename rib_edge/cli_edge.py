@@ -148,6 +148,42 @@ def recommend(package_dir: Path, events: Path, public_key: Path, k: int, device_
         click.echo(f"{rank:3d}. {r.item_id:>20s}  {r.score:10.4f}  ({r.source})")
 
 
+@edge_group.command("serve")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Encrypted tuple store directory.")
+@click.option("--package", "package_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@public_key_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless --allow-remote).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--device", "device_id", default="local", show_default=True, help="This device's id.")
+@click.option("--pages", "pages_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Directory of pages to serve at / (e.g. examples/kiosk).")
+@click.option("--allow-remote", is_flag=True, help="Allow a non-loopback bind (exposes the device's events).")
+def serve(store_dir: Path, package_dir: Path, public_key: Path, host: str, port: int, device_id: str, pages_dir: Path | None, allow_remote: bool) -> None:
+    """Serve the local HTTP endpoints (/events, /recommendations, /tracker.js) until interrupted."""
+    from edge_client.client import EdgeClient
+    from edge_client.package import PackageError
+    from edge_client.server import serve as start_server
+
+    try:
+        client = EdgeClient(store_dir, package_dir, public_key, device_id=device_id)
+    except PackageError as err:
+        raise _package_error(err) from err
+    try:
+        server = start_server(client, host=host, port=port, allow_remote=allow_remote, pages_dir=pages_dir)
+    except (ValueError, OSError) as err:
+        client.close()
+        raise click.ClickException(str(err)) from err
+    click.echo(f"serving {server.url} (model v{client.recommender.model_version}); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        client.close()
+
+
 def _load_bench_module():
     # benchmarks/ is not an installed package (and a PyPI 'benchmarks' can shadow it): load by path.
     path = REPO / "benchmarks" / "edge.py"
