@@ -6,7 +6,6 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from model.accuracy import (
@@ -22,13 +21,7 @@ from model.data.open import synthetic_split
 from model.data.synthetic import SyntheticConfig
 from rib_edge.cli_model import bench_accuracy_command
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from model.case_study import case_study, case_study_text, pick_session, session_prefix, write_case_study
@@ -16,12 +15,7 @@ from rib_edge.cli_model import case_study_command
 TINY = dict(item_dim=16, activity_dim=4, dwell_dim=4, hidden_dim=24, max_len=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

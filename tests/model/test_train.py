@@ -32,13 +32,7 @@ TINY = dict(item_dim=16, activity_dim=4, dwell_dim=4, hidden_dim=32)
 FAST = TrainConfig(epochs=2, batch_size=64, lr=5e-3, val_fraction=0.1, patience=1, w2v_epochs=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest and leaves the other core to parallel test workers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
