@@ -17,7 +17,8 @@ from pathlib import Path
 
 from edge_client.schema import RIB_ACTIVITY_VOCAB, SkipReport
 from model.data.events import events_to_frame, read_events_file, write_events_file
-from model.data.protocol import ProtocolConfig, build_split
+from model.data.open import SYNTHETIC_PROTOCOL
+from model.data.protocol import build_split
 from model.data.synthetic import SyntheticConfig, generate_population
 
 # Baselines fast enough for a first run on 2 cores (BPR-MF is in `rib-edge bench baselines`).
@@ -41,10 +42,11 @@ def run_quickstart(
     progress(f"1/8 raw UI events: {count} events from {n_devices} simulated devices -> {events_path}")
 
     parsed, extracted = SkipReport(), SkipReport()
-    frame = events_to_frame(read_events_file(events_path, parsed), report=extracted)
+    events = read_events_file(events_path, parsed)
+    frame = events_to_frame(events, report=extracted)
     progress(f"2/8 device extraction: {len(frame)} micro-behavior tuples (parse: {parsed.summary()}; extract: {extracted.summary()})")
 
-    split = build_split(frame, "synthetic", RIB_ACTIVITY_VOCAB, ProtocolConfig(test_fraction=0.2))
+    split = build_split(frame, "synthetic", RIB_ACTIVITY_VOCAB, SYNTHETIC_PROTOCOL)
     split.save(out_dir / "split.npz")
     train, test = split.info["train"], split.info["test"]
     progress(
@@ -87,7 +89,7 @@ def run_quickstart(
 
     session_key = str(split.test.session_ids[0])
     device_id, session_id = session_key.split("/", 1)
-    device_events = [e for e in read_events_file(events_path) if e.device_id == device_id]
+    device_events = [e for e in events if e.device_id == device_id]
     session = [mb for mb in extract_population(device_events)[device_id] if mb.session_id == session_id]
     last_visit_start = max(i for i in range(len(session)) if i == 0 or session[i].item_id != session[i - 1].item_id)
     history, actual_next = session[:last_visit_start], session[last_visit_start].item_id
