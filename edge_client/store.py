@@ -5,6 +5,8 @@ Layout of a store directory (mode 0700)::
     MANIFEST             encrypted list of live segments (atomically replaced: temp + fsync + rename)
     seg-0000000001.rseg  segment files; only the manifest's *active* segment is ever appended to
     store.key            the key when no OS keyring is used (mode 0600, see ``edge_client.keys``)
+    blob-<name>.rblob    small named documents (e.g. the privacy ledger), AES-GCM under the store key,
+                         bound to their name; replaced atomically (``write_blob`` / ``read_blob``)
 
 Segment file: a 60-byte header ``MAGIC(8) | segment id(u64) | key id(16) | nonce(12) | tag(16)`` (the tag
 authenticates the header), then frames. One frame per ``append`` (split above ``MAX_FRAME_RECORDS``)::
@@ -71,6 +73,10 @@ DEFAULT_SEGMENT_BYTES = 4 * 1024 * 1024
 DEFAULT_RETENTION_DAYS = 90.0
 DAY_MS = 86_400_000
 _SEGMENT_RE = re.compile(r"^seg-(\d{10})\.rseg$")
+BLOB_MAGIC = b"RIBBLB01"
+_BLOB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_BLOB_FILE_RE = re.compile(r"^blob-[a-z0-9][a-z0-9_.-]{0,63}\.rblob$")
+MAX_BLOB_BYTES = 16 * 1024 * 1024
 
 
 class StoreError(RuntimeError):
@@ -390,6 +396,41 @@ class TupleStore:
             return 0
         return self.compact(lambda rec: rec.timestamp_ms >= cutoff)
 
+    def write_blob(self, name: str, data: bytes) -> None:
+        """Durably replace the named blob with ``data``, encrypted and bound to its name (temp + fsync + rename)."""
+        path = self._blob_path(name)
+        if len(data) > MAX_BLOB_BYTES:
+            raise ValueError(f"blob {name!r} is {len(data)} bytes; the limit is {MAX_BLOB_BYTES}")
+        self._open(create=True)
+        assert self._aead is not None
+        nonce = os.urandom(NONCE_BYTES)
+        head = BLOB_MAGIC + self._key_id
+        sealed = self._aead.encrypt(nonce, bytes(data), head + name.encode())
+        _atomic_write(path, head + nonce + sealed)
+
+    def read_blob(self, name: str) -> bytes | None:
+        """The named blob's bytes, or None when it was never written; ``StoreTamperError`` if it does not verify."""
+        path = self._blob_path(name)
+        self._open(create=False)
+        if self._aead is None or not path.exists():
+            return None
+        raw = path.read_bytes()
+        head_len = len(BLOB_MAGIC) + KEY_ID_BYTES
+        if len(raw) > MAX_BLOB_BYTES + head_len + NONCE_BYTES + TAG_BYTES or len(raw) < head_len + NONCE_BYTES + TAG_BYTES:
+            raise StoreTamperError(path, "not a rib-edge store blob (bad size)")
+        if not raw.startswith(BLOB_MAGIC) or not hmac.compare_digest(raw[len(BLOB_MAGIC) : head_len], self._key_id):
+            raise StoreTamperError(path, "blob header does not match this store")
+        nonce, sealed = raw[head_len : head_len + NONCE_BYTES], raw[head_len + NONCE_BYTES :]
+        try:
+            return self._aead.decrypt(nonce, sealed, raw[:head_len] + name.encode())
+        except InvalidTag as err:
+            raise StoreTamperError(path, "blob does not authenticate (edited, swapped or renamed)") from err
+
+    def _blob_path(self, name: str) -> Path:
+        if not isinstance(name, str) or not _BLOB_NAME_RE.match(name):
+            raise ValueError(f"blob names are 1-64 chars of [a-z0-9_.-], got {name!r}")
+        return self.directory / f"blob-{name}.rblob"
+
     def erase(self) -> None:
         """Crypto-shred: destroy the key (overwrite + delete), then remove manifest and segments.
 
@@ -403,7 +444,7 @@ class TupleStore:
             raise StoreKeyError(f"could not destroy the store key: {err}") from err
         if self.directory.is_dir():
             entries = os.listdir(self.directory)
-            doomed = [e for e in entries if _SEGMENT_RE.match(e) or e.endswith(".tmp")]
+            doomed = [e for e in entries if _SEGMENT_RE.match(e) or _BLOB_FILE_RE.match(e) or e.endswith(".tmp")]
             doomed += [e for e in entries if e == MANIFEST_NAME]  # last: no "segments without manifest"
             for entry in doomed:
                 with contextlib.suppress(FileNotFoundError):
