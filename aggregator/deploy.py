@@ -1,0 +1,261 @@
+"""Flower's deployment engine for rib-edge: a real SuperLink, real SuperNodes, runs submitted with ``flwr run``.
+
+- ``superlink_command``: ``flower-superlink`` with TLS when certificates are given (else ``--insecure``,
+  for loopback tests only) and WITHOUT runtime dependency installation: by default the SuperLink would
+  ``uv sync`` the app's dependencies, which resolves a CUDA torch from PyPI; the app runs in the
+  environment rib-edge is installed in.
+- ``supernode_command``: ``flower-supernode`` for one device; its node config names the device's store
+  (``device-dir``) and its installed signed package (``package-dir`` + ``public-key``) — the ClientApp
+  reads nothing else.
+- ``submit_run``: ``flwr run <app> <connection>`` with a private ``FLWR_HOME`` whose ``config.toml`` names
+  the SuperLink, so nothing is written to the user's ``~/.flwr``.
+- ``Deployment``: starts and stops those processes (a context manager; every process it starts is
+  terminated on exit, SIGKILL after a grace period).
+
+TLS (see README "Federated deployment"): make a CA and a server certificate whose SAN covers the
+SuperLink's address; give the SuperLink ``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile`` and every
+SuperNode and ``flwr run`` the CA as root certificate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for TLS between SuperLink, SuperNodes and the CLI."""
+
+    ca_cert: Path
+    server_cert: Path | None = None
+    server_key: Path | None = None
+
+    def check(self, server: bool) -> None:
+        """Fail early with the missing file's name."""
+        needed = [self.ca_cert] + ([self.server_cert, self.server_key] if server else [])
+        for path in needed:
+            if path is None or not Path(path).is_file():
+                raise FileNotFoundError(f"TLS file not found: {path}")
+
+
+def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower's executables: this interpreter's bin dir first on PATH (the SuperLink and
+    SuperNodes start ``flower-superexec`` and the apps by name)."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **(extra or {})}
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def free_port() -> int:
+    """An unused loopback TCP port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def superlink_command(
+    port: int, host: str = "127.0.0.1", database: str | None = None, tls: TLSFiles | None = None
+) -> list[str]:
+    """Command line of a SuperLink serving Fleet, Control and Runtime APIs on ``host:port``."""
+    command = [
+        _bin("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    if database:
+        command += ["--database", database]
+    if tls is None:
+        command.append("--insecure")
+    else:
+        tls.check(server=True)
+        command += [
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+        ]
+    return command
+
+
+def node_config_arg(node_config: dict[str, object]) -> str:
+    """Flower's ``--node-config`` syntax: space-separated key=value, strings quoted."""
+    parts = []
+    for key, value in node_config.items():
+        if isinstance(value, str | Path):
+            text = str(value)
+            if '"' in text or " " in text:
+                raise ValueError(f"node config value {text!r} may not contain spaces or quotes")
+            parts.append(f'{key}="{text}"')
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def supernode_command(
+    superlink: str,
+    node_config: dict[str, object],
+    port: int,
+    tls: TLSFiles | None = None,
+    max_wait_s: float = 120.0,
+) -> list[str]:
+    """Command line of a SuperNode for one device."""
+    command = [
+        _bin("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--port",
+        str(port),
+        "--node-config",
+        node_config_arg(node_config),
+        "--max-wait-time",
+        str(max_wait_s),
+    ]
+    if tls is None:
+        command.append("--insecure")
+    else:
+        tls.check(server=False)
+        command += ["--root-certificates", str(tls.ca_cert)]
+    return command
+
+
+def write_flwr_home(
+    flwr_home: Path, superlink: str, tls: TLSFiles | None = None, name: str = "rib-edge"
+) -> Path:
+    """A private FLWR_HOME whose config.toml names the SuperLink connection ``name``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{superlink}"']
+    lines.append("insecure = true" if tls is None else f'root-certificates = "{tls.ca_cert}"')
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_config_arg(overrides: dict[str, object]) -> str:
+    """``flwr run --run-config`` syntax (TOML values)."""
+    parts = []
+    for key, value in overrides.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, int | float):
+            parts.append(f"{key}={value}")
+        else:
+            parts.append(f'{key}="{value}"')
+    return " ".join(parts)
+
+
+def submit_run(
+    superlink: str,
+    run_config: dict[str, object],
+    flwr_home: Path,
+    app_dir: Path = REPO_ROOT,
+    tls: TLSFiles | None = None,
+    stream: bool = True,
+    timeout_s: float | None = None,
+    capture: bool = True,
+) -> subprocess.CompletedProcess:
+    """``flwr run`` the rib-edge app on a SuperLink (with ``stream``, returns when the run ends)."""
+    write_flwr_home(flwr_home, superlink, tls)
+    command = [_bin("flwr"), "run", str(app_dir), "rib-edge"]
+    if run_config:
+        command += ["--run-config", run_config_arg(run_config)]
+    if stream:
+        command.append("--stream")
+    env = tool_env({"FLWR_HOME": str(flwr_home)})
+    return subprocess.run(command, env=env, capture_output=capture, text=True, timeout=timeout_s, check=False)
+
+
+@dataclass
+class Deployment:
+    """A SuperLink and SuperNodes as child processes; ``stop()`` (or leaving the ``with``) ends them all."""
+
+    work_dir: Path
+    tls: TLSFiles | None = None
+    flwr_home: Path | None = (
+        None  # FLWR_HOME of the processes (installed app bundles); default work_dir/flwr-home
+    )
+    port: int = field(default_factory=free_port)
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def superlink(self) -> str:
+        """host:port of the SuperLink."""
+        return f"127.0.0.1:{self.port}"
+
+    def _spawn(
+        self, command: list[str], log_name: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        home = self.flwr_home or self.work_dir / "flwr-home"
+        env = {"FLWR_HOME": str(home), **(env or {})}
+        log = (self.work_dir / log_name).open("ab")
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=tool_env(env), start_new_session=True
+        )
+        log.close()
+        self.processes.append(process)
+        return process
+
+    def start_superlink(self, database: str | None = None) -> subprocess.Popen:
+        """Start the SuperLink and wait until its port accepts connections."""
+        process = self._spawn(superlink_command(self.port, database=database, tls=self.tls), "superlink.log")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"flower-superlink exited with {process.returncode}; see {self.work_dir / 'superlink.log'}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                return process
+            time.sleep(0.2)
+        raise TimeoutError("flower-superlink did not open its port within 60 s")
+
+    def start_supernode(self, node_config: dict[str, object], name: str) -> subprocess.Popen:
+        """Start one device's SuperNode."""
+        return self._spawn(
+            supernode_command(self.superlink, node_config, free_port(), self.tls), f"supernode-{name}.log"
+        )
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Terminate every process started here (process groups: the apps they spawned go too)."""
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,81 @@
+"""Central evaluation of the global model on held-out real sessions, through the project's one evaluator."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from model.data.dataset import SessionDataset
+from model.device import pick_device
+from model.evaluate import evaluate
+from model.local import set_weights
+from model.recommender import PrefixBatch
+from model.rib import RIB, RIBConfig
+from model.train import RIBRecommender, TrainConfig
+
+
+class _ScoringRIB(RIBRecommender):
+    """A RIBRecommender that also accumulates the cross-entropy of the targets it scores."""
+
+    def __init__(self, model: RIB, device: torch.device) -> None:
+        super().__init__(model.config, TrainConfig(device=str(device)))
+        self.model = model
+        self.nll_sum = 0.0
+        self.targets: np.ndarray | None = None
+
+    def score(self, batch: PrefixBatch) -> np.ndarray:
+        scores = super().score(batch)
+        if self.targets is not None:
+            targets = self.targets[: len(scores)]
+            self.targets = self.targets[len(scores) :]
+            shifted = scores - scores.max(axis=1, keepdims=True)
+            log_z = np.log(np.exp(shifted).sum(axis=1))
+            self.nll_sum += float((log_z - shifted[np.arange(len(scores)), targets]).sum())
+        return scores
+
+
+class CentralEvaluator:
+    """Flower ``evaluate_fn``: (round, weights, config) -> (loss, {recall@20, mrr@20, ...}) on held-out sessions."""
+
+    def __init__(
+        self,
+        test: SessionDataset,
+        rib_config: RIBConfig,
+        max_examples: int | None = 5000,
+        seed: int = 0,
+        device: str | None = None,
+    ) -> None:
+        self.test = test
+        self.rib_config = rib_config
+        self.device = pick_device(device or None)
+        examples = test.examples()
+        if max_examples and len(examples) > max_examples:
+            keep = np.sort(np.random.default_rng(seed).choice(len(examples), max_examples, replace=False))
+            examples = examples.subset(keep)
+        self.examples = examples
+        self.seconds: list[float] = []
+
+    def __call__(
+        self, server_round: int, weights: Sequence[np.ndarray], config: dict
+    ) -> tuple[float, dict[str, float]]:
+        """Evaluate one set of global weights."""
+        started = time.perf_counter()
+        model = RIB(self.rib_config)
+        set_weights(model, list(weights))
+        model.to(self.device).eval()
+        scorer = _ScoringRIB(model, self.device)
+        scorer.targets = self.examples.targets.copy()
+        result = evaluate(scorer, self.test, examples=self.examples)
+        n = max(1, len(self.examples))
+        metrics = {
+            k: float(v)
+            for k, v in result.metrics.items()
+            if k in ("recall@10", "recall@20", "mrr@10", "mrr@20")
+        }
+        metrics["eval_examples"] = float(len(self.examples))
+        self.seconds.append(time.perf_counter() - started)
+        metrics["eval_seconds"] = self.seconds[-1]
+        return scorer.nll_sum / n, metrics

@@ -1,0 +1,175 @@
+"""The Flower ServerApp: federated glue only (model, evaluation, privacy and releases live elsewhere).
+
+Settings come from the run config (``[tool.flwr.app.config]``, parsed by ``FederationConfig``). The server
+holds the shared vocabulary and the held-out sessions it evaluates on (``eval-split`` or the population's
+``server/split.npz``); it never holds a device's data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.serverapp import Grid, ServerApp
+
+from aggregator.checkpoint import CheckpointStore
+from aggregator.evaluation import CentralEvaluator
+from aggregator.release import publish_release
+from aggregator.strategy import SeededClientManager, build_strategy, sampled_per_round
+from aggregator.workflow import FederatedRun
+from edge_client.fl_config import ConfigError, FederationConfig
+from edge_client.training import federated_rib_config
+from model.data.dataset import SplitData
+from model.device import pick_device
+from model.local import get_weights
+from model.rib import RIB
+from privacy.accountant import FederatedAccountant, noise_for_epsilon
+
+log = logging.getLogger(__name__)
+
+# Settings a resumed run must share with the checkpoint it resumes (the rest may change, e.g. rounds).
+_FINGERPRINT_KEYS = (
+    "seed", "strategy", "data_type", "item_dim", "hidden_dim", "max_len", "dp", "dp_noise_multiplier",
+    "dp_epsilon", "dp_clipping_norm", "fraction_fit", "initial_checkpoint",
+)  # fmt: skip
+
+
+def fingerprint(fed: FederationConfig, population: int) -> str:
+    """Hash of the settings a checkpoint belongs to."""
+    settings = {k: v for k, v in asdict(fed).items() if k in _FINGERPRINT_KEYS}
+    settings["population"] = population
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def population_size(fed: FederationConfig, grid: Grid | None) -> int:
+    """N for sampling rates and delta: the population's device count, else the nodes connected now."""
+    if fed.population_dir:
+        info = Path(fed.population_dir) / "population.json"
+        if info.exists():
+            return int(json.loads(info.read_text())["n_devices"])
+    if grid is not None:
+        return max(1, len(list(grid.get_node_ids())))
+    raise ConfigError("cannot tell the population size: give population-dir")
+
+
+def initial_weights(fed: FederationConfig, rib_config) -> list[np.ndarray]:
+    """A seeded random RIB, or the state of ``initial-checkpoint`` (e.g. a model pre-trained on public data)."""
+    torch.manual_seed(fed.seed)
+    model = RIB(rib_config)
+    if fed.initial_checkpoint:
+        from model.train import load_checkpoint
+
+        loaded = load_checkpoint(fed.initial_checkpoint, device="cpu")
+        if loaded.rib_config != rib_config:
+            raise ConfigError(
+                f"initial-checkpoint {fed.initial_checkpoint} has another model config than this run"
+            )
+        model = loaded.model
+    return get_weights(model)
+
+
+def make_run(
+    fed: FederationConfig, population: int, stop_after: int | None = None, on_round=None
+) -> tuple[FederatedRun, object]:
+    """The strategy stack and round loop for one run (shared by the ServerApp and tests)."""
+    split_path = fed.eval_split_path()
+    if split_path is None or not split_path.exists():
+        raise ConfigError(f"eval split not found: {split_path} (set eval-split or population-dir)")
+    split = SplitData.load(split_path)
+    vocab = split.vocab
+    rib_config = federated_rib_config(vocab, fed.data_type, fed.item_dim, fed.hidden_dim, fed.max_len)
+    device = pick_device(fed.device or None)  # the one place that decides CPU or CUDA
+    evaluator = CentralEvaluator(split.test, rib_config, fed.eval_max_examples, fed.seed, device=str(device))
+
+    def evaluate_fn(server_round, weights, config):
+        return evaluator(server_round, weights, config)
+
+    per_round = sampled_per_round(fed, population)
+    accountant, noise = None, 0.0
+    if fed.dp == "user":
+        delta = fed.dp_delta or 1.0 / population
+        rate = min(1.0, per_round / population)
+        noise = fed.dp_noise_multiplier or noise_for_epsilon(
+            fed.dp_epsilon, rate, fed.num_server_rounds, delta
+        )
+        accountant = FederatedAccountant(noise_multiplier=noise, sample_rate=rate, delta=delta)
+        log.info(
+            "user-level DP: sigma=%.4f, q=%.4f, delta=%.2e over %d rounds",
+            noise,
+            rate,
+            delta,
+            fed.num_server_rounds,
+        )
+    strategy = build_strategy(fed, initial_weights(fed, rib_config), evaluate_fn, population, noise)
+    fit_workflow = None
+    if fed.secagg:
+        shares = fed.secagg_num_shares if fed.secagg_num_shares < 1 else int(fed.secagg_num_shares)
+        threshold = fed.secagg_reconstruction_threshold
+        threshold = threshold if threshold < 1 else int(threshold)
+        fit_workflow = SecAggPlusWorkflow(
+            num_shares=shares,
+            reconstruction_threshold=threshold,
+            clipping_range=fed.secagg_clipping_range,
+            timeout=fed.secagg_timeout or None,
+        )
+    releaser = None
+    if fed.release_dir:
+        if not fed.signing_key:
+            raise ConfigError("release-dir needs signing-key (an Ed25519 private key; rib-edge edge keygen)")
+
+        def releaser(server_round: int, weights: list) -> Path:
+            extra = {"federation": {"round": server_round, "strategy": fed.strategy, "dp": fed.dp}}
+            if accountant is not None:
+                extra["federation"]["epsilon"] = accountant.epsilon()
+            return publish_release(
+                weights, rib_config, vocab, fed.release_dir, fed.signing_key, server_round, extra
+            )
+
+    run = FederatedRun(
+        num_rounds=fed.num_server_rounds,
+        fit_workflow=fit_workflow,
+        checkpoints=CheckpointStore(fed.checkpoint_dir) if fed.checkpoint_dir else None,
+        fingerprint=fingerprint(fed, population),
+        accountant=accountant,
+        releaser=releaser,
+        release_every=fed.release_every,
+        metrics_path=fed.metrics_path or None,
+        eval_every=fed.eval_every,
+        stop_after=stop_after,
+        on_round=on_round,
+    )
+    return run, strategy
+
+
+def make_server_app(
+    fed: FederationConfig | None = None, stop_after: int | None = None, on_round=None
+) -> ServerApp:
+    """The ServerApp; ``fed`` fixes the settings (Python-driven simulations), else the run config gives them."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        """Run the federation described by the run config."""
+        settings = fed if fed is not None else FederationConfig.from_run_config(context.run_config)
+        population = population_size(settings, grid)
+        run, strategy = make_run(settings, population, stop_after=stop_after, on_round=on_round)
+        legacy = LegacyContext(
+            context=context,
+            config=ServerConfig(num_rounds=settings.num_server_rounds),
+            strategy=strategy,
+            client_manager=SeededClientManager(settings.seed),
+        )
+        run(grid, legacy)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,241 @@
+"""Flower strategies for RIB: FedAvg / FedAdam, user-level DP, seeded sampling, and per-round bookkeeping.
+
+Everything here is Flower's own machinery, configured:
+
+- ``FedAvg`` or ``FedAdam`` (``flwr.server.strategy``), central evaluation through ``evaluate_fn``, devices
+  never asked to evaluate (``fraction_evaluate = 0``), failures (dropouts, refusals) accepted;
+- user-level DP: ``DifferentialPrivacyClientSideFixedClipping`` around FedAvg (devices clip their update
+  with ``fixedclipping_mod``; the server adds Gaussian noise to the average);
+- ``SeededClientManager``: Flower's ``SimpleClientManager`` whose sample is drawn from the sorted node ids
+  with a generator keyed by (seed, round), so a resumed run samples what the uninterrupted run would.
+
+``RoundRecorder`` wraps the strategy to keep what a round did (sampled, results, failures, fit metrics)
+and adapts the DP wrapper to dropouts: Flower's wrapper drops a whole round on any failure and calibrates
+its noise to the number it sampled; here failures are logged and left out, and the noise is calibrated to
+the number of updates actually averaged (std = sigma * C / m_received), so the accountant's sigma holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, Strategy
+
+from edge_client.fl_config import FederationConfig
+
+log = logging.getLogger(__name__)
+
+EvaluateFn = Callable[[int, list[np.ndarray], dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
+
+
+class SeededClientManager(SimpleClientManager):
+    """SimpleClientManager with a reproducible sample: sorted node ids, generator keyed by (seed, round)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = int(seed)
+        self.round = 0
+
+    def sample(
+        self, num_clients: int, min_num_clients: int | None = None, criterion: Criterion | None = None
+    ) -> list[ClientProxy]:
+        """Wait for ``min_num_clients``, then draw ``num_clients`` reproducibly."""
+        self.wait_for(num_clients if min_num_clients is None else min_num_clients)
+        available = sorted(self.clients, key=lambda cid: int(cid) if cid.isdigit() else cid)
+        if criterion is not None:
+            available = [cid for cid in available if criterion.select(self.clients[cid])]
+        if num_clients > len(available):
+            log.info("sampling failed: %d available, %d requested", len(available), num_clients)
+            return []
+        rng = random.Random(f"{self.seed}/{self.round}")
+        return [self.clients[cid] for cid in rng.sample(available, num_clients)]
+
+
+_REASON_RE = re.compile(r"\b(offline|dropout|late|no_data|budget_exhausted|diverged)\b")
+
+
+def failure_reason(failure: object) -> str:
+    """Why a device's round failed, from its error reply: offline, dropout, late, a refusal reason, or error."""
+    match = _REASON_RE.search(str(failure))
+    return match.group(1) if match else "error"
+
+
+def sampled_per_round(fed: FederationConfig, population: int) -> int:
+    """How many devices a round samples (Flower's rule: fraction of available, at least min-fit-clients)."""
+    return max(int(population * fed.fraction_fit), fed.min_fit_clients)
+
+
+def weighted_fit_metrics(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    """Example-weighted mean of the devices' scalar metrics (train_loss, seconds, ...)."""
+    keys = sorted({k for _, m in metrics for k in m})
+    out: dict[str, Scalar] = {}
+    for key in keys:
+        values = [(n, float(m[key])) for n, m in metrics if key in m]
+        out[key] = sum(n * v for n, v in values) / max(1, sum(n for n, _ in values)) if values else 0.0
+    out["devices"] = float(len(metrics))
+    return out
+
+
+def build_strategy(
+    fed: FederationConfig,
+    initial_weights: list[np.ndarray],
+    evaluate_fn: EvaluateFn | None,
+    population: int,
+    noise_multiplier: float | None = None,
+) -> RoundRecorder:
+    """The configured strategy stack, outermost the RoundRecorder (``noise_multiplier`` default: the config's)."""
+    if noise_multiplier is None:
+        noise_multiplier = fed.dp_noise_multiplier
+
+    def fit_config(server_round: int) -> dict[str, Scalar]:
+        return {"server-round": server_round}
+
+    common = {
+        "fraction_fit": fed.fraction_fit,
+        "fraction_evaluate": 0.0,
+        "min_fit_clients": fed.min_fit_clients,
+        "min_evaluate_clients": 0,
+        "min_available_clients": fed.min_available_clients,
+        "evaluate_fn": evaluate_fn,
+        "on_fit_config_fn": fit_config,
+        "accept_failures": True,
+        "initial_parameters": ndarrays_to_parameters(initial_weights),
+        "fit_metrics_aggregation_fn": weighted_fit_metrics,
+    }
+    if fed.strategy == "fedadam":
+        inner: Strategy = FedAdam(
+            **common,
+            eta=fed.server_lr,
+            eta_l=fed.local_lr,
+            beta_1=fed.server_beta1,
+            beta_2=fed.server_beta2,
+            tau=fed.server_tau,
+        )
+    else:
+        inner = FedAvg(**common)
+    dp_wrapper = None
+    if fed.dp == "user":
+        dp_wrapper = DifferentialPrivacyClientSideFixedClipping(
+            inner,
+            noise_multiplier=noise_multiplier,
+            clipping_norm=fed.dp_clipping_norm,
+            num_sampled_clients=sampled_per_round(fed, population),
+        )
+    return RoundRecorder(dp_wrapper or inner, dp_wrapper)
+
+
+class RoundRecorder(Strategy):
+    """Delegates to a Flower strategy and records what each round did (see the module docstring on DP)."""
+
+    def __init__(
+        self, strategy: Strategy, dp_wrapper: DifferentialPrivacyClientSideFixedClipping | None = None
+    ) -> None:
+        self.strategy = strategy
+        self.dp_wrapper = dp_wrapper
+        self.rounds: dict[int, dict[str, object]] = {}
+
+    def __repr__(self) -> str:
+        return f"RoundRecorder({self.strategy!r})"
+
+    @property
+    def base(self) -> Strategy:
+        """The innermost optimiser strategy (FedAvg / FedAdam)."""
+        return self.dp_wrapper.strategy if self.dp_wrapper is not None else self.strategy
+
+    def initialize_parameters(self, client_manager):
+        """Initial global parameters."""
+        return self.strategy.initialize_parameters(client_manager)
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Sample devices; remembers how many."""
+        instructions = self.strategy.configure_fit(server_round, parameters, client_manager)
+        self.rounds.setdefault(server_round, {})["sampled"] = len(instructions)
+        return instructions
+
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Aggregate the updates that arrived; failures are counted and left out."""
+        record = self.rounds.setdefault(server_round, {})
+        # Float sums depend on order and replies arrive in any order: aggregate in a content-defined order
+        # so a resumed run reproduces the uninterrupted one bit for bit.
+        usable = sorted(
+            ((proxy, res) for proxy, res in results if _finite(res.parameters)),
+            key=lambda pair: hashlib.sha256(b"".join(pair[1].parameters.tensors)).digest(),
+        )
+        record.update(
+            {
+                "results": len(results),
+                "failures": len(failures),
+                "rejected_non_finite": len(results) - len(usable),
+                "failure_reasons": dict(Counter(failure_reason(f) for f in failures)),
+            }
+        )
+        if len(usable) < len(results):
+            log.warning(
+                "round %d: %d update(s) with non-finite values rejected",
+                server_round,
+                len(results) - len(usable),
+            )
+        if not usable:
+            return None, {}
+        if self.dp_wrapper is not None:
+            # Noise calibrated to the updates actually averaged (uniform weights: see edge_client.training).
+            self.dp_wrapper.num_sampled_clients = len(usable)
+            record["dp_noise_std"] = (
+                self.dp_wrapper.noise_multiplier * self.dp_wrapper.clipping_norm / len(usable)
+            )
+            parameters, metrics = self.dp_wrapper.aggregate_fit(server_round, usable, [])
+        else:
+            parameters, metrics = self.strategy.aggregate_fit(server_round, usable, [])
+        record["fit_metrics"] = dict(metrics)
+        return parameters, metrics
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager):
+        """No federated evaluation (central only)."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results, failures):
+        """Unused: evaluation is central."""
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters):
+        """Central evaluation."""
+        return self.strategy.evaluate(server_round, parameters)
+
+    # ---- state for checkpoints ----------------------------------------------------------------------------
+    def optimizer_state(self) -> dict[str, list[np.ndarray]]:
+        """FedAdam's moments and current weights (empty for FedAvg)."""
+        base = self.base
+        if isinstance(base, FedAdam):
+            state = {"current_weights": list(base.current_weights)}
+            if base.m_t:
+                state["m_t"] = list(base.m_t)
+            if base.v_t:
+                state["v_t"] = list(base.v_t)
+            return state
+        return {}
+
+    def load_optimizer_state(self, state: dict[str, list[np.ndarray]]) -> None:
+        """Restore what optimizer_state returned."""
+        base = self.base
+        if isinstance(base, FedAdam) and state:
+            base.current_weights = list(state["current_weights"])
+            base.m_t = list(state.get("m_t", [])) or None
+            base.v_t = list(state.get("v_t", [])) or None
+
+
+def _finite(parameters: Parameters) -> bool:
+    return all(np.isfinite(a).all() for a in parameters_to_ndarrays(parameters))

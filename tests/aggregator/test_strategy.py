@@ -1,0 +1,65 @@
+"""The strategy stack: reproducible sampling, rejected updates, DP noise calibrated to what arrived."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
+
+from aggregator.strategy import SeededClientManager, build_strategy  # noqa: E402
+from edge_client.fl_config import FederationConfig  # noqa: E402
+
+
+class _Proxy:
+    def __init__(self, cid: str) -> None:
+        self.cid = cid
+        self.node_id = int(cid)
+
+
+def _result(values: list[np.ndarray], n: int = 1):
+    return _Proxy("1"), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(values), n, {"train_loss": 1.0})
+
+
+def _manager(n: int, seed: int) -> SeededClientManager:
+    manager = SeededClientManager(seed)
+    for i in range(n):
+        manager.register(_Proxy(str(100 + i)))
+    return manager
+
+
+def test_sampling_depends_only_on_seed_and_round():
+    a, b = _manager(20, seed=1), _manager(20, seed=1)
+    a.round = b.round = 4
+    assert [p.cid for p in a.sample(5)] == [p.cid for p in b.sample(5)]
+    b.round = 5
+    assert [p.cid for p in a.sample(5)] != [p.cid for p in b.sample(5)]
+
+
+def test_non_finite_updates_are_rejected_and_counted():
+    zero = [np.zeros(3, np.float32)]
+    strategy = build_strategy(FederationConfig(), zero, None, population=10)
+    good = _result([np.ones(3, np.float32)])
+    bad = _result([np.array([1.0, np.nan, 1.0], np.float32)])
+    parameters, _ = strategy.aggregate_fit(1, [good, bad], [RuntimeError("dropped")])
+    np.testing.assert_allclose(parameters_to_ndarrays(parameters)[0], np.ones(3))
+    assert strategy.rounds[1] == {**strategy.rounds[1], "results": 2, "failures": 1, "rejected_non_finite": 1}
+
+
+def test_only_bad_updates_leave_the_model_unchanged():
+    strategy = build_strategy(FederationConfig(), [np.zeros(2, np.float32)], None, population=10)
+    parameters, _ = strategy.aggregate_fit(1, [_result([np.array([np.inf, 0], np.float32)])], [])
+    assert parameters is None
+
+
+def test_dp_noise_is_calibrated_to_the_updates_that_arrived():
+    fed = FederationConfig(dp="user", dp_noise_multiplier=1.0, dp_clipping_norm=2.0, fraction_fit=0.5)
+    strategy = build_strategy(fed, [np.zeros(50_000, np.float32)], None, population=20)
+    results = [_result([np.zeros(50_000, np.float32)]) for _ in range(4)]
+    parameters, _ = strategy.aggregate_fit(1, results, [RuntimeError("dropout")] * 6)
+    noise = parameters_to_ndarrays(parameters)[0]
+    # 4 of 10 sampled devices replied: std = sigma * C / 4, not / 10 (and the round is not dropped).
+    assert strategy.rounds[1]["dp_noise_std"] == pytest.approx(0.5)
+    assert noise.std() == pytest.approx(0.5, rel=0.05)
