@@ -135,3 +135,33 @@ def test_store_blobs_are_encrypted_and_bound_to_their_name(tmp_path):
         store.write_blob("../escape", b"x")
     store.erase()
     assert not list(tmp_path.glob("blob-*"))
+
+
+def test_record_dp_charges_the_ledger_in_the_store_and_refuses_past_the_budget(split, tmp_path):
+    pytest.importorskip("opacus")
+    by_user = dataset_records(split.train)
+    records = [r for user in sorted(by_user)[:8] for r in by_user[user]]
+    config = federated_rib_config(split.vocab, "SKU+Micro", 8, 8, 20)
+    trainer = DeviceTrainer(_device(tmp_path, records), split.vocab, config)
+    weights = get_weights(RIB(config))
+    settings = DeviceTrainingConfig(
+        local=LocalTrainConfig(steps=2, batch_size=4, max_len=20),
+        record_dp_noise_multiplier=1.0,
+        budget_epsilon=0.0,
+        delta=1e-5,
+    )
+    first = trainer.train(weights, settings)
+    spent = first.metrics["device_epsilon"]
+    assert first.metrics["record_dp"] == 1.0 and spent > 0
+    assert trainer.store.read_blob("privacy-ledger") is not None  # kept encrypted in the device's store
+    # A budget that one more identical run would exceed: the device refuses, and the ledger does not grow.
+    from model.local import WindowDataset
+
+    rate = min(1.0, 4 / len(WindowDataset(trainer.dataset(), 20)))
+    after_two = trainer.ledger(settings).would_spend(1.0, rate, 2)
+    assert after_two > spent  # composition costs
+    tight = DeviceTrainingConfig(**{**settings.__dict__, "budget_epsilon": (spent + after_two) / 2})
+    with pytest.raises(TrainingRefused) as err:
+        trainer.train(weights, tight)
+    assert err.value.reason == "budget_exhausted"
+    assert trainer.ledger(tight).spent() == pytest.approx(spent)
