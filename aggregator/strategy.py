@@ -131,17 +131,27 @@ def build_strategy(
             clipping_norm=fed.dp_clipping_norm,
             num_sampled_clients=sampled_per_round(fed, population),
         )
-    return RoundRecorder(dp_wrapper or inner, dp_wrapper)
+    bound = fed.max_update_norm
+    if bound == 0 and fed.dp == "user" and not fed.secagg:
+        bound = fed.dp_clipping_norm  # honest devices clip to this already; enforce it for the others
+    return RoundRecorder(dp_wrapper or inner, dp_wrapper, max_update_norm=bound)
 
 
 class RoundRecorder(Strategy):
     """Delegates to a Flower strategy and records what each round did (see the module docstring on DP)."""
 
     def __init__(
-        self, strategy: Strategy, dp_wrapper: DifferentialPrivacyClientSideFixedClipping | None = None
+        self,
+        strategy: Strategy,
+        dp_wrapper: DifferentialPrivacyClientSideFixedClipping | None = None,
+        max_update_norm: float = 0.0,
     ) -> None:
         self.strategy = strategy
         self.dp_wrapper = dp_wrapper
+        self.max_update_norm = float(
+            max_update_norm
+        )  # > 0: clip each update's distance from the global model
+        self._global: dict[int, list[np.ndarray]] = {}
         self.rounds: dict[int, dict[str, object]] = {}
 
     def __repr__(self) -> str:
@@ -162,6 +172,8 @@ class RoundRecorder(Strategy):
         """Sample devices; remembers how many."""
         instructions = self.strategy.configure_fit(server_round, parameters, client_manager)
         self.rounds.setdefault(server_round, {})["sampled"] = len(instructions)
+        if self.max_update_norm > 0:
+            self._global = {server_round: parameters_to_ndarrays(parameters)}
         return instructions
 
     def aggregate_fit(
@@ -183,6 +195,15 @@ class RoundRecorder(Strategy):
                 "failure_reasons": dict(Counter(failure_reason(f) for f in failures)),
             }
         )
+        if self.max_update_norm > 0 and server_round in self._global:
+            usable, record["clipped"] = self._clip_updates(self._global[server_round], usable)
+            if record["clipped"]:
+                log.warning(
+                    "round %d: %d update(s) clipped to norm %.3g",
+                    server_round,
+                    record["clipped"],
+                    self.max_update_norm,
+                )
         if len(usable) < len(results):
             log.warning(
                 "round %d: %d update(s) with non-finite values rejected",
@@ -202,6 +223,30 @@ class RoundRecorder(Strategy):
             parameters, metrics = self.strategy.aggregate_fit(server_round, usable, [])
         record["fit_metrics"] = dict(metrics)
         return parameters, metrics
+
+    def _clip_updates(self, global_weights: list[np.ndarray], results: list) -> tuple[list, int]:
+        """Scale each update (its weights minus the global weights) down to ``max_update_norm``; count clips.
+
+        Without SecAgg+ the server sees single updates, so a device that skips client-side clipping (or
+        sends a huge update to dominate the average) is bounded here. Under SecAgg+ only the sum is visible.
+        """
+        out, clipped = [], 0
+        for proxy, res in results:
+            weights = parameters_to_ndarrays(res.parameters)
+            if [w.shape for w in weights] != [g.shape for g in global_weights]:
+                continue  # not this model's update: dropped
+            deltas = [w.astype(np.float64) - g for w, g in zip(weights, global_weights, strict=True)]
+            norm = float(np.sqrt(sum(float((d * d).sum()) for d in deltas)))
+            if norm > self.max_update_norm:
+                scale = self.max_update_norm / norm
+                weights = [
+                    (g + d * scale).astype(w.dtype)
+                    for g, d, w in zip(global_weights, deltas, weights, strict=True)
+                ]
+                res = FitRes(res.status, ndarrays_to_parameters(weights), res.num_examples, res.metrics)
+                clipped += 1
+            out.append((proxy, res))
+        return out, clipped
 
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager):
         """No federated evaluation (central only)."""

@@ -57,6 +57,9 @@ class FederationConfig:
     dp_epsilon: float = 0.0  # target epsilon over all rounds; sets the noise multiplier
     dp_clipping_norm: float = 1.0
     dp_delta: float = 0.0  # 0: 1 / population
+    max_update_norm: float = (
+        0.0  # server-side bound on each update's L2 distance (0: dp-clipping-norm under DP)
+    )
     # Record-level DP-SGD on devices (Opacus) and each device's lifetime budget.
     record_dp_noise_multiplier: float = 0.0  # 0: no DP-SGD on the device
     record_dp_max_grad_norm: float = 1.0
@@ -121,6 +124,7 @@ class FederationConfig:
             (self.dp_clipping_norm > 0, "dp-clipping-norm must be > 0"),
             (self.dp_noise_multiplier >= 0 and self.dp_epsilon >= 0, "dp noise and epsilon must be >= 0"),
             (0.0 <= self.dp_delta < 1.0, "dp-delta must be in [0, 1)"),
+            (self.max_update_norm >= 0, "max-update-norm must be >= 0"),
             (
                 self.record_dp_noise_multiplier >= 0 and self.record_dp_max_grad_norm > 0,
                 "record DP settings out of range",

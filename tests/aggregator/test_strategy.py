@@ -63,3 +63,24 @@ def test_dp_noise_is_calibrated_to_the_updates_that_arrived():
     # 4 of 10 sampled devices replied: std = sigma * C / 4, not / 10 (and the round is not dropped).
     assert strategy.rounds[1]["dp_noise_std"] == pytest.approx(0.5)
     assert noise.std() == pytest.approx(0.5, rel=0.05)
+
+
+def test_a_huge_update_is_clipped_server_side_and_counted():
+    fed = FederationConfig(max_update_norm=1.0)
+    strategy = build_strategy(fed, [np.zeros(4, np.float32)], None, population=10)
+    manager = _manager(3, seed=0)
+    strategy.configure_fit(1, ndarrays_to_parameters([np.zeros(4, np.float32)]), manager)
+    honest = _result([np.full(4, 0.1, np.float32)])
+    attacker = _result([np.full(4, 1e6, np.float32)])
+    parameters, _ = strategy.aggregate_fit(1, [honest, attacker], [])
+    average = parameters_to_ndarrays(parameters)[0]
+    assert strategy.rounds[1]["clipped"] == 1
+    # The attacker's update counts with norm 1 (0.5 per entry), not 1e6.
+    np.testing.assert_allclose(average, (0.1 + 0.5) / 2, rtol=1e-5)
+
+
+def test_under_dp_the_clipping_norm_is_enforced_without_secagg():
+    fed = FederationConfig(dp="user", dp_noise_multiplier=0.5, dp_clipping_norm=0.25)
+    assert build_strategy(fed, [np.zeros(2, np.float32)], None, population=10).max_update_norm == 0.25
+    with_secagg = FederationConfig(dp="user", dp_noise_multiplier=0.5, secagg=True)
+    assert build_strategy(with_secagg, [np.zeros(2, np.float32)], None, population=10).max_update_norm == 0.0
