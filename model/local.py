@@ -81,7 +81,9 @@ class LocalTrainConfig:
 
 def _require_plain_gru(model: RIB) -> None:
     if type(model.gru) is not nn.GRU:
-        raise ValueError(f"expected the plain nn.GRU layout, found {type(model.gru).__name__} (call to_plain_gru)")
+        raise ValueError(
+            f"expected the plain nn.GRU layout, found {type(model.gru).__name__} (call to_plain_gru)"
+        )
 
 
 def get_weights(model: RIB) -> list[np.ndarray]:
@@ -138,7 +140,9 @@ class WindowDataset(Dataset):
             def fit(t: torch.Tensor, value: int | bool) -> torch.Tensor:
                 return F.pad(t[keep], (0, pad), value=value)
 
-            self.items, self.activities, self.dwell = (fit(batch[k], 0) for k in ("items", "activities", "dwell"))
+            self.items, self.activities, self.dwell = (
+                fit(batch[k], 0) for k in ("items", "activities", "dwell")
+            )
             self.mask, self.targets = fit(batch["mask"], False), fit(targets, IGNORE)
             self.n_examples = int(batch["positions"].sum())
 
@@ -146,12 +150,23 @@ class WindowDataset(Dataset):
         return int(self.items.shape[0])
 
     def __getitem__(self, index: int) -> WindowBatch:
-        return self.items[index], self.activities[index], self.dwell[index], self.mask[index], self.targets[index]
+        return (
+            self.items[index],
+            self.activities[index],
+            self.dwell[index],
+            self.mask[index],
+            self.targets[index],
+        )
 
-    def batch(self, rows: torch.Tensor | np.ndarray | list[int], device: torch.device | str = "cpu") -> WindowBatch:
+    def batch(
+        self, rows: torch.Tensor | np.ndarray | list[int], device: torch.device | str = "cpu"
+    ) -> WindowBatch:
         """Rows stacked and cut to their longest window (padding after, so the model's outputs don't change)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        return trim_batch((self.items[rows], self.activities[rows], self.dwell[rows], self.mask[rows], self.targets[rows]), device)
+        return trim_batch(
+            (self.items[rows], self.activities[rows], self.dwell[rows], self.mask[rows], self.targets[rows]),
+            device,
+        )
 
 
 def trim_batch(batch: WindowBatch, device: torch.device | str = "cpu") -> WindowBatch:
@@ -166,7 +181,9 @@ def window_losses(model: RIB, batch: WindowBatch) -> torch.Tensor:
     """(B,) per-window SUM of full-softmax cross-entropy (with the copy term) over the window's examples."""
     items, activities, dwell, mask, targets = batch
     if model.config.loss != "softmax":
-        raise ValueError(f"window_losses needs loss='softmax' (full softmax), the model has {model.config.loss!r}")
+        raise ValueError(
+            f"window_losses needs loss='softmax' (full softmax), the model has {model.config.loss!r}"
+        )
     out = model.outputs_all(items, activities, dwell, mask)
     # Example slots (B, P): each row's example positions first, in order; P = most examples in one window.
     positions = targets != IGNORE
@@ -181,7 +198,9 @@ def window_losses(model: RIB, batch: WindowBatch) -> torch.Tensor:
         amounts = out.copy.gather(1, order[:, :, None].expand(-1, -1, out.copy.shape[-1]))
         copy = CopyTerm(amounts, items[:, None, :].expand(-1, slots, -1))
     logits = model._logits(pooled, copy)  # (B, P, n_items + 1): the same scoring as training and evaluation
-    losses = F.cross_entropy(logits.flatten(0, 1), slot_targets.flatten(), ignore_index=IGNORE, reduction="none")
+    losses = F.cross_entropy(
+        logits.flatten(0, 1), slot_targets.flatten(), ignore_index=IGNORE, reduction="none"
+    )
     return losses.view(slot_targets.shape).sum(1)
 
 
@@ -218,7 +237,12 @@ def train_local(model: RIB, data: SessionDataset, config: LocalTrainConfig) -> d
     """
     started = time.perf_counter()
     dataset = WindowDataset(data, config.max_len)
-    result: dict[str, float | int] = {"loss": 0.0, "steps": 0, "examples": dataset.n_examples, "windows": len(dataset)}
+    result: dict[str, float | int] = {
+        "loss": 0.0,
+        "steps": 0,
+        "examples": dataset.n_examples,
+        "windows": len(dataset),
+    }
     result["examples_seen"] = 0
     if len(dataset) == 0 or config.steps == 0:
         result["seconds"] = time.perf_counter() - started

@@ -31,7 +31,11 @@ ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)  # RDP orders al
 
 def check_sgm(noise_multiplier: float, sample_rate: float, steps: int) -> None:
     """ValueError unless sigma >= 0 (finite), 0 < q <= 1 and steps is an integer >= 0."""
-    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+    if not (
+        isinstance(noise_multiplier, (int, float))
+        and math.isfinite(noise_multiplier)
+        and noise_multiplier >= 0
+    ):
         raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
     if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
@@ -55,7 +59,9 @@ def rdp_of(runs: Iterable[tuple[float, float, int]]) -> np.ndarray:
         if noise_multiplier == 0:
             return np.full(len(ORDERS), np.inf)
         total = total + np.asarray(
-            rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=int(steps), orders=list(ORDERS))
+            rdp_analysis.compute_rdp(
+                q=sample_rate, noise_multiplier=noise_multiplier, steps=int(steps), orders=list(ORDERS)
+            )
         )
     return total
 
@@ -99,7 +105,11 @@ def noise_for_epsilon(target_epsilon: float, sample_rate: float, steps: int, del
         raise ValueError("noise_for_epsilon needs steps >= 1")
     return float(
         get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=int(steps), accountant="rdp"
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=int(steps),
+            accountant="rdp",
         )
     )
 
@@ -123,7 +133,9 @@ class FederatedAccountant:
         rounds: int = 0,
     ) -> None:
         check_sgm(noise_multiplier, sample_rate, rounds)
-        if population is not None and (isinstance(population, bool) or not isinstance(population, int) or population < 2):
+        if population is not None and (
+            isinstance(population, bool) or not isinstance(population, int) or population < 2
+        ):
             raise ValueError(f"population must be an integer >= 2, got {population!r}")
         if delta is None:
             if population is None:
@@ -135,7 +147,8 @@ class FederatedAccountant:
         self.delta = float(delta)
         self.population = population
         self.rounds = int(rounds)
-        self._rdp_one_round = rdp_of([(self.noise_multiplier, self.sample_rate, 1)])  # RDP is linear in rounds
+        # RDP is linear in the number of rounds: one round's curve serves every count.
+        self._rdp_one_round = rdp_of([(self.noise_multiplier, self.sample_rate, 1)])
 
     def step(self, rounds: int = 1) -> None:
         """Record ``rounds`` more completed rounds."""

@@ -5,34 +5,41 @@ What is private: one *record* is one session window (``model.local.WindowDataset
 draws a Poisson batch (every window independently with probability q = batch_size / n_windows), clips
 each window's gradient of its summed example losses (``model.local.window_losses``) to ``max_grad_norm``,
 adds N(0, (noise_multiplier * max_grad_norm)^2) to the sum and divides by the expected batch size
-(DP-Adam/DP-SGD, Abadi et al. 2016). Epsilon is the RDP accounting of that sampled Gaussian mechanism
-(``privacy.accountant``); ``DPRun`` is what a ledger charges, known before training starts.
+(DP-SGD / DP-Adam, Abadi et al. 2016). Epsilon is the RDP accounting of that sampled Gaussian mechanism
+(``privacy.accountant``); ``DPRun`` (from ``plan_private_run``) is what a ledger charges, known before
+training starts, and ``train_local_private(ledger=...)`` charges it before the first step. An empty
+Poisson batch still takes a noise-only step (skipping it would reveal that no record was drawn).
 
-How it is built from Opacus' own parts (``opacus.grad_sample.prepare_module``, ``get_optimizer_class``,
-``UniformWithReplacementSampler``, ``RDPAccountant``) rather than ``PrivacyEngine.make_private``:
-``make_private`` derives the sample rate from the data loader as 1 / len(loader) = 1 / ceil(n / B), which
-is not the batch_size / n_windows this module promises and the ledger charges. Everything else is what
-``make_private`` does: validation, per-sample gradient hooks, the DP optimizer with expected batch size
-q * n, a Poisson sampler, the accountant hook. An empty Poisson batch still takes a noise-only step
-(skipping it would reveal that no record was drawn).
+Built from Opacus' own parts (per-sample hooks, ``get_optimizer_class``, ``UniformWithReplacementSampler``,
+``RDPAccountant``, ``ModuleValidator``) rather than ``PrivacyEngine.make_private``, because
+``make_private`` derives the sample rate from the data loader as 1 / len(loader) = 1 / ceil(n / B): not
+the batch_size / n_windows this module promises and the ledger charges. ``PrivateStep`` is one step.
 
 The GRU: ``nn.GRU`` runs fused kernels Opacus cannot hook, so training swaps in ``opacus.layers.DPGRU``
-(same weights, same function) and swaps back to ``nn.GRU`` afterwards (``to_dp_gru`` / ``to_plain_gru``):
-the model leaves with the plain layout that exports to ONNX and that ``model.local.get_weights`` reads.
+(same weights, same function) and swaps back afterwards (``to_dp_gru`` / ``to_plain_gru``): the model
+leaves with the plain layout that exports to ONNX and that ``model.local.get_weights`` reads. Noise lands
+on the item embedding's padding row too, which torch never trains; it is put back after every step.
 
-grad_sample_mode (measured on RIB with DPGRU + embeddings + attention + copy term, see
-``benchmarks/dp_step.py``):
-- "ghost" (ghost clipping, Li et al. 2022 / Bu et al.): works and gives the exact per-window norms. Linear
-  and Embedding layers get their norms without per-sample gradients (the (n_items + 1) x hidden output
-  layer is the big one); DPGRU's cells (``RNNLinear``, reused at every time step, i.e. tied parameters)
-  fall back to per-sample gradients inside Opacus; then a second backward pass with the clipping
-  coefficients. It needs contiguous index tensors (Opacus' embedding norm sampler calls ``.view``), which
-  ``WindowDataset.batch`` guarantees. Fastest here, so "auto" tries it first.
-- "hooks": per-sample gradients of every parameter from module hooks; exact, slightly slower (it
-  materialises the output layer's (B, n_items + 1, hidden) per-sample gradient). "auto" falls back to
-  it, with a logged warning, if ghost clipping fails on the first step.
-- "functorch": works, slower (vmap per module). "ew" (expanded weights): does not support RIB (its
-  RNN cells), refused.
+grad_sample_mode, measured on RIB (DPGRU + embeddings + attention + copy term; ``benchmarks/dp_step.py``,
+results in ``benchmarks/results/dp_step``):
+- "ghost" (ghost clipping, Li et al. 2022): works and gives the exact per-window norms. Linear and
+  Embedding layers get norms without per-sample gradients (the (n_items + 1) x hidden output layer is the
+  big one), DPGRU's cells (``RNNLinear``, called once per time step: tied weights) get per-sample
+  gradients, then Opacus runs a SECOND backward pass with the clipping coefficients. Opacus' embedding
+  norm sampler calls ``.view`` on the ids, so batches must be contiguous (``WindowDataset.batch`` is).
+- "bookkeeping" (ghost clipping in one backward pass, Bu et al. 2023; ``RIBBookKeepingHooks``): the same
+  norms, then the clipped sum written directly from what the hooks saw (no second pass). Same update as
+  ghost and hooks (tested); the fastest, so "auto" tries it first, then "ghost", then "hooks", each
+  fallback logged (a mode is only abandoned if it fails before its first update).
+- "hooks": per-sample gradients of every parameter; exact, but it materialises (B, n_items + 1, hidden)
+  and (B, n_items + 1, item_dim) tensors: slower and memory-hungry for big catalogues.
+- "functorch": works, slowest. "ew" (expanded weights) does not support RIB's RNN cells: refused.
+Where the time went with Opacus' stock samplers, and the fixes here (``fast_samplers=True``, same results
+as Opacus' own, tested; installed on subclasses of Opacus' hook classes, never in its global registry):
+the DPGRU cells' per-time-step einsum + accumulate (one einsum over all steps instead), the embedding
+norm's ``torch.unique(dim=0)`` (a 1-D unique over combined keys instead), the output layer's g g^T
+computed twice (once), and ghost clipping's second backward pass (bookkeeping).
+
 Only loss="softmax" (full softmax) is supported: sampled softmax indexes weight rows inside a module,
 which per-sample gradient hooks cannot attribute to windows; the paper loss is not what this model ships.
 """
@@ -59,7 +66,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from model.data.dataset import SessionDataset
-from model.local import IGNORE, LocalTrainConfig, WindowDataset, make_optimizer, window_losses
+from model.local import IGNORE, LocalTrainConfig, WindowBatch, WindowDataset, make_optimizer, window_losses
 from model.rib import RIB
 from privacy.accountant import check_delta, epsilon_for, noise_for_epsilon
 from privacy.ledger import PrivacyLedger
@@ -69,7 +76,13 @@ logger = logging.getLogger(__name__)
 GRAD_SAMPLE_MODES = ("auto", "bookkeeping", "ghost", "hooks", "functorch")
 AUTO_ORDER = ("bookkeeping", "ghost", "hooks")  # fastest first (measured); each fallback is logged
 _CLIPPED_GRAD_MODES = ("bookkeeping", "ghost")  # the optimizer receives clipped sums in p.grad
-_OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad")
+_OPACUS_PARAM_ATTRS = (
+    "grad_sample",
+    "_forward_counter",
+    "_current_grad_sample",
+    "_norm_sample",
+    "summed_grad",
+)
 _OPACUS_MODULE_ATTRS = ("activations", "max_batch_len", "_pending_steps", "_bk")
 
 
@@ -81,7 +94,7 @@ class DPSGDConfig:
     target_epsilon: float | None = None  # for this run alone, at ``delta``
     delta: float | None = None  # None: the ledger's delta if one is given, else 1 / n_windows
     max_grad_norm: float = 1.0  # per-window clipping bound
-    grad_sample_mode: str = "auto"  # "auto" | "ghost" | "hooks" | "functorch"
+    grad_sample_mode: str = "auto"  # "auto" | "bookkeeping" | "ghost" | "hooks" | "functorch"
     poisson_sampling: bool = True  # False is refused: the accounting assumes Poisson sampling
     secure_mode: bool = False  # cryptographic RNG for noise and sampling (needs torchcsprng)
     fast_samplers: bool = True  # this module's faster (same-result) samplers; False: Opacus' stock ones
@@ -89,7 +102,9 @@ class DPSGDConfig:
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("give exactly one of noise_multiplier and target_epsilon")
-        if self.noise_multiplier is not None and not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+        if self.noise_multiplier is not None and not (
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0
+        ):
             raise ValueError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier}")
         if self.target_epsilon is not None and not (0 < self.target_epsilon < math.inf):
             raise ValueError(f"target_epsilon must be a finite number > 0, got {self.target_epsilon}")
@@ -98,11 +113,17 @@ class DPSGDConfig:
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}")
+            raise ValueError(
+                f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}"
+            )
         if self.grad_sample_mode == "bookkeeping" and not self.fast_samplers:
-            raise ValueError("grad_sample_mode='bookkeeping' is built on this module's samplers (fast_samplers=True)")
+            raise ValueError(
+                "grad_sample_mode='bookkeeping' is built on this module's samplers (fast_samplers=True)"
+            )
         if not self.poisson_sampling:
-            raise ValueError("poisson_sampling=False is not supported: the privacy accounting assumes Poisson sampling")
+            raise ValueError(
+                "poisson_sampling=False is not supported: the privacy accounting assumes Poisson sampling"
+            )
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
@@ -122,7 +143,11 @@ class DPRun:
     @property
     def epsilon(self) -> float:
         """Epsilon of this run alone."""
-        return epsilon_for(self.noise_multiplier, self.sample_rate, self.steps, self.delta) if self.steps else 0.0
+        return (
+            epsilon_for(self.noise_multiplier, self.sample_rate, self.steps, self.delta)
+            if self.steps
+            else 0.0
+        )
 
     def ledger_entry(self) -> tuple[float, float, int]:
         """(noise_multiplier, sample_rate, steps): what ``PrivacyLedger.charge`` takes."""
@@ -170,7 +195,9 @@ def to_plain_gru(model: RIB) -> RIB:
 # --------------------------------------------------------------------------------------------------
 
 
-def _rnn_linear_grad_sample(layer: RNNLinear, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+def _rnn_linear_grad_sample(
+    layer: RNNLinear, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict:
     """Per-sample gradients of a DPGRU cell's Linear summed over time steps, in ONE einsum.
 
     Opacus calls a cell's sampler once per time step (backward order) and adds each (B, out, in) result
@@ -193,7 +220,9 @@ def _rnn_linear_grad_sample(layer: RNNLinear, activations: list[torch.Tensor], b
     return out
 
 
-def _embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+def _embedding_norm_sample(
+    layer: nn.Embedding, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict:
     """Per-sample gradient norms of an embedding (ghost clipping) with a 1-D unique over (row, id) keys.
 
     Opacus' version runs ``torch.unique(dim=0)`` on (row, id) pairs, which is slow on CPU; a combined
@@ -256,7 +285,9 @@ class RIBGhostClippingHooks(GradSampleHooksFastGradientClipping):
     }
 
 
-def _keep_inputs(norm_sampler, layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+def _keep_inputs(
+    norm_sampler, layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict:
     """Run a norm sampler and keep (inputs, output gradients) on the layer for the clipped sum."""
     layer.__dict__["_bk"] = (activations[0], backprops)
     return norm_sampler(layer, activations, backprops)
@@ -365,7 +396,13 @@ def plan_private_run(
 ) -> DPRun:
     """The (sigma, q, steps, delta) a run on ``n_windows`` windows will use (steps 0 when there is nothing)."""
     if n_windows <= 0 or local.steps == 0:
-        return DPRun(float(dp.noise_multiplier or 0.0), 0.0, 0, dp.delta or ledger_delta or 1.0 / max(2, n_windows), n_windows)
+        return DPRun(
+            float(dp.noise_multiplier or 0.0),
+            0.0,
+            0,
+            dp.delta or ledger_delta or 1.0 / max(2, n_windows),
+            n_windows,
+        )
     if n_windows == 1 and dp.delta is None and ledger_delta is None:
         raise ValueError("one window: delta = 1 / n_windows = 1 is meaningless; set DPSGDConfig.delta")
     sample_rate = min(1.0, local.batch_size / n_windows)
@@ -389,18 +426,8 @@ def _generators(dp: DPSGDConfig, seed: int) -> tuple[torch.Generator, torch.Gene
     return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
 
 
-def _noise_only_step(optimizer: DPOptimizer, ghost: bool) -> None:
-    """A DP step for an empty Poisson batch: zero clipped sum, noise added as usual."""
-    for p in optimizer.params:
-        if ghost:
-            p.grad = torch.zeros_like(p)
-        else:
-            p.grad_sample = p.new_zeros((0, *p.shape))
-    optimizer.step()
-
-
-def _padding_rows(model: nn.Module) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-    """(weight, row, value) of every embedding's padding row, as they are before training."""
+def capture_padding_rows(model: nn.Module) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """(weight, row, value) of every embedding's padding row, as they are now."""
     return [
         (m.weight, m.padding_idx, m.weight.detach()[m.padding_idx].clone())
         for m in model.modules()
@@ -409,7 +436,7 @@ def _padding_rows(model: nn.Module) -> list[tuple[torch.Tensor, int, torch.Tenso
 
 
 @torch.no_grad()
-def _restore_rows(rows: list[tuple[torch.Tensor, int, torch.Tensor]]) -> None:
+def restore_padding_rows(rows: list[tuple[torch.Tensor, int, torch.Tensor]]) -> None:
     """Put padding rows back: noise lands on every row, but torch gives padding rows no gradient.
 
     Pure post-processing of the noisy update (no privacy cost); it keeps the padding embedding fixed,
@@ -436,63 +463,144 @@ def _detach(hooks: GradSampleHooks, model: nn.Module) -> None:
                 delattr(m, attr)
 
 
+class PrivateStep:
+    """One DP-SGD step of a RIB holding a DPGRU: per-window losses, per-window clipping, noise, optimizer.
+
+    Holds the per-sample hooks and Opacus' DP optimizer for one grad_sample_mode; ``close()`` removes
+    every trace from the model. ``train_local_private`` drives it with Poisson batches;
+    ``benchmarks/dp_step.py`` times it on a fixed batch.
+    """
+
+    def __init__(
+        self,
+        model: RIB,
+        mode: str,
+        local: LocalTrainConfig,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        noise_generator: torch.Generator | None = None,
+        secure_mode: bool = False,
+        fast: bool = True,
+    ) -> None:
+        if not isinstance(model.gru, DPGRU):
+            raise ValueError("PrivateStep needs the DPGRU layout (to_dp_gru)")
+        ModuleValidator.validate(model, strict=True)
+        self.model, self.mode = model, mode
+        self.clipped_sums = mode in _CLIPPED_GRAD_MODES  # the optimizer receives clipped sums in p.grad
+        self.hooks = attach_grad_sampler(model, mode, max_grad_norm, fast=fast)
+        try:
+            optimizer_class = get_optimizer_class(
+                clipping="flat", distributed=False, grad_sample_mode="ghost" if self.clipped_sums else mode
+            )
+            self.optimizer: DPOptimizer = optimizer_class(
+                make_optimizer(model, local),
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                expected_batch_size=expected_batch_size,
+                loss_reduction="mean",
+                generator=noise_generator,
+                secure_mode=secure_mode,
+            )
+        except BaseException:
+            self.close()
+            raise
+        self.padding = capture_padding_rows(model)
+
+    def __call__(self, batch: WindowBatch | None, times: dict[str, float] | None = None) -> float | None:
+        """Take the step on ``batch`` (None or empty: a noise-only step); the mean window loss, or None.
+
+        ``times`` (optional) receives the seconds spent in forward, backward (all passes, clipping
+        included) and optimizer (noise, scaling, the update).
+        """
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        if batch is None or len(batch[0]) == 0:
+            self._noise_only()
+            restore_padding_rows(self.padding)
+            return None
+        per_window = window_losses(self.model, batch)
+        t1 = time.perf_counter()
+        if self.mode == "ghost":
+            DPTensorFastGradientClipping(self.hooks, self.optimizer, per_window, "mean").backward()
+        else:
+            per_window.mean().backward()
+            if self.mode == "bookkeeping":
+                self.hooks.write_clipped_grads()
+        t2 = time.perf_counter()
+        self.optimizer.step()
+        restore_padding_rows(self.padding)
+        if times is not None:
+            times.update(forward=t1 - t0, backward=t2 - t1, optimizer=time.perf_counter() - t2)
+        return float(per_window.detach().mean())
+
+    def _noise_only(self) -> None:
+        """A DP step for an empty Poisson batch: zero clipped sum, noise added as usual."""
+        for p in self.optimizer.params:
+            if self.clipped_sums:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+        self.optimizer.step()
+
+    def close(self) -> None:
+        """Remove the hooks and Opacus' attributes from the model."""
+        _detach(self.hooks, self.model)
+
+
 class _FirstStepFailed(RuntimeError):
     """A grad_sample_mode failed before any update: safe to retry with another mode."""
 
 
-def _run(model: RIB, dataset: WindowDataset, run: DPRun, local: LocalTrainConfig, dp: DPSGDConfig, mode: str) -> dict:
-    """``run.steps`` DP steps with one grad_sample_mode; the model must already hold a DPGRU."""
-    ghost = mode in _CLIPPED_GRAD_MODES
-    ModuleValidator.validate(model, strict=True)
-    hooks = attach_grad_sampler(model, mode, dp.max_grad_norm, fast=dp.fast_samplers)
-    padding_rows = _padding_rows(model)
+def _run(
+    model: RIB, dataset: WindowDataset, run: DPRun, local: LocalTrainConfig, dp: DPSGDConfig, mode: str
+) -> dict:
+    """``run.steps`` DP steps with one grad_sample_mode on Poisson batches; the model must hold a DPGRU."""
+    sampling, noise = _generators(dp, local.seed)
     try:
-        sampling, noise = _generators(dp, local.seed)
-        optimizer = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode="ghost" if ghost else mode)(
-            make_optimizer(model, local),
+        step = PrivateStep(
+            model,
+            mode,
+            local,
             noise_multiplier=run.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=run.sample_rate * len(dataset),  # = batch_size unless q was capped at 1
-            loss_reduction="mean",
-            generator=noise,
+            noise_generator=noise,
             secure_mode=dp.secure_mode,
+            fast=dp.fast_samplers,
         )
-        accountant = RDPAccountant()
-        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=run.sample_rate))
+    except Exception as err:
+        raise _FirstStepFailed(f"grad_sample_mode={mode!r} could not be set up: {err!r}") from err
+    try:
+        accountant = RDPAccountant()  # counts the noisy steps actually taken
+        step.optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=run.sample_rate))
         sampler = UniformWithReplacementSampler(
             num_samples=len(dataset), sample_rate=run.sample_rate, generator=sampling, steps=run.steps
         )
         device = next(model.parameters()).device
         losses: list[float] = []
         examples_seen = 0
-        for step, rows in enumerate(sampler):
+        for i, rows in enumerate(sampler):
+            batch = dataset.batch(rows, device) if len(rows) else None
             try:
-                optimizer.zero_grad(set_to_none=True)
-                if len(rows) == 0:
-                    _noise_only_step(optimizer, ghost)
-                    _restore_rows(padding_rows)
-                    continue
-                batch = dataset.batch(rows, device)
-                per_window = window_losses(model, batch)
-                if mode == "ghost":
-                    DPTensorFastGradientClipping(hooks, optimizer, per_window, "mean").backward()
-                elif mode == "bookkeeping":
-                    per_window.mean().backward()
-                    hooks.write_clipped_grads()
-                else:
-                    per_window.mean().backward()
-                optimizer.step()
-                _restore_rows(padding_rows)
+                loss = step(batch)
             except Exception as err:
-                if step == 0:
-                    raise _FirstStepFailed(f"grad_sample_mode={mode!r} failed on the first step: {err!r}") from err
+                if i == 0:
+                    raise _FirstStepFailed(
+                        f"grad_sample_mode={mode!r} failed on the first step: {err!r}"
+                    ) from err
                 raise
-            losses.append(float(per_window.detach().mean()))
-            examples_seen += int((batch[4] != IGNORE).sum())
+            if loss is not None:
+                losses.append(loss)
+                examples_seen += int((batch[4] != IGNORE).sum())
         steps = sum(n for _, _, n in accountant.history)
-        return {"loss": float(np.mean(losses)) if losses else 0.0, "steps": steps, "examples_seen": examples_seen}
+        return {
+            "loss": float(np.mean(losses)) if losses else 0.0,
+            "steps": steps,
+            "examples_seen": examples_seen,
+        }
     finally:
-        _detach(hooks, model)
+        step.close()
 
 
 def train_local_private(

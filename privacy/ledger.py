@@ -85,7 +85,9 @@ class FileLedgerStorage:
             os.close(dir_fd)
 
 
-def _entry(noise_multiplier: float, sample_rate: float, steps: int, delta: float, at_ms: int, round: int | None) -> dict:
+def _entry(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, at_ms: int, round: int | None
+) -> dict:
     entry: dict[str, object] = {
         "noise_multiplier": float(noise_multiplier),
         "sample_rate": float(sample_rate),
@@ -104,8 +106,14 @@ def _parse(data: bytes) -> list[dict]:
         payload = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PrivacyError(f"privacy ledger is corrupt (not JSON): {err}") from None
-    if not isinstance(payload, dict) or payload.get("format") != LEDGER_FORMAT or not isinstance(payload.get("entries"), list):
-        raise PrivacyError(f"privacy ledger is corrupt or of an unknown format (expected format {LEDGER_FORMAT})")
+    if (
+        not isinstance(payload, dict)
+        or payload.get("format") != LEDGER_FORMAT
+        or not isinstance(payload.get("entries"), list)
+    ):
+        raise PrivacyError(
+            f"privacy ledger is corrupt or of an unknown format (expected format {LEDGER_FORMAT})"
+        )
     entries = []
     for i, raw in enumerate(payload["entries"]):
         try:
@@ -119,7 +127,9 @@ def _parse(data: bytes) -> list[dict]:
                 raise ValueError(f"bad at_ms {at_ms!r}")
             check_sgm(raw["noise_multiplier"], raw["sample_rate"], steps)
             check_delta(raw["delta"])
-            entries.append(_entry(raw["noise_multiplier"], raw["sample_rate"], steps, raw["delta"], at_ms, round_))
+            entries.append(
+                _entry(raw["noise_multiplier"], raw["sample_rate"], steps, raw["delta"], at_ms, round_)
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise PrivacyError(f"privacy ledger entry {i} is corrupt: {err!r}") from None
     return entries
@@ -129,7 +139,7 @@ class PrivacyLedger:
     """Record-level DP runs of one device, composed by RDP against a budget (budget_epsilon, delta)."""
 
     def __init__(self, storage: LedgerStorage, budget_epsilon: float, delta: float) -> None:
-        if not (isinstance(budget_epsilon, (int, float)) and budget_epsilon >= 0) or math.isnan(budget_epsilon):
+        if not isinstance(budget_epsilon, (int, float)) or not budget_epsilon >= 0:  # NaN fails >= too
             raise ValueError(f"budget_epsilon must be >= 0 (math.inf for no limit), got {budget_epsilon!r}")
         check_delta(delta)
         self.storage = storage
@@ -162,7 +172,12 @@ class PrivacyLedger:
         return epsilon_of([*self._runs(self._entries), (noise_multiplier, sample_rate, steps)], self.delta)
 
     def charge(
-        self, noise_multiplier: float, sample_rate: float, steps: int, round: int | None = None, at_ms: int | None = None
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        round: int | None = None,
+        at_ms: int | None = None,
     ) -> float:
         """Record a run and persist it, or raise BudgetExhausted; returns the new total epsilon.
 
