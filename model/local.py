@@ -197,7 +197,7 @@ def window_losses(model: RIB, batch: WindowBatch) -> torch.Tensor:
     if out.copy is not None:
         amounts = out.copy.gather(1, order[:, :, None].expand(-1, -1, out.copy.shape[-1]))
         copy = CopyTerm(amounts, items[:, None, :].expand(-1, slots, -1))
-    logits = model._logits(pooled, copy)  # (B, P, n_items + 1): the same scoring as training and evaluation
+    logits = model.logits(pooled, copy)  # (B, P, n_items + 1): the same scoring as training and evaluation
     losses = F.cross_entropy(
         logits.flatten(0, 1), slot_targets.flatten(), ignore_index=IGNORE, reduction="none"
     )

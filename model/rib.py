@@ -287,6 +287,10 @@ class RIB(nn.Module):
         entropy = -(targets * log_targets).sum(-1)
         return torch.log_softmax(projected, dim=-1) @ targets.T + entropy
 
+    def logits(self, pooled: torch.Tensor, copy: CopyTerm | None = None) -> torch.Tensor:
+        """Item scores (..., n_items + 1) of pooled vectors (..., hidden), copy term included when given."""
+        return self._logits(pooled, copy)
+
     def _unshift(self, values: torch.Tensor, shift: torch.Tensor, roll_last: bool) -> torch.Tensor:
         """Undo ``_left_align`` along dim 1 (and roll the key dim of (B, L, L) weights when ``roll_last``)."""
         steps = torch.arange(values.shape[1], device=values.device)
