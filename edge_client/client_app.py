@@ -154,6 +154,9 @@ def client_fn(context: Context, fed: FederationConfig | None = None) -> Client:
     fed = fed if fed is not None else FederationConfig.from_run_config(context.run_config)
     set_torch_threads(1)
     device_dir, vocab = device_and_vocab(context.node_config, fed)
+    if "device-dir" not in context.node_config and not device_dir.exists():
+        # A simulated slot whose sessions all fell in the test period has no store: nothing to train on.
+        raise TrainingRefused("no_data", f"simulated device {device_dir.name} has no store")
     rib_config = federated_rib_config(vocab, fed.data_type, fed.item_dim, fed.hidden_dim, fed.max_len)
     return RIBClient(DeviceTrainer(device_dir, vocab, rib_config), fed).to_client()
 

@@ -157,12 +157,16 @@ def bench_baselines(dataset: str, mapping: Path | None, out_dir: Path | None, mo
 # ------------------------------------------------------------------------------------------------
 # Model and device commands live beside this file; each imports torch / onnxruntime only when run.
 from rib_edge.cli_edge import bench_edge_command, edge_group  # noqa: E402
+from rib_edge.cli_fl import fl_group  # noqa: E402
 from rib_edge.cli_model import bench_accuracy_command, case_study_command, eval_command, train_command  # noqa: E402
+from rib_edge.cli_sim import simulate_command  # noqa: E402
 
 main.add_command(train_command)
 main.add_command(eval_command)
 main.add_command(case_study_command)
 main.add_command(edge_group)
+main.add_command(fl_group)
+main.add_command(simulate_command)
 bench.add_command(bench_accuracy_command)
 bench.add_command(bench_edge_command)
 
