@@ -167,19 +167,6 @@ class DeviceTrainer:
         self.store.close()
 
 
-def record_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Epsilon of one local DP-SGD run (for reports; the ledger composes runs itself)."""
-    from privacy.accountant import epsilon_for
-
-    return epsilon_for(noise_multiplier, sample_rate, steps, delta)
-
-
-def seeded(config: DeviceTrainingConfig, seed: int) -> DeviceTrainingConfig:
-    """The same config with the local training seed replaced (one seed per device and round)."""
-    local = LocalTrainConfig.from_dict({**config.local.to_dict(), "seed": int(seed)})
-    return DeviceTrainingConfig(**{**config.__dict__, "local": local})
-
-
 def set_torch_threads(n: int = 1) -> None:
     """Devices train with few threads (and simulations run many devices per core)."""
     torch.set_num_threads(max(1, int(n)))

@@ -75,11 +75,6 @@ def _server_round(msg) -> int:
         return 0
 
 
-def model_bytes(weights: list) -> int:
-    """Bytes of one copy of the model's weights on the wire (float32)."""
-    return int(sum(w.size for w in weights) * 4)
-
-
 def run_simulation_plan(
     plan: SimulationPlan, progress: Callable[[dict], None] | None = None
 ) -> dict[str, object]:
