@@ -76,12 +76,16 @@ def sampled_per_round(fed: FederationConfig, population: int) -> int:
 
 
 def weighted_fit_metrics(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-    """Example-weighted mean of the devices' scalar metrics (train_loss, seconds, ...)."""
+    """Example-weighted mean of the devices' training metrics; device timings as plain mean and max."""
     keys = sorted({k for _, m in metrics for k in m})
     out: dict[str, Scalar] = {}
     for key in keys:
         values = [(n, float(m[key])) for n, m in metrics if key in m]
-        out[key] = sum(n * v for n, v in values) / max(1, sum(n for n, _ in values)) if values else 0.0
+        if key == "seconds":  # a time per device, not per example: weighting by examples would skew it
+            out["seconds"] = sum(v for _, v in values) / len(values)
+            out["seconds_max"] = max(v for _, v in values)
+        else:
+            out[key] = sum(n * v for n, v in values) / max(1, sum(n for n, _ in values))
     out["devices"] = float(len(metrics))
     return out
 

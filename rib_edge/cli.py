@@ -156,6 +156,7 @@ def bench_baselines(dataset: str, mapping: Path | None, out_dir: Path | None, mo
 
 # ------------------------------------------------------------------------------------------------
 # Model and device commands live beside this file; each imports torch / onnxruntime only when run.
+from rib_edge.cli_bench_fl import bench_fl_command  # noqa: E402
 from rib_edge.cli_edge import bench_edge_command, edge_group  # noqa: E402
 from rib_edge.cli_fl import fl_group  # noqa: E402
 from rib_edge.cli_model import bench_accuracy_command, case_study_command, eval_command, train_command  # noqa: E402
@@ -169,6 +170,7 @@ main.add_command(fl_group)
 main.add_command(simulate_command)
 bench.add_command(bench_accuracy_command)
 bench.add_command(bench_edge_command)
+bench.add_command(bench_fl_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,867 @@
+"""``rib-edge bench fl``: centralized RIB vs federated RIB (FedAvg) vs FedAvg with user-level DP, like for like.
+
+One population (partitioned by user, so the federation is non-IID by user) is built once and serves every
+setting:
+
+- ``centralized``: a RIB with exactly the federation's model config (``federated_rib_config``: same sizes,
+  full softmax) trained by ``model.train`` on the population's ``split().train`` (the devices' training
+  sessions pooled; time-based validation and early stopping as the project trains everywhere);
+- ``fedavg``: the real Flower apps in the simulation engine (``simulations.engine.simulate``), no DP;
+- ``fedavg+dp``: the same with user-level DP (client-side fixed clipping, server Gaussian noise) at every
+  target epsilon, delta = 1 / N, the noise multiplier set by the accountant for the planned rounds.
+
+Every model is scored by the SAME ``aggregator.evaluation.CentralEvaluator`` (same held-out examples, same
+sample) that the federated server uses each round. Federated runs are evaluated again from their final
+checkpoint to get per-example ranks, for a paired bootstrap of (federated - centralized) Recall@20.
+
+Outputs in ``out_dir``: ``fl.json`` (``rows``, ``dp_step_ratio``, ``targets``, ``round_time_breakdown``,
+``bootstrap``), ``fl.md``, ``fl_recall_vs_round.png``, ``fl_epsilon_vs_round.png`` and ``runs/<setting>/``
+(each run's per-round metrics and settings). The population, checkpoints and Ray logs go to ``work_dir``
+(default ``out_dir``); a finished setting found there is reused, a killed one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+FEDAVG_TARGET = 0.95  # issue 6: federated (no DP) Recall@20 >= 0.95 x centralized
+DP_TARGET = 0.90  # issue 6: user-level DP at epsilon <= 8 >= 0.90 x centralized non-private
+DP_TARGET_MAX_EPSILON = 8.0
+DP_STEP_TARGET = 2.0  # issue 6: DP-SGD step time / non-private step time
+DATA_TYPE = "SKU+Micro"
+MAX_LEN = 50  # FederationConfig's default window, so the centralized model is the federation's model
+RESULTS_ROOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+DP_STEP_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "dp_step.py"
+
+Progress = Callable[[str], None]
+
+
+def _say(progress: Progress | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def setting_dir_name(setting: str, epsilon: float | None) -> str:
+    """Directory of one setting's run: ``fedavg``, ``fedavg-dp-eps8`` ... (no '+' or '.' in names)."""
+    if epsilon is None:
+        return setting.replace("+", "-")
+    return f"{setting.replace('+', '-')}-eps{epsilon:g}".replace(".", "p")
+
+
+# ---- settings -------------------------------------------------------------------------------------------
+
+
+def base_settings(
+    dataset: str,
+    rounds: int,
+    fraction: float,
+    local_steps: int,
+    item_dim: int,
+    hidden_dim: int,
+    seed: int,
+    batch_size: int,
+    learning_rate: float,
+    eval_max_examples: int,
+    devices: int | None,
+    min_devices: int,
+) -> dict[str, object]:
+    """The simulation settings every federated row shares: the "smoke" preset's defaults, overridden."""
+    from simulations.presets import load_preset
+
+    settings = load_preset("smoke")  # no heterogeneity: this benchmark measures utility, not faults
+    settings.update(
+        {
+            "name": "bench-fl",
+            "description": "rib-edge bench fl: centralized vs FedAvg vs FedAvg + user-level DP",
+            "dataset": dataset,
+            "partition": "user",
+            "devices": devices,
+            "min_examples": 1,
+            "rounds": int(rounds),
+            "fraction": float(fraction),
+            "min_devices": int(min_devices),
+            "local_steps": int(local_steps),
+            "batch_size": int(batch_size),
+            "learning_rate": float(learning_rate),
+            "strategy": "fedavg",
+            "dp_epsilon": None,
+            "dp_delta": None,  # 1 / N
+            "seed": int(seed),
+            # Read by simulations.engine.federation_from when present:
+            "item_dim": int(item_dim),
+            "hidden_dim": int(hidden_dim),
+            "eval_max_examples": int(eval_max_examples),
+        }
+    )
+    return settings
+
+
+def _normalized(data: object) -> object:
+    """What ``data`` looks like after a JSON round trip (to compare with a stored settings.json)."""
+    return json.loads(json.dumps(data, default=str, sort_keys=True))
+
+
+# ---- running one federated setting ----------------------------------------------------------------------
+
+
+def run_federated(
+    settings: Mapping[str, object],
+    run_dir: Path,
+    population_dir: Path,
+    fed_overrides: Mapping[str, object] | None = None,
+    num_cpus: int = 2,
+    progress: Progress | None = None,
+) -> dict[str, object]:
+    """Run (resume, or reuse when finished) one federated setting; returns its summary.
+
+    Without ``fed_overrides`` this is ``simulations.engine.simulate``. Overrides (FederationConfig fields
+    ``federation_from`` does not read, e.g. FedAdam's ``server_lr``) go through the same plan and runner.
+    """
+    from simulations.engine import (
+        SimulationPlan,
+        federation_from,
+        heterogeneity_from,
+        plot_metrics,
+        read_metrics,
+        run_simulation_plan,
+        simulate,
+    )
+    from simulations.population import open_population
+
+    overrides = dict(fed_overrides or {})
+    stored = dict(settings)
+    if overrides:
+        stored["federation_overrides"] = overrides
+    summary_path, settings_path = run_dir / "summary.json", run_dir / "settings.json"
+    if summary_path.exists() and settings_path.exists():
+        done = json.loads(summary_path.read_text())
+        same = json.loads(settings_path.read_text()) == _normalized(stored)
+        if same and int(done.get("rounds", 0)) >= int(settings["rounds"]):  # type: ignore[arg-type]
+            _say(progress, f"  reusing the finished run in {run_dir}")
+            return done
+    started = time.perf_counter()
+
+    def on_round(row: dict) -> None:
+        eps = row.get("epsilon")
+        _say(
+            progress,
+            f"  [{time.perf_counter() - started:7.1f}s] round {row['round']:>3}: "
+            f"recall@20={row.get('recall@20', float('nan')):.4f} mrr@20={row.get('mrr@20', float('nan')):.4f} "
+            f"eps={'-' if eps is None else f'{eps:.2f}'} participants={row.get('participants', '-')} "
+            f"round_s={row.get('seconds', 0.0):.1f}",
+        )
+
+    if not overrides:
+        return simulate(
+            settings, run_dir, population_dir=population_dir, num_cpus=num_cpus, progress=on_round
+        )
+    population = open_population(population_dir)
+    fed = replace(federation_from(settings, population_dir, run_dir, population.n_devices), **overrides)
+    fed.validate()
+    plan = SimulationPlan(
+        population_dir,
+        run_dir,
+        fed,
+        heterogeneity_from(settings),
+        population.n_devices,
+        num_cpus=num_cpus,
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings_path.write_text(json.dumps(stored, indent=2, default=str))
+    summary = run_simulation_plan(plan, on_round)
+    summary["population"] = population.info.raw
+    summary["plots"] = plot_metrics(read_metrics(run_dir / "metrics.jsonl"), run_dir)
+    summary_path.write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+# ---- evaluation with per-example ranks --------------------------------------------------------------------
+
+
+def evaluator_ranks(evaluator, weights: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-example target ranks of ``weights`` on the evaluator's own examples (its scoring path, kept ranks)."""
+    from model.evaluate import evaluate
+    from model.local import set_weights
+    from model.rib import RIB
+    from model.train import RIBRecommender, TrainConfig
+
+    model = RIB(evaluator.rib_config)
+    set_weights(model, list(weights))
+    model.to(evaluator.device).eval()
+    rec = RIBRecommender(evaluator.rib_config, TrainConfig(device=str(evaluator.device)))
+    rec.model = model
+    return evaluate(rec, evaluator.test, examples=evaluator.examples).ranks
+
+
+def recall_hits(ranks: np.ndarray, k: int = 20) -> np.ndarray:
+    """Per-example Recall@k (0/1)."""
+    return (np.asarray(ranks) <= k).astype(np.float64)
+
+
+def paired_ratio_ci(
+    a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """mean(a) / mean(b) over the same examples, with a paired percentile bootstrap interval."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, a.size, a.size)
+        denominator = b[idx].mean()
+        ratios.append(a[idx].mean() / denominator if denominator > 0 else math.nan)
+    alpha = (1 - level) / 2
+    point = a.mean() / b.mean() if b.mean() > 0 else math.nan
+    return float(point), float(np.nanquantile(ratios, alpha)), float(np.nanquantile(ratios, 1 - alpha))
+
+
+# ---- centralized baseline ------------------------------------------------------------------------------
+
+
+def train_centralized(
+    population,
+    rib_config,
+    evaluator,
+    run_dir: Path,
+    epochs: int,
+    seed: int,
+    w2v_init: bool,
+    progress: Progress | None = None,
+) -> tuple[dict[str, object], np.ndarray]:
+    """Train RIB on the pooled training sessions, score it with ``evaluator``; (result, per-example ranks)."""
+    from model.local import get_weights
+    from model.train import TrainConfig, train_rib
+
+    train_config = TrainConfig(epochs=epochs, seed=seed, num_threads=1, w2v_init=w2v_init)
+    key = _normalized({"rib_config": rib_config.to_dict(), "train_config": train_config.to_dict()})
+    result_path, ranks_path = run_dir / "result.json", run_dir / "ranks.npy"
+    if result_path.exists() and ranks_path.exists():
+        stored = json.loads(result_path.read_text())
+        if stored.get("key") == key and stored.get("eval_examples") == len(evaluator.examples):
+            _say(progress, f"  reusing the centralized result in {run_dir}")
+            return stored, np.load(ranks_path)
+    split = population.split()
+    started = time.perf_counter()
+    rec, history = train_rib(split.train, rib_config, train_config, progress=False)
+    train_seconds = time.perf_counter() - started
+    weights = get_weights(rec.model)
+    loss, metrics = evaluator(0, weights, {})
+    ranks = evaluator_ranks(evaluator, weights)
+    result = {
+        "key": key,
+        "recall@20": metrics["recall@20"],
+        "mrr@20": metrics["mrr@20"],
+        "loss": loss,
+        "eval_examples": len(evaluator.examples),
+        "train_sessions": split.train.n_sessions,
+        "epochs_run": len(history.get("epochs", [])),
+        "best_epoch": history.get("best_epoch"),
+        "steps": history.get("steps"),
+        "best_val_recall@20": history.get("best_val_recall@20"),
+        "w2v_init": w2v_init,
+        "train_seconds": train_seconds,
+        "ranks_match_evaluator": bool(abs(recall_hits(ranks).mean() - metrics["recall@20"]) < 1e-9),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.save(ranks_path, ranks)
+    result_path.write_text(json.dumps(result, indent=2, default=float))
+    return result, ranks
+
+
+# ---- round-time breakdown ------------------------------------------------------------------------------
+
+
+def aggregation_seconds(fed, population: int, participants: int, reps: int = 3) -> float:
+    """Median wall time of the server's aggregate_fit (RoundRecorder over FedAvg, DP wrapper if on) for m updates."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from aggregator.server_app import initial_weights
+    from aggregator.strategy import build_strategy
+    from edge_client.training import federated_rib_config
+    from model.data.dataset import SplitData
+
+    vocab = SplitData.load(fed.eval_split_path()).vocab
+    weights = initial_weights(
+        fed, federated_rib_config(vocab, fed.data_type, fed.item_dim, fed.hidden_dim, fed.max_len)
+    )
+    rng = np.random.default_rng(0)
+    m = max(1, participants)
+    results = []
+    for _ in range(m):
+        update = [(w + rng.normal(0, 1e-3, w.shape)).astype(np.float32) for w in weights]
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), 1, {"seconds": 0.0})
+        results.append((None, res))
+    noise = 1.0 if fed.dp == "user" else 0.0
+    times = []
+    for _ in range(reps):
+        strategy = build_strategy(fed, weights, None, population, noise)
+        t0 = time.perf_counter()
+        strategy.aggregate_fit(1, results, [])
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))
+
+
+def round_time_breakdown(rows: list[dict], num_cpus: int, aggregation_s: float | None) -> dict[str, object]:
+    """Medians over a run's rounds: round, fit (device train + transport + aggregation), eval, device train."""
+    fit_rows = [r for r in rows if r.get("round", 0) > 0]
+    if not fit_rows:
+        return {}
+
+    def median(values: list[float]) -> float | None:
+        values = [float(v) for v in values if v is not None]
+        return float(statistics.median(values)) if values else None
+
+    device_s = [r.get("fit_metrics", {}).get("seconds") for r in fit_rows]
+    per_round_compute = [
+        float(r["fit_metrics"]["seconds"]) * int(r.get("participants", 0))
+        for r in fit_rows
+        if r.get("fit_metrics", {}).get("seconds") is not None
+    ]
+    fit_s = median([r.get("fit_seconds") for r in fit_rows])
+    compute_s = median(per_round_compute)
+    # Devices train concurrently in num_cpus Ray workers (1 CPU each): the round's critical path of device
+    # compute is roughly the summed local training time over the workers; the rest of fit is transport,
+    # (de)serialisation, actor scheduling and aggregation.
+    critical = None if compute_s is None else compute_s / max(1, num_cpus)
+    transport = None
+    if fit_s is not None and critical is not None:
+        transport = max(0.0, fit_s - critical - (aggregation_s or 0.0))
+    return {
+        "rounds": len(fit_rows),
+        "round_seconds": median([r.get("seconds") for r in fit_rows]),
+        "fit_seconds": fit_s,
+        "eval_seconds": median([r.get("eval_seconds") for r in fit_rows]),
+        "device_train_seconds_per_device": median(device_s),
+        "participants_per_round": median([r.get("participants") for r in fit_rows]),
+        "device_train_seconds_per_round_summed": compute_s,
+        "parallel_device_workers": num_cpus,
+        "device_train_seconds_per_round_critical_path": critical,
+        "aggregation_seconds": aggregation_s,
+        "transport_and_overhead_seconds_estimate": transport,
+    }
+
+
+# ---- DP-SGD step ratio ---------------------------------------------------------------------------------
+
+
+def dp_step_ratio(
+    json_path: Path | None = None, measure: bool = True, dataset: str = "jdata2016_sample", progress=None
+) -> dict[str, object]:
+    """The DP-SGD / non-private step-time ratio: from ``benchmarks/results/dp_step/dp_step.json``, else measured."""
+    path = json_path or RESULTS_ROOT / "dp_step" / "dp_step.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        if "dp_step_ratio" in data:
+            return {"value": data["dp_step_ratio"], "source": _shown(path)}
+        runs = data.get("runs") or []
+        if runs:
+            run = runs[0]  # the dataset's own catalogue
+            best = run.get("best") or min(run["configs"], key=lambda n: run["configs"][n]["ratio"])
+            return {
+                "value": run["configs"][best]["ratio"],
+                "config": best,
+                "n_items": run.get("n_items"),
+                "source": _shown(path),
+            }
+    if not measure or not DP_STEP_SCRIPT.exists():
+        return {"value": None, "source": "not measured"}
+    _say(progress, f"no {path}: measuring the DP-SGD step ratio with a small budget")
+    return _measure_dp_step(dataset)
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository when inside it (results stay portable)."""
+    try:
+        return str(path.resolve().relative_to(RESULTS_ROOT.parents[1]))
+    except ValueError:
+        return str(path)
+
+
+def _measure_dp_step(dataset: str) -> dict[str, object]:
+    """Run benchmarks/dp_step.py's measuring function on the dataset's catalogue with few repetitions."""
+    import argparse
+    import importlib.util
+    import warnings
+
+    # By path: opacus ships a top-level ``benchmarks`` package that shadows the repo's directory.
+    spec = importlib.util.spec_from_file_location("rib_edge_dp_step_bench", DP_STEP_SCRIPT)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    args = argparse.Namespace(batch_size=32, max_len=50, item_dim=64, hidden=100, reps=5, warmup=1, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data, name = module.load_data(dataset, 1)
+        run = module.run(args, data, name, 0)
+    best = run["best"]
+    return {
+        "value": run["configs"][best]["ratio"],
+        "config": best,
+        "n_items": run["n_items"],
+        "source": "measured here (benchmarks/dp_step.py run(), 5 reps)",
+    }
+
+
+# ---- the benchmark --------------------------------------------------------------------------------------
+
+
+def bench_fl(
+    dataset: str = "jdata2016_sample",
+    out_dir: str | Path = RESULTS_ROOT / "fl",
+    rounds: int = 15,
+    fraction: float = 0.2,
+    local_steps: int = 5,
+    epsilons: Sequence[float] = (1.0, 4.0, 8.0),
+    item_dim: int = 32,
+    hidden_dim: int = 64,
+    seed: int = 0,
+    progress: Progress | None = None,
+    *,
+    work_dir: str | Path | None = None,
+    devices: int | None = None,
+    min_devices: int = 2,
+    batch_size: int = 32,
+    learning_rate: float = 5e-3,  # the centralized trainer's lr (the presets' 1e-3 barely moves FedAvg in 15 rounds)
+    eval_max_examples: int = 5000,
+    centralized_epochs: int = 30,
+    w2v_init: bool = True,
+    variants: Sequence[Mapping[str, object]] = (),
+    num_cpus: int = 2,
+    n_boot: int = 1000,
+    dp_step_json: str | Path | None = None,
+    measure_dp_step: bool = True,
+) -> dict[str, object]:
+    """Run every setting on one population and write fl.json, fl.md and the plots; returns fl.json's object.
+
+    ``variants``: extra federated runs reported beside the table (not in ``rows``), each a mapping with
+    ``name``, optional simulation-setting overrides (``strategy``, ``local_steps``, ``learning_rate``,
+    ``rounds``, ``fraction``, ``dp_epsilon`` ...) and optional ``fed`` (FederationConfig field overrides,
+    e.g. ``{"server_lr": 0.05}``).
+    """
+    from aggregator.checkpoint import CheckpointStore
+    from aggregator.evaluation import CentralEvaluator
+    from aggregator.strategy import sampled_per_round
+    from edge_client.training import federated_rib_config
+    from model.evaluate import paired_bootstrap_diff
+    from simulations.engine import federation_from, read_metrics
+    from simulations.population import build_population, open_population
+
+    wall_started = time.perf_counter()
+    out = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else out
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    pop_dir = work / "population"
+
+    # 1. One population, partitioned by user, for every setting.
+    t0 = time.perf_counter()
+    _say(progress, f"population: {dataset} by user -> {pop_dir}")
+    build_population(dataset, pop_dir, partition="user", max_devices=devices, seed=seed, min_examples=1)
+    population = open_population(pop_dir)
+    n = population.n_devices
+    split = population.split()
+    timings: dict[str, float] = {"population_seconds": time.perf_counter() - t0}
+    settings = base_settings(
+        dataset, rounds, fraction, local_steps, item_dim, hidden_dim, seed, batch_size, learning_rate,
+        eval_max_examples, devices, min_devices,
+    )  # fmt: skip
+    fed0 = federation_from(settings, pop_dir, work / "fedavg", n)
+    rib_config = federated_rib_config(split.vocab, DATA_TYPE, item_dim, hidden_dim, fed0.max_len)
+    # The server's evaluator, built exactly as aggregator.server_app.make_run builds it.
+    evaluator = CentralEvaluator(split.test, rib_config, fed0.eval_max_examples, fed0.seed)
+    _say(
+        progress,
+        f"  {n} devices ({population.info.n_ok} with data), {split.vocab.n_items} items, "
+        f"{split.train.n_sessions} training sessions, {len(evaluator.examples)} evaluation examples",
+    )
+
+    # 2. Centralized.
+    _say(progress, f"centralized: RIB {DATA_TYPE}, item_dim {item_dim}, hidden {hidden_dim}, full softmax")
+    t0 = time.perf_counter()
+    central, central_ranks = train_centralized(
+        population, rib_config, evaluator, work / "centralized", centralized_epochs, seed, w2v_init, progress
+    )
+    timings["centralized_seconds"] = time.perf_counter() - t0
+    central_hits = recall_hits(central_ranks)
+    _say(progress, f"  centralized recall@20={central['recall@20']:.4f} mrr@20={central['mrr@20']:.4f}")
+
+    # 3. Federated settings.
+    plan: list[tuple[str, float | None, dict[str, object], dict[str, object]]] = [("fedavg", None, {}, {})]
+    plan += [("fedavg+dp", float(e), {"dp_epsilon": float(e)}, {}) for e in epsilons]
+    for variant in variants:
+        extra = {k: v for k, v in variant.items() if k not in ("name", "fed")}
+        fed_over = dict(variant.get("fed", {}))  # type: ignore[call-overload]
+        eps = extra.get("dp_epsilon")
+        plan.append((str(variant["name"]), None if eps is None else float(eps), extra, fed_over))  # type: ignore[arg-type]
+    rows: list[dict[str, object]] = [
+        {
+            "setting": "centralized",
+            "epsilon": None,
+            "delta": None,
+            "rounds": None,
+            "epochs": central["epochs_run"],
+            "recall@20": central["recall@20"],
+            "mrr@20": central["mrr@20"],
+            "ratio_to_centralized": 1.0,
+            "eval_examples": central["eval_examples"],
+            "train_seconds": central["train_seconds"],
+        }
+    ]
+    variant_rows: list[dict[str, object]] = []
+    breakdown: dict[str, object] = {}
+    bootstrap: dict[str, object] = {}
+    curves: dict[
+        str, tuple[str, float | None, list[dict]]
+    ] = {}  # label -> (variant name or "", target eps, rows)
+    n_main = 1 + len(epsilons)
+    for index, (name, eps, extra, fed_over) in enumerate(plan):
+        is_variant = index >= n_main
+        run_settings = {**settings, **extra}
+        label = name if is_variant else setting_dir_name(name, eps)
+        run_dir = work / (f"variant-{label}" if is_variant else label)
+        _say(progress, f"{name}{'' if eps is None else f' (target epsilon {eps:g})'}: {run_dir}")
+        t0 = time.perf_counter()
+        summary = run_federated(run_settings, run_dir, pop_dir, fed_over, num_cpus, progress)
+        run_seconds = time.perf_counter() - t0
+        metrics_rows = read_metrics(run_dir / "metrics.jsonl")
+        curves[label] = (name if is_variant else "", eps, metrics_rows)
+        last = metrics_rows[-1] if metrics_rows else {}
+        final_round = int(last.get("round", 0))
+        weights = CheckpointStore(run_dir / "checkpoints").load(final_round).weights
+        ranks = evaluator_ranks(evaluator, weights)
+        hits = recall_hits(ranks)
+        diff, low, high = paired_bootstrap_diff(hits, central_hits, n_boot=n_boot, seed=seed)
+        ratio, r_low, r_high = paired_ratio_ci(hits, central_hits, n_boot=n_boot, seed=seed)
+        bootstrap[label] = {
+            "recall@20_minus_centralized": diff,
+            "ci95": [low, high],
+            "ratio_to_centralized": ratio,
+            "ratio_ci95": [r_low, r_high],
+            "n_examples": int(hits.size),
+            "n_boot": n_boot,
+            "checkpoint_round": final_round,
+            "checkpoint_matches_last_row": bool(abs(hits.mean() - float(last.get("recall@20", -1))) < 1e-9),
+        }
+        fed = federation_from(run_settings, pop_dir, run_dir, n)
+        if fed_over:
+            fed = replace(fed, **fed_over)
+        m = sampled_per_round(fed, n)
+        agg_s = aggregation_seconds(fed, n, m)
+        breakdown[label] = round_time_breakdown(metrics_rows, num_cpus, agg_s)
+        # Summed round times survive reuse and resume; the wall time is this call's only (0 when reused).
+        breakdown[label]["rounds_seconds_total"] = sum(float(r.get("seconds", 0.0)) for r in metrics_rows)
+        breakdown[label]["wall_seconds_this_invocation"] = run_seconds
+        row = {
+            "setting": name,
+            "epsilon": last.get("epsilon") if eps is not None else None,
+            "target_epsilon": eps,
+            "delta": last.get("delta") if eps is not None else None,
+            "rounds": int(summary.get("rounds", final_round)),  # type: ignore[arg-type]
+            "recall@20": float(last.get("recall@20", math.nan)),
+            "mrr@20": float(last.get("mrr@20", math.nan)),
+            "ratio_to_centralized": float(last.get("recall@20", math.nan)) / central["recall@20"],
+            "devices_per_round": m,
+            "local_steps": int(run_settings["local_steps"]),  # type: ignore[arg-type]
+            "strategy": fed.strategy,
+            "noise_multiplier": _noise_multiplier(fed, n) if eps is not None else 0.0,
+            "run_dir": label,
+        }
+        if is_variant:
+            row["overrides"] = {**extra, **({"fed": fed_over} if fed_over else {})}
+            variant_rows.append(row)
+        else:
+            rows.append(row)
+        _say(
+            progress,
+            f"  {name}: recall@20={row['recall@20']:.4f} ({row['ratio_to_centralized']:.3f} x centralized), "
+            f"eps={row['epsilon']}, {run_seconds:.0f}s",
+        )
+        _copy_run(run_dir, out / "runs" / label)
+        timings[f"{label}_seconds"] = run_seconds
+
+    dp_step = dp_step_ratio(Path(dp_step_json) if dp_step_json else None, measure_dp_step, dataset, progress)
+    result: dict[str, object] = {
+        "benchmark": "fl",
+        "dataset": dataset,
+        "rows": rows,
+        "variants": variant_rows,
+        "dp_step_ratio": dp_step.get("value"),
+        "dp_step": dp_step,
+        "targets": targets(rows, variant_rows, dp_step.get("value")),
+        "round_time_breakdown": breakdown,
+        "bootstrap": bootstrap,
+        "population": {
+            "devices": n,
+            "devices_with_data": population.info.n_ok,
+            "partition": population.info.partition,
+            "items": split.vocab.n_items,
+            "train_sessions": split.train.n_sessions,
+            "eval_examples": len(evaluator.examples),
+        },
+        "config": {
+            "rounds": rounds,
+            "fraction": fraction,
+            "local_steps": local_steps,
+            "local_batch_size": batch_size,
+            "local_lr": learning_rate,
+            "epsilons": list(epsilons),
+            "item_dim": item_dim,
+            "hidden_dim": hidden_dim,
+            "max_len": fed0.max_len,
+            "data_type": DATA_TYPE,
+            "dp_clipping_norm": fed0.dp_clipping_norm,
+            "eval_max_examples": eval_max_examples,
+            "centralized_epochs": centralized_epochs,
+            "w2v_init_centralized": w2v_init,
+            "seed": seed,
+            "num_cpus": num_cpus,
+        },
+        "centralized": {k: v for k, v in central.items() if k != "key"},
+        # This call's wall times: a reused setting costs only its re-scoring here (see rounds_seconds_total).
+        "timings_this_invocation": {**timings, "total_seconds": time.perf_counter() - wall_started},
+        "environment": {"python": platform.python_version(), "machine": platform.machine()},
+    }
+    (out / "fl.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (out / "fl.md").write_text(markdown(result))
+    result["plots"] = plot_curves(curves, central["recall@20"], out)
+    (out / "fl.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return result
+
+
+def _noise_multiplier(fed, population: int) -> float:
+    """The noise multiplier the server's accountant picks for this run (as make_run computes it)."""
+    from aggregator.strategy import sampled_per_round
+    from privacy.accountant import noise_for_epsilon
+
+    if fed.dp_noise_multiplier:
+        return float(fed.dp_noise_multiplier)
+    delta = fed.dp_delta or 1.0 / population
+    rate = min(1.0, sampled_per_round(fed, population) / population)
+    return float(noise_for_epsilon(fed.dp_epsilon, rate, fed.num_server_rounds, delta))
+
+
+def _copy_run(run_dir: Path, dest: Path) -> None:
+    """Keep a run's small outputs (per-round metrics, settings, summary) beside fl.json."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "settings.json", "summary.json"):
+        if (run_dir / name).exists() and run_dir.resolve() != dest.resolve():
+            shutil.copyfile(run_dir / name, dest / name)
+
+
+def targets(rows: list[dict], variant_rows: list[dict], dp_ratio: float | None) -> dict[str, object]:
+    """Issue 6's targets, met or not, from the table's rows (variants are reported, not counted)."""
+    fedavg = next((r for r in rows if r["setting"] == "fedavg"), None)
+    dp_rows = [
+        r
+        for r in rows
+        if r["setting"] == "fedavg+dp"
+        and r["epsilon"] is not None
+        and r["epsilon"] <= DP_TARGET_MAX_EPSILON + 1e-9
+    ]
+    best_dp = max(dp_rows, key=lambda r: r["ratio_to_centralized"], default=None)
+    out: dict[str, object] = {
+        "fedavg_recall_ratio": {
+            "target": FEDAVG_TARGET,
+            "value": None if fedavg is None else fedavg["ratio_to_centralized"],
+            "met": fedavg is not None and fedavg["ratio_to_centralized"] >= FEDAVG_TARGET,
+        },
+        "dp_recall_ratio_at_epsilon_le_8": {
+            "target": DP_TARGET,
+            "value": None if best_dp is None else best_dp["ratio_to_centralized"],
+            "epsilon": None if best_dp is None else best_dp["epsilon"],
+            "met": best_dp is not None and best_dp["ratio_to_centralized"] >= DP_TARGET,
+            "per_epsilon": {
+                f"{r['target_epsilon']:g}": {
+                    "ratio": r["ratio_to_centralized"],
+                    "met": r["ratio_to_centralized"] >= DP_TARGET,
+                }
+                for r in dp_rows
+            },
+        },
+        "dp_step_ratio": {
+            "target": DP_STEP_TARGET,
+            "value": dp_ratio,
+            "met": dp_ratio is not None and dp_ratio <= DP_STEP_TARGET,
+        },
+    }
+    best_variant = max(
+        (r for r in variant_rows if r.get("epsilon") is None),
+        key=lambda r: r["ratio_to_centralized"],
+        default=None,
+    )
+    if best_variant is not None:
+        out["best_non_private_variant"] = {
+            "name": best_variant["setting"],
+            "ratio": best_variant["ratio_to_centralized"],
+            "meets_fedavg_target": best_variant["ratio_to_centralized"] >= FEDAVG_TARGET,
+        }
+    return out
+
+
+# ---- reports --------------------------------------------------------------------------------------------
+
+
+def _fmt(value: object, digits: int = 4) -> str:
+    if value is None:
+        return "∞"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def markdown(result: Mapping[str, object]) -> str:
+    """The utility/epsilon table, the targets, the bootstrap intervals and the round-time breakdown."""
+    pop, cfg = result["population"], result["config"]  # type: ignore[index]
+    lines = [
+        f"# Federated RIB vs centralized: {result['dataset']}",
+        "",
+        f"{pop['devices']} devices (partitioned by user; {pop['devices_with_data']} with data), "  # type: ignore[index]
+        f"{pop['items']} items, {pop['train_sessions']} training sessions; every model scored by the server's "  # type: ignore[index]
+        f"CentralEvaluator on the same {pop['eval_examples']} held-out examples. "  # type: ignore[index]
+        f"RIB {cfg['data_type']}, item_dim {cfg['item_dim']}, hidden {cfg['hidden_dim']}, full softmax. "  # type: ignore[index]
+        f"Federated: {cfg['rounds']} rounds, fraction {cfg['fraction']}, {cfg['local_steps']} local Adam steps "  # type: ignore[index]
+        f"(batch {cfg['local_batch_size']}, lr {cfg['local_lr']}); user-level DP clips updates to "  # type: ignore[index]
+        f"{cfg['dp_clipping_norm']} and delta = 1/N.",  # type: ignore[index]
+        "",
+        "| setting | epsilon | delta | rounds | Recall@20 | MRR@20 | ratio to centralized | noise multiplier |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:  # type: ignore[attr-defined]
+        delta = "-" if row["delta"] is None else f"{row['delta']:.2e}"
+        sigma = f"{row['noise_multiplier']:.3f}" if row.get("noise_multiplier") else "-"
+        rounds = "-" if row["rounds"] is None else str(row["rounds"])
+        eps = _fmt(row["epsilon"], 2)
+        lines.append(
+            f"| {row['setting']} | {eps} | {delta} | {rounds} | {row['recall@20']:.4f} | {row['mrr@20']:.4f} "
+            f"| {row['ratio_to_centralized']:.3f} | {sigma} |"
+        )
+    variants = result.get("variants") or []
+    if variants:
+        lines += ["", "Variants (tried to improve utility; not in `rows`):", ""]
+        lines += [
+            "| variant | overrides | epsilon | rounds | Recall@20 | MRR@20 | ratio |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in variants:  # type: ignore[attr-defined]
+            lines.append(
+                f"| {row['setting']} | `{json.dumps(row['overrides'])}` | {_fmt(row['epsilon'], 2)} | {row['rounds']} "
+                f"| {row['recall@20']:.4f} | {row['mrr@20']:.4f} | {row['ratio_to_centralized']:.3f} |"
+            )
+    t = result["targets"]  # type: ignore[index]
+    lines += ["", "## Targets (issue 6)", ""]
+    lines.append(
+        f"- FedAvg Recall@20 >= {FEDAVG_TARGET} x centralized: {_fmt(t['fedavg_recall_ratio']['value'], 3)} "  # type: ignore[index]
+        f"-> {'met' if t['fedavg_recall_ratio']['met'] else 'NOT met'}"  # type: ignore[index]
+    )
+    dp = t["dp_recall_ratio_at_epsilon_le_8"]  # type: ignore[index]
+    lines.append(
+        f"- FedAvg + user-level DP at epsilon <= 8 >= {DP_TARGET} x centralized: best {_fmt(dp['value'], 3)} "  # type: ignore[index]
+        f"(epsilon {_fmt(dp['epsilon'], 2)}) -> {'met' if dp['met'] else 'NOT met'}"  # type: ignore[index]
+    )
+    step = t["dp_step_ratio"]  # type: ignore[index]
+    lines.append(
+        f"- DP-SGD step / non-private step <= {DP_STEP_TARGET}x: {_fmt(step['value'], 2)} "  # type: ignore[index]
+        f"-> {'met' if step['met'] else 'NOT met'} (source: {result['dp_step'].get('source')})"  # type: ignore[index, union-attr]
+    )
+    lines += ["", "## Paired bootstrap (95%): federated - centralized Recall@20, same examples", ""]
+    lines += ["| run | difference | 95% interval | ratio | ratio 95% interval |", "|---|---:|---:|---:|---:|"]
+    for label, b in result["bootstrap"].items():  # type: ignore[attr-defined]
+        lines.append(
+            f"| {label} | {b['recall@20_minus_centralized']:+.4f} | [{b['ci95'][0]:+.4f}, {b['ci95'][1]:+.4f}] "
+            f"| {b['ratio_to_centralized']:.3f} | [{b['ratio_ci95'][0]:.3f}, {b['ratio_ci95'][1]:.3f}] |"
+        )
+    lines += ["", "## Round-time breakdown (medians over rounds, seconds)", ""]
+    lines += [
+        "| run | round | fit | eval | device train / device | devices | device train / round (summed) "
+        "| critical path | aggregation | transport + overhead (est.) | all rounds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, b in result["round_time_breakdown"].items():  # type: ignore[attr-defined]
+        cells = [
+            b.get(k)
+            for k in (
+                "round_seconds", "fit_seconds", "eval_seconds", "device_train_seconds_per_device",
+                "participants_per_round", "device_train_seconds_per_round_summed",
+                "device_train_seconds_per_round_critical_path", "aggregation_seconds",
+                "transport_and_overhead_seconds_estimate", "rounds_seconds_total",
+            )
+        ]  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join("-" if c is None else f"{c:.3g}" for c in cells) + " |")
+    lines += [
+        "",
+        f"Centralized training took {result['centralized']['train_seconds']:.0f} s "  # type: ignore[index]
+        f"({result['centralized']['epochs_run']} epochs, 1 thread). "  # type: ignore[index]
+        "`fit` is the server's whole fit phase (send, device training in "
+        f"{cfg['num_cpus']} Ray workers, receive, aggregate); `critical path` = summed device training / workers; "  # type: ignore[index]
+        "`aggregation` is the server's aggregate_fit for that many updates, timed separately; the rest of `fit` "
+        "is transport, (de)serialisation and scheduling. `device train / device` is the devices' own "
+        "reported local training time (store read included), averaged per round weighted by examples "
+        "without DP (devices report their example count) and unweighted under DP (uniform weights), so the "
+        "transport estimate is coarse (clamped at 0).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(
+    curves: Mapping[str, tuple[str, float | None, list[dict]]], central_recall: float, out: Path
+) -> list[str]:
+    """fl_recall_vs_round.png (every run, variants dashed, centralized as a line) and fl_epsilon_vs_round.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {label: f"C{i % 10}" for i, label in enumerate(curves)}  # one colour per run in both plots
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, (variant, target, rows) in curves.items():
+        points = [(r["round"], r["recall@20"]) for r in rows if r.get("recall@20") is not None]
+        if not points:
+            continue
+        if variant:
+            name = f"variant: {variant}" + ("" if target is None else f" (ε = {target:g})")
+        else:
+            name = "FedAvg (ε = ∞)" if target is None else f"FedAvg + user-level DP (ε = {target:g})"
+        style = "--" if variant else "-"
+        ax.plot(*zip(*points, strict=True), style, marker=".", color=colors[label], label=name)
+    ax.axhline(central_recall, color="black", linestyle="--", linewidth=1, label="centralized")
+    ax.axhline(
+        FEDAVG_TARGET * central_recall, color="grey", linestyle=":", linewidth=1, label="0.95 x centralized"
+    )
+    ax.axhline(
+        DP_TARGET * central_recall, color="tab:red", linestyle=":", linewidth=1, label="0.90 x centralized"
+    )
+    ax.set_xlabel("round")
+    ax.set_ylabel("Recall@20 (held-out sessions)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "fl_recall_vs_round.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(str(path))
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, (variant, target, rows) in curves.items():
+        points = [(r["round"], r["epsilon"]) for r in rows if r.get("epsilon") is not None]
+        if target is not None and points:
+            name = f"target ε = {target:g}" + (f" ({variant})" if variant else "")
+            ax.plot(*zip(*points, strict=True), marker=".", color=colors[label], label=name)
+            ax.axhline(target, color=colors[label], linestyle=":", linewidth=0.8)
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε spent (user level, δ = 1/N)")
+    ax.set_title("ε spent per round (RDP accountant); FedAvg without DP: ε = ∞, not drawn", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "fl_epsilon_vs_round.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(str(path))
+    return paths

@@ -1,0 +1,71 @@
+"""`bench_fl` end to end on a tiny synthetic population: fl.json's schema, DP rows within budget, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("ray")
+
+from simulations.bench_fl import bench_fl  # noqa: E402
+
+ROW_KEYS = {"setting", "epsilon", "delta", "rounds", "recall@20", "mrr@20", "ratio_to_centralized"}
+
+
+@pytest.mark.slow
+def test_bench_fl_writes_table_targets_and_plots(tmp_path):
+    dp_step = (
+        tmp_path / "dp_step.json"
+    )  # the DP-SGD benchmark's file, in the layout benchmarks/dp_step.py writes
+    dp_step.write_text(
+        json.dumps({"runs": [{"n_items": 50, "best": "ghost", "configs": {"ghost": {"ratio": 1.5}}}]})
+    )
+    out = tmp_path / "fl"
+    result = bench_fl(
+        "synthetic",
+        out,
+        rounds=2,
+        fraction=0.5,
+        local_steps=2,
+        epsilons=(8.0,),
+        item_dim=8,
+        hidden_dim=8,
+        devices=30,
+        centralized_epochs=2,
+        eval_max_examples=200,
+        n_boot=50,
+        dp_step_json=dp_step,
+        measure_dp_step=False,
+    )
+    written = json.loads((out / "fl.json").read_text())
+    assert written["dataset"] == "synthetic" and written["rows"] == json.loads(json.dumps(result["rows"]))
+    rows = written["rows"]
+    assert all(ROW_KEYS <= set(row) for row in rows)
+    assert [r["setting"] for r in rows] == ["centralized", "fedavg", "fedavg+dp"]
+    central, fedavg, dp = rows
+    assert central["epsilon"] is None and central["ratio_to_centralized"] == 1.0 and central["recall@20"] > 0
+    assert fedavg["epsilon"] is None and fedavg["rounds"] == 2
+    assert dp["rounds"] == 2 and dp["target_epsilon"] == 8.0
+    assert (
+        math.isfinite(dp["epsilon"]) and 0 < dp["epsilon"] <= 8.0 + 1e-6
+    )  # the accountant stays within budget
+    assert dp["delta"] == pytest.approx(1 / 30)
+    for row in rows[1:]:
+        assert row["ratio_to_centralized"] == pytest.approx(row["recall@20"] / central["recall@20"])
+    assert written["dp_step_ratio"] == 1.5 and written["targets"]["dp_step_ratio"]["met"] is True
+    assert set(written["targets"]) >= {
+        "fedavg_recall_ratio",
+        "dp_recall_ratio_at_epsilon_le_8",
+        "dp_step_ratio",
+    }
+    # The federated runs were re-scored from their last checkpoint on the evaluator's examples.
+    for label in ("fedavg", "fedavg-dp-eps8"):
+        boot = written["bootstrap"][label]
+        assert boot["checkpoint_matches_last_row"] and boot["ci95"][0] <= boot["ci95"][1]
+        assert written["round_time_breakdown"][label]["fit_seconds"] > 0
+    assert written["centralized"]["ranks_match_evaluator"]
+    for name in ("fl.md", "fl_recall_vs_round.png", "fl_epsilon_vs_round.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| fedavg+dp |" in (out / "fl.md").read_text()
