@@ -2,13 +2,13 @@
 
 ``EdgeClient(store_dir, package_dir, public_key, device_id=...)`` glues the device pieces together:
 
-- ``record(event)`` takes a ``RawEvent``, a decoded JSON object, or one JSON line (str/bytes), validates it
-  with the schema, feeds the streaming extractor (``DEVICE_EXTRACTOR_CONFIG``: 2 s reorder window) and
-  appends the micro behaviors of every visit that closed to the encrypted ``TupleStore``. Raw events are
-  never persisted. It never raises into the host app: bad input, a full buffer or a store failure comes
-  back as a ``RecordResult`` with a short reason code (the schema's codes plus ``wrong_device``,
-  ``too_many_sessions``, ``backpressure``, ``too_late``, ``store_error``, ``closed``, ``internal_error``),
-  and every drop is counted in ``stats``.
+- ``record(event)`` takes a ``RawEvent`` (validated again: one built without ``from_dict`` never was), a
+  decoded JSON object, or one JSON line (str/bytes), validates it with the schema, feeds the streaming
+  extractor (``DEVICE_EXTRACTOR_CONFIG``: 2 s reorder window) and appends the micro behaviors of every
+  visit that closed to the encrypted ``TupleStore``. Raw events are never persisted. It never raises into
+  the host app: bad input, a full buffer or a store failure comes back as a ``RecordResult`` with a short
+  reason code (the schema's codes plus ``wrong_device``, ``too_many_sessions``, ``backpressure``,
+  ``too_late``, ``store_error``, ``closed``, ``internal_error``), and every drop is counted in ``stats``.
 - A JSON object without ``device_id`` gets the client's own (a browser tracker does not know it); an event
   of another device is refused (``wrong_device``).
 - Memory is bounded: at most ``max_open_sessions`` sessions with extractor state (sessions idle past the
@@ -26,6 +26,7 @@ All public methods take one lock, so the client may be shared by the server's th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
@@ -116,7 +117,9 @@ class EdgeClient:
 
     def _parse(self, event: object) -> RawEvent:
         if isinstance(event, RawEvent):
-            parsed = event
+            # A RawEvent built directly (not by from_dict) was never validated, and one bad event in the
+            # extractor would break recommend() and close() for its session: check it like any input.
+            parsed = RawEvent.from_dict({f.name: getattr(event, f.name) for f in dataclasses.fields(RawEvent)})
         elif isinstance(event, (str, bytes, bytearray)):
             parsed = parse_event_line(bytes(event) if isinstance(event, bytearray) else event)
         elif isinstance(event, Mapping):

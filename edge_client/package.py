@@ -376,8 +376,8 @@ def load_vocab(manifest: Manifest) -> PackageVocab:
             raise ValueError("popularity items and counts differ in length")
     except PackageError:
         raise
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise PackageError("bad_payload", f"unusable vocabulary files: {err}") from None
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as err:  # signed, yet unusable content
+        raise PackageError("bad_payload", f"unusable vocabulary files: {type(err).__name__}: {err}") from None
     for name, size, expected in (("n_activities", len(activities), manifest.model.get("n_activities")),
                                  ("n_dwell", dwell.vocab_size, manifest.model.get("n_dwell"))):
         if expected is not None and expected != size:

@@ -112,6 +112,13 @@ def _check_id(name: str, value: object, required: bool) -> str | None:
     return text
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond the float range: JSON allows it, a float cannot hold it
+        return False
+
+
 def _check_choice(name: str, value: object, event_type: EventType, owner: EventType, choices: tuple[str, ...]) -> str | None:
     """A field that only ``owner`` events carry, required there and drawn from ``choices``."""
     if event_type is not owner:
@@ -172,7 +179,7 @@ class RawEvent:
         module = _check_choice("module", record.get("module"), event_type, EventType.MODULE_VIEW, MODULES)
         value = record.get("value")
         if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
                 raise SchemaError("bad_type", "'value' must be a finite number")
             value = float(value)
             if event_type is EventType.SCROLL and not 0.0 <= value <= 1.0:
@@ -330,12 +337,14 @@ class ActivityVocabulary:
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> ActivityVocabulary:
         """Inverse of to_dict, validated."""
+        if not isinstance(data, Mapping):
+            raise SchemaError("bad_vocabulary", f"an activity vocabulary must be an object, got {type(data).__name__}")
         names = data.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise SchemaError("bad_vocabulary", "'names' must be a list of strings")
         conversions = data.get("conversions", [])
-        if not isinstance(conversions, list):
-            raise SchemaError("bad_vocabulary", "'conversions' must be a list")
+        if not isinstance(conversions, list) or not all(isinstance(c, str) for c in conversions):
+            raise SchemaError("bad_vocabulary", "'conversions' must be a list of strings")
         return cls(tuple(names), frozenset(conversions))
 
 
@@ -415,9 +424,13 @@ class DwellBuckets:
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> DwellBuckets:
         """Inverse of to_dict, validated."""
+        if not isinstance(data, Mapping):
+            raise SchemaError("bad_dwell_edges", f"dwell buckets must be an object, got {type(data).__name__}")
         edges = data.get("edges_s")
-        if not isinstance(edges, list) or not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in edges):
-            raise SchemaError("bad_dwell_edges", "'edges_s' must be a list of numbers")
+        if not isinstance(edges, list) or not all(
+            isinstance(e, (int, float)) and not isinstance(e, bool) and _finite(e) for e in edges
+        ):
+            raise SchemaError("bad_dwell_edges", "'edges_s' must be a list of finite numbers")
         return cls(tuple(float(e) for e in edges))
 
 

@@ -14,9 +14,11 @@ returns it (``server.url``, ``server.stop()``). Stdlib only. Endpoints:
   so the page and ``/events`` share one origin.
 
 Safety: binds loopback unless ``allow_remote=True`` (ValueError otherwise); on a loopback bind, requests
-whose ``Host`` header is not a loopback name are refused (403, against DNS rebinding); a global token
-bucket (``rate_per_s``, ``burst``) answers 429 when exceeded; every error is a JSON 4xx and a handler
-failure is a JSON 500, never a crashed process. Answers carry ``Cache-Control: no-store`` and
+whose ``Host`` header is not a loopback name (403 ``bad_host``, against DNS rebinding) or that carry the
+``Origin`` of a non-loopback page (403 ``bad_origin``, against cross-site posts) are refused; a global token
+bucket (``rate_per_s``, ``burst``) answers 429 when exceeded; every error is a JSON 4xx (also the stdlib's
+own refusals of a malformed request; an unknown method is a JSON 501) and a handler failure is a JSON 500,
+never a crashed process. Answers carry ``Cache-Control: no-store`` and
 ``X-Content-Type-Options: nosniff``.
 """
 
@@ -27,6 +29,7 @@ import json
 import re
 import threading
 import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -54,6 +57,14 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _origin_host(origin: str) -> str:
+    """The host name of an ``Origin`` header ("" when it has none or does not parse, e.g. ``null``)."""
+    try:
+        return urlsplit(origin.strip()).hostname or ""
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return ""
 
 
 class TokenBucket:
@@ -138,8 +149,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, error: str, message: str = "") -> None:
         self._json(status, {"error": error, "message": message[:200]})
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own refusals (bad request line or version, headers too large, unknown method) as JSON too."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # the version did not parse: still answer with a status line
+            self.request_version = "HTTP/1.0"
+        try:
+            error = HTTPStatus(code).phrase.lower().replace(" ", "_").replace("-", "_")
+        except ValueError:
+            error = "error"
+        self._json(code, {"error": error, "message": (message or "")[:200]}, {"Connection": "close"})
+
     def _guard(self) -> bool:
-        """Rate limit and Host check; answers and returns False when the request must not go on."""
+        """Rate limit, Host and Origin checks; answers and returns False when the request must not go on."""
         if not self.server.limiter.take():
             self._json(429, {"error": "rate_limited", "message": "too many requests"}, {"Retry-After": "1"})
             return False
@@ -148,6 +170,12 @@ class _Handler(BaseHTTPRequestHandler):
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             if host and not is_loopback(name):
                 self._error(403, "bad_host", "this server only answers loopback host names")
+                return False
+            # A web page of another site open in the device's browser may POST here (a "simple" request needs
+            # no preflight) and would plant events in this device's history: its Origin gives it away.
+            origin = self.headers.get("Origin")
+            if origin is not None and not is_loopback(_origin_host(origin)):
+                self._error(403, "bad_origin", "this server only answers pages served from a loopback origin")
                 return False
         return True
 

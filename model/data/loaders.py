@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,7 +156,7 @@ def _read_csv_counting(path: Path, kwargs: dict) -> tuple[pd.DataFrame, int]:
             frame = pd.read_csv(path, **kwargs)
     except pd.errors.EmptyDataError:
         raise SchemaError("empty", f"{path.name}: the file is empty") from None
-    except (OSError, EOFError, UnicodeError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, UnicodeError, zlib.error) as err:  # zlib.error: a damaged gzip stream
         raise SchemaError("bad_file", f"{path.name}: cannot read ({err})") from None
     malformed = sum(str(w.message).count("Skipping line") for w in caught if issubclass(w.category, pd.errors.ParserWarning))
     return frame, malformed
@@ -187,7 +188,8 @@ def parse_timestamps(values: pd.Series) -> tuple[np.ndarray, str]:
 
 def _datetimes_to_ms(values: pd.Series) -> np.ndarray:
     stamps = pd.to_datetime(values, utc=True)
-    epoch = pd.Timestamp(0, tz="UTC")
+    # The epoch in the stamps' own unit: in nanoseconds, ``stamps - epoch`` overflows for years before 1678.
+    epoch = pd.Timestamp(0, tz="UTC").as_unit(stamps.dt.unit)
     return ((stamps - epoch) / pd.Timedelta(milliseconds=1)).to_numpy(np.float64, na_value=np.nan)
 
 
@@ -382,7 +384,7 @@ def read_otto_jsonl(path: Path, report: SkipReport) -> pd.DataFrame:
     try:
         raw = path.read_bytes()
         lines = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).splitlines()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError; zlib.error a damaged stream
         raise SchemaError("bad_file", f"{path.name}: cannot read ({err})") from None
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -413,7 +415,10 @@ def read_otto_jsonl(path: Path, report: SkipReport) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "ts", "action"], dtype=object)
     for column in ("user_id", "item_id", "action"):
         frame[column] = frame[column].map(lambda v: None if v is None or isinstance(v, (dict, list)) else str(v))
-    frame["timestamp_ms"] = pd.to_numeric(frame.pop("ts"), errors="coerce")
+    # Not a timestamp (NaN, counted by finish_frame): a bool, or an integer too large for a float (JSON
+    # allows one; to_numeric would raise OverflowError even with errors="coerce").
+    ts = frame.pop("ts").map(lambda v: None if isinstance(v, bool) or (isinstance(v, int) and abs(v) > 2**63) else v)
+    frame["timestamp_ms"] = pd.to_numeric(ts, errors="coerce")
     return frame
 
 
@@ -557,7 +562,7 @@ def _sniff_separator(path: Path) -> str:
     try:
         with opener(path, "rb") as handle:
             first = handle.readline(65536).decode("utf-8", errors="replace")
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise SchemaError("bad_file", f"{path.name}: cannot read ({err})") from None
     if not first.strip():
         raise SchemaError("empty", f"{path.name}: the file is empty (no header line)")

@@ -17,6 +17,8 @@ import gzip
 import io
 import itertools
 import pickle
+import pickletools
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,11 @@ SRGNN_TRAIN_FILES = ("all_train_seq.txt.gz", "all_train_seq.txt")
 SRGNN_TEST_FILES = ("test.txt.gz", "test.txt")
 SRGNN_ACTIVITY = "Click"
 _GZIP_MAGIC = b"\x1f\x8b"
+MAX_ITEM_ID = 2**31 - 1  # items are stored as int32
+# The catalogue is dense (index == id, 1..max id), so its memory follows the largest id, not the file: beyond
+# this many ids, a file must use at least 1 in SPARSE_FACTOR of them (yoochoose1_64 uses 17,745 of 37,483).
+MAX_SPARSE_CATALOGUE = 1 << 20
+SPARSE_FACTOR = 8
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -48,9 +55,14 @@ def restricted_load(path: str | Path) -> object:
         raw = path.read_bytes()
         if raw[:2] == _GZIP_MAGIC:
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError; zlib.error a damaged stream
         raise SchemaError("bad_file", f"cannot read {path}: {err}") from None
     try:
+        # The C unpickler allocates a counted length (BINBYTES: up to 4 GiB) before it reads the bytes, so a
+        # 15-byte file could claim gigabytes; pickletools reads every length without allocating it first and
+        # stops at the first one the data cannot hold. (About 1 s per million opcodes; the split is cached.)
+        for _ in pickletools.genops(io.BytesIO(raw)):
+            pass
         return RestrictedUnpickler(io.BytesIO(raw)).load()
     except SchemaError as err:
         raise SchemaError(err.reason, f"{path}: {str(err).split(': ', 1)[-1]}") from None
@@ -70,8 +82,8 @@ def _check_sequences(value: object, what: str) -> list[list[int]]:
     if not isinstance(value, list) or not all(isinstance(s, list) for s in value):
         raise SchemaError("bad_benchmark", f"{what} must be a list of lists of item ids")
     for k, seq in enumerate(value):
-        if not all(type(x) is int and x > 0 for x in seq):
-            raise SchemaError("bad_benchmark", f"{what}[{k}] holds something other than positive integer ids")
+        if not all(type(x) is int and 0 < x <= MAX_ITEM_ID for x in seq):
+            raise SchemaError("bad_benchmark", f"{what}[{k}] holds something other than positive integer ids (at most 2**31-1)")
     return value
 
 
@@ -136,8 +148,8 @@ def load_srgnn_split(directory: str | Path, name: str | None = None) -> SplitDat
         raise SchemaError("bad_benchmark", f"{test_path.name} must hold a pair (prefixes, labels)")
     prefixes = _check_sequences(test_raw[0], f"{test_path.name} prefixes")
     labels = test_raw[1]
-    if not isinstance(labels, list) or not all(type(x) is int and x > 0 for x in labels):
-        raise SchemaError("bad_benchmark", f"{test_path.name} labels must be a list of positive integer ids")
+    if not isinstance(labels, list) or not all(type(x) is int and 0 < x <= MAX_ITEM_ID for x in labels):
+        raise SchemaError("bad_benchmark", f"{test_path.name} labels must be a list of positive integer ids (at most 2**31-1)")
     if len(prefixes) != len(labels):
         raise SchemaError("bad_benchmark", f"{test_path.name}: {len(prefixes)} prefixes but {len(labels)} labels")
 
@@ -151,6 +163,14 @@ def load_srgnn_split(directory: str | Path, name: str | None = None) -> SplitDat
         max(labels, default=0),
         max((max(p) for p in prefixes if p), default=0),
     )
+    if n_items > MAX_SPARSE_CATALOGUE:
+        used = len(set(itertools.chain(itertools.chain.from_iterable(train_raw), labels, itertools.chain.from_iterable(prefixes))))
+        if n_items > SPARSE_FACTOR * used:
+            raise SchemaError(
+                "bad_benchmark",
+                f"item ids reach {n_items:,} but only {used:,} are used: SR-GNN ids are dense (index == id), "
+                "and a catalogue this sparse would be allocated in full",
+            )
     vocab = Vocabulary(
         item_ids=np.arange(1, n_items + 1).astype(str),  # dense index == published id
         activities=ActivityVocabulary((SRGNN_ACTIVITY,), frozenset()),

@@ -14,32 +14,7 @@ from edge_client.extract import DEVICE_EXTRACTOR_CONFIG, extract_population
 from edge_client.runtime import latest_session
 from edge_client.schema import RawEvent
 from edge_client.store import TupleStore
-
-DEVICE = "device-000000"
-
-
-def build_world(base: Path) -> dict[str, object]:
-    """A tiny trained package on a small synthetic population, and that population's raw events."""
-    from edge_client.package import generate_keypair
-    from model.data.open import synthetic_split
-    from model.data.synthetic import SyntheticConfig, generate_population
-    from model.export import build_package, popularity_from
-    from model.train import TrainConfig, rib_config_for, train_rib
-
-    config = SyntheticConfig(n_devices=40, n_items=60, n_categories=6)
-    split = synthetic_split(config)
-    tc = TrainConfig(epochs=1, min_steps=0, patience=10, w2v_init=False)
-    rec, _ = train_rib(split.train, rib_config_for(split.train, hidden_dim=16, max_len=8), tc, progress=False)
-    private, public = generate_keypair(base / "keys")
-    package = base / "pkg"
-    build_package(rec.model, split.vocab, package, private, 1, popularity_from(split.train), int8=False)
-    events = [e for e in generate_population(config) if e.device_id == DEVICE]
-    return {"package": package, "public": public, "events": events, "popular": popularity_from(split.train)[0]}
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("client-world"))
+from tests.edge_client.worlds import DEVICE, build_world  # noqa: F401 - build_world: for older importers
 
 
 def make_client(world, store: Path, **kwargs) -> EdgeClient:

@@ -7,20 +7,15 @@ import os
 import shutil
 import stat
 import struct
-import tracemalloc
-import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from edge_client.keys import KeyFileProvider, KeyPermissionError, KeyProviderError, default_key_provider
 from edge_client.schema import MicroBehavior, SchemaError
 from edge_client.store import (
     DAY_MS,
     MANIFEST_NAME,
-    MAX_FRAME_BYTES,
     StoreError,
     StoreKeyError,
     StoreTamperError,
@@ -302,80 +297,6 @@ def test_stray_files_from_an_interrupted_rollover_or_compaction_are_ignored(tmp_
     writer = make(tmp_path)
     writer.append([rec(2)])
     assert not stray.exists() and writer.read() == [rec(1), rec(2)]
-
-
-# -- fuzzing the segment reader ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fuzz_segment(tmp_path_factory) -> tuple[Path, Path, bytes]:
-    """One store with one committed record; each example rewrites its segment and reads it back."""
-    root = tmp_path_factory.mktemp("fuzz")
-    store = make(root, "fuzz")
-    store.append([rec(1)])
-    store.close()
-    (segment,) = segment_files(store)
-    return root, segment, segment.read_bytes()
-
-
-def _read_expecting_store_errors(tmp_path: Path, segment: Path, data: bytes) -> None:
-    segment.write_bytes(data)
-    tracemalloc.start()
-    try:
-        make(tmp_path, "fuzz").read()
-    except StoreError:
-        pass
-    finally:
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-    assert peak < 2 * MAX_FRAME_BYTES + len(data) + (1 << 20)
-
-
-_FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@_FUZZ
-@given(st.binary(max_size=400))
-def test_fuzz_random_segment_bytes(fuzz_segment, blob):
-    root, segment, _ = fuzz_segment
-    _read_expecting_store_errors(root, segment, blob)
-
-
-@_FUZZ
-@given(st.integers(0, 2**32 - 1), st.binary(max_size=300), st.booleans())
-def test_fuzz_frames_with_valid_length_checksum(fuzz_segment, length, body, keep_first):
-    """Frames whose length field passes its CRC but whose body is random or shorter than declared."""
-    root, segment, good = fuzz_segment
-    head = struct.pack("<I", length)
-    frame = head + struct.pack("<I", zlib.crc32(b"RIBF" + head)) + body
-    base = good if keep_first else good[:60]
-    _read_expecting_store_errors(root, segment, base + frame)
-
-
-@_FUZZ
-@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8))
-def test_fuzz_mutated_valid_segment(fuzz_segment, edits):
-    root, segment, good = fuzz_segment
-    data = bytearray(good)
-    for offset, value in edits:
-        if offset < len(data):
-            data[offset] = value
-    changed = bytes(data) != good
-    segment.write_bytes(bytes(data))
-    try:
-        got = make(root, "fuzz").read()
-    except StoreError:
-        return
-    assert not changed and got == [rec(1)]
-
-
-def test_huge_declared_length_is_rejected_without_allocating(fuzz_segment):
-    root, segment, good = fuzz_segment
-    head = struct.pack("<I", 2**32 - 1)
-    segment.write_bytes(good + head + struct.pack("<I", zlib.crc32(b"RIBF" + head)) + b"\0" * 64)
-    with pytest.raises(StoreTamperError, match="impossible length"):
-        make(root, "fuzz").read()
-    segment.write_bytes(good)
 
 
 def test_failed_write_is_not_acknowledged_and_leaves_the_store_usable(tmp_path, monkeypatch):

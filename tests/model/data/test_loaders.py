@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from edge_client.schema import SchemaError, SkipReport
 from model.data.cache import cache_dir
@@ -118,21 +116,6 @@ def test_broken_lines_are_counted_not_fatal(tmp_path):
     assert set(loaded.skips.skipped) <= set(SKIP_REASONS)
     split = load_dataset(str(path))
     assert split.info["skips"]["skipped"] == dict(loaded.skips.skipped)
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.integers(0, 5000), st.binary(max_size=12)), min_size=1, max_size=6))
-def test_mangled_files_give_counts_or_schema_errors(tmp_path, edits):
-    data = bytearray(write_csv(tmp_path / "clean.csv", log_rows(12)).read_bytes())
-    for pos, chunk in edits:
-        data[pos:pos] = chunk
-    path = tmp_path / "mangled.csv"
-    path.write_bytes(bytes(data))
-    try:
-        loaded = load_interactions_file(path)
-    except SchemaError:
-        return
-    assert loaded.skips.read == loaded.skips.kept + loaded.skips.n_skipped == len(loaded.frame) + loaded.skips.n_skipped
 
 
 def test_gzip_csv_with_an_unterminated_quote(tmp_path):
