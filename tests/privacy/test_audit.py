@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from model.data.open import synthetic_split
 from model.data.synthetic import SyntheticConfig
@@ -35,14 +34,6 @@ from privacy.audit import (
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Secure RNG", "ignore:Optimal order", "ignore:.*autocast", "ignore:Full backward hook is firing"
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
