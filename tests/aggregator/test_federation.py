@@ -17,7 +17,7 @@ from flwr.simulation import run_simulation  # noqa: E402
 
 from aggregator.checkpoint import CheckpointStore  # noqa: E402
 from aggregator.server_app import make_server_app  # noqa: E402
-from edge_client.client_app import describe_message, make_client_app  # noqa: E402
+from edge_client.fl_client_app import describe_message, make_client_app  # noqa: E402
 from edge_client.fl_config import FederationConfig  # noqa: E402
 from edge_client.keys import KeyFileProvider  # noqa: E402
 from edge_client.package import generate_keypair, verify_package  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from edge_client.client_app import EgressError, check_egress, training_config  # noqa: E402
+from edge_client.fl_client_app import EgressError, check_egress, training_config  # noqa: E402
 from edge_client.fl_config import FederationConfig  # noqa: E402
 from edge_client.keys import KeyFileProvider  # noqa: E402
 from edge_client.schema import MicroBehavior  # noqa: E402
