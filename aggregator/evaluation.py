@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -56,13 +55,11 @@ class CentralEvaluator:
             keep = np.sort(np.random.default_rng(seed).choice(len(examples), max_examples, replace=False))
             examples = examples.subset(keep)
         self.examples = examples
-        self.seconds: list[float] = []
 
     def __call__(
         self, server_round: int, weights: Sequence[np.ndarray], config: dict
     ) -> tuple[float, dict[str, float]]:
-        """Evaluate one set of global weights."""
-        started = time.perf_counter()
+        """Evaluate one set of global weights (the round loop times it)."""
         model = RIB(self.rib_config)
         set_weights(model, list(weights))
         model.to(self.device).eval()
@@ -76,5 +73,4 @@ class CentralEvaluator:
             if k in ("recall@10", "recall@20", "mrr@10", "mrr@20")
         }
         metrics["eval_examples"] = float(len(self.examples))
-        self.seconds.append(time.perf_counter() - started)  # the round loop times the whole evaluation itself
         return scorer.nll_sum / n, metrics
