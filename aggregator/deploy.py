@@ -97,17 +97,22 @@ def superlink_command(
     return command
 
 
-def node_config_arg(node_config: dict[str, object]) -> str:
-    """Flower's ``--node-config`` syntax: space-separated key=value, strings quoted."""
+def key_value_arg(values: dict[str, object]) -> str:
+    """Flower's ``key=value`` list syntax (``--node-config``, ``--run-config``): TOML values, space-separated.
+
+    Flower splits the list on spaces, so a string holding a space or a quote cannot be passed; refused here.
+    """
     parts = []
-    for key, value in node_config.items():
-        if isinstance(value, str | Path):
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, int | float):
+            parts.append(f"{key}={value}")
+        else:
             text = str(value)
             if '"' in text or " " in text:
-                raise ValueError(f"node config value {text!r} may not contain spaces or quotes")
+                raise ValueError(f"value {text!r} of {key!r} may not contain spaces or quotes")
             parts.append(f'{key}="{text}"')
-        else:
-            parts.append(f"{key}={value}")
     return " ".join(parts)
 
 
@@ -126,7 +131,7 @@ def supernode_command(
         "--port",
         str(port),
         "--node-config",
-        node_config_arg(node_config),
+        key_value_arg(node_config),
         "--max-wait-time",
         str(max_wait_s),
     ]
@@ -150,19 +155,6 @@ def write_flwr_home(
     return path
 
 
-def run_config_arg(overrides: dict[str, object]) -> str:
-    """``flwr run --run-config`` syntax (TOML values)."""
-    parts = []
-    for key, value in overrides.items():
-        if isinstance(value, bool):
-            parts.append(f"{key}={'true' if value else 'false'}")
-        elif isinstance(value, int | float):
-            parts.append(f"{key}={value}")
-        else:
-            parts.append(f'{key}="{value}"')
-    return " ".join(parts)
-
-
 def submit_run(
     superlink: str,
     run_config: dict[str, object],
@@ -177,7 +169,7 @@ def submit_run(
     write_flwr_home(flwr_home, superlink, tls)
     command = [_bin("flwr"), "run", str(app_dir), "rib-edge"]
     if run_config:
-        command += ["--run-config", run_config_arg(run_config)]
+        command += ["--run-config", key_value_arg(run_config)]
     if stream:
         command.append("--stream")
     env = tool_env({"FLWR_HOME": str(flwr_home)})

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from aggregator.deploy import Deployment, node_config_arg, run_config_arg, submit_run  # noqa: E402
+from aggregator.deploy import Deployment, key_value_arg, submit_run  # noqa: E402
 from aggregator.release import publish_release  # noqa: E402
 from aggregator.server_app import initial_weights  # noqa: E402
 from edge_client.fl_config import FederationConfig  # noqa: E402
@@ -22,13 +22,13 @@ from model.data.dataset import SplitData  # noqa: E402
 
 
 def test_config_arguments_are_flower_syntax():
-    assert node_config_arg({"device-dir": "/a/b", "partition-id": 3}) == 'device-dir="/a/b" partition-id=3'
+    assert key_value_arg({"device-dir": "/a/b", "partition-id": 3}) == 'device-dir="/a/b" partition-id=3'
     assert (
-        run_config_arg({"secagg": True, "local-steps": 3, "dp": "user"})
+        key_value_arg({"secagg": True, "local-steps": 3, "dp": "user"})
         == 'secagg=true local-steps=3 dp="user"'
     )
     with pytest.raises(ValueError):
-        node_config_arg({"device-dir": "/a b"})
+        key_value_arg({"device-dir": "/a b"})
 
 
 @pytest.mark.slow
