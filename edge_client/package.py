@@ -17,7 +17,12 @@ A package is a flat directory:
 ``verify_package`` refuses, with a ``PackageError`` whose ``reason`` is one of ``REASONS``: a missing
 directory or manifest, an unsigned package, a bad signature (wrong key or edited manifest), a malformed
 manifest, a missing / extra / non-regular file, a hash or size mismatch (flipped byte, swapped files), and a
-model version not newer than the installed one.
+model version not newer than the installed one (with ``allow_reinstall=True``: older than the installed one,
+so a device restarting on the package it already runs loads it again).
+
+The device remembers the highest version it installed across restarts: ``edge_client.client.EdgeClient``
+keeps it as an encrypted, name-bound blob in its ``TupleStore`` and passes it as ``installed_version``, so
+restarting the app with an older (genuinely signed) package is refused as ``stale_version``.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ REASONS = (
     "missing_file",
     "extra_file",  # anything not listed in the manifest (including sub-directories and links)
     "hash_mismatch",  # size or sha256 differs: flipped byte, swapped or replaced file
-    "stale_version",  # model_version <= the installed one
+    "stale_version",  # model_version <= the installed one (< with allow_reinstall)
     "bad_payload",  # files hash correctly but their content is unusable (e.g. bad vocabulary)
     "bad_key",
 )
@@ -278,8 +283,14 @@ def verify_package(
     path: str | Path,
     public_key: str | Path | bytes | Ed25519PublicKey,
     installed_version: int | None = None,
+    *,
+    allow_reinstall: bool = False,
 ) -> Manifest:
     """Check signature, manifest, file set and hashes, and that the model is newer than ``installed_version``.
+
+    ``allow_reinstall=True`` also accepts a package of exactly ``installed_version`` (a restart on the package
+    the device already runs); an older one is still ``stale_version``. Updates (``Recommender.swap``) keep the
+    default: strictly newer.
 
     Returns the verified Manifest (with ``path`` set); raises PackageError with a reason code otherwise.
     The signature is checked before the manifest is parsed, and the file hashes before anything is loaded.
@@ -302,10 +313,15 @@ def verify_package(
     except InvalidSignature:
         raise PackageError("bad_signature", f"{SIGNATURE} does not verify {MANIFEST} with this public key") from None
     manifest = _parse_manifest(data)
-    if installed_version is not None and manifest.model_version <= installed_version:
-        raise PackageError(
-            "stale_version", f"model_version {manifest.model_version} is not newer than the installed {installed_version}"
-        )
+    if installed_version is not None:
+        if allow_reinstall and manifest.model_version < installed_version:
+            raise PackageError(
+                "stale_version", f"model_version {manifest.model_version} is older than the installed {installed_version}"
+            )
+        if not allow_reinstall and manifest.model_version <= installed_version:
+            raise PackageError(
+                "stale_version", f"model_version {manifest.model_version} is not newer than the installed {installed_version}"
+            )
     allowed = set(PAYLOAD_FILES) | {MANIFEST, SIGNATURE}
     for entry in sorted(directory.iterdir()):
         if entry.name not in allowed:

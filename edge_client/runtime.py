@@ -18,6 +18,11 @@ serves it with onnxruntime (``intra_op_num_threads=1`` by default):
 - ``swap(new_package_dir)`` verifies the new package (it must be newer), loads it, runs a smoke inference,
   and only then replaces the serving model in one assignment; on any failure the old model keeps serving
   and the error is raised. Sessions started before a swap keep the model they started with.
+- Anti-rollback across restarts: ``installed_version`` (with ``allow_reinstall=True``: the same version
+  loads again, an older one is ``stale_version``) and ``on_install(manifest)``, called after the first
+  load and after a swap's checks but *before* the new model serves (if it raises, the swap fails and the
+  old model keeps serving), so a version serves only once the caller has recorded it. ``EdgeClient`` wires
+  both to the encrypted version blob in its store.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,17 +295,23 @@ class Recommender:
         installed_version: int | None = None,
         intra_op_num_threads: int = 1,
         strict_load: bool = True,
+        allow_reinstall: bool = False,
+        on_install: Callable[[Manifest], None] | None = None,
     ) -> None:
         self._public_key = public_key
         self._threads = intra_op_num_threads
         self._strict_load = strict_load
         self._lock = threading.Lock()
         self.stats: Counter = Counter()
-        self._loaded = self._load(package_dir, installed_version)
+        self.on_install = on_install
+        loaded = self._load(package_dir, installed_version, allow_reinstall)
+        if on_install is not None:
+            on_install(loaded.manifest)
+        self._loaded = loaded
         self.session: IncrementalSession | None = None
 
-    def _load(self, package_dir: str | Path, installed_version: int | None) -> _Loaded:
-        manifest = verify_package(package_dir, self._public_key, installed_version)
+    def _load(self, package_dir: str | Path, installed_version: int | None, allow_reinstall: bool = False) -> _Loaded:
+        manifest = verify_package(package_dir, self._public_key, installed_version, allow_reinstall=allow_reinstall)
         for name in ("n_items", "hidden_dim", "max_len"):
             value = manifest.model.get(name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -328,6 +339,8 @@ class Recommender:
         """Verify, load and smoke-test a newer package, then serve it; on failure the old one keeps serving."""
         with self._lock:
             loaded = self._load(new_package_dir, installed_version=self._loaded.manifest.model_version)
+            if self.on_install is not None:  # record the version first: it serves only once remembered
+                self.on_install(loaded.manifest)
             self._loaded = loaded  # one reference assignment: callers see the old or the new model, never a mix
             return loaded.manifest
 

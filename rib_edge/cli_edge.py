@@ -148,6 +148,10 @@ def recommend(package_dir: Path, events: Path, public_key: Path, k: int, device_
         click.echo(f"{rank:3d}. {r.item_id:>20s}  {r.score:10.4f}  ({r.source})")
 
 
+class _Stop(Exception):
+    """Raised in the main thread by the SIGTERM / SIGINT handler of ``edge serve``."""
+
+
 @edge_group.command("serve")
 @click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Encrypted tuple store directory.")
 @click.option("--package", "package_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
@@ -158,30 +162,65 @@ def recommend(package_dir: Path, events: Path, public_key: Path, k: int, device_
 @click.option("--pages", "pages_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Directory of pages to serve at / (e.g. examples/kiosk).")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback bind (exposes the device's events).")
-def serve(store_dir: Path, package_dir: Path, public_key: Path, host: str, port: int, device_id: str, pages_dir: Path | None, allow_remote: bool) -> None:
-    """Serve the local HTTP endpoints (/events, /recommendations, /tracker.js) until interrupted."""
+@click.option("--idle-check-s", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between checks that store the open pages of sessions idle past the session gap (0: off).")
+def serve(store_dir: Path, package_dir: Path, public_key: Path, host: str, port: int, device_id: str, pages_dir: Path | None,
+          allow_remote: bool, idle_check_s: float) -> None:
+    """Serve the local HTTP endpoints (/events, /recommendations, /tracker.js) until SIGTERM or Ctrl-C.
+
+    On either signal: stop the HTTP server, store the visits still open (their dwell so far), release the
+    store and exit 0. The package must not be older than the newest version this store has installed.
+    """
+    import signal
+    import threading
+
     from edge_client.client import EdgeClient
     from edge_client.package import PackageError
     from edge_client.server import serve as start_server
+    from edge_client.store import StoreError
 
     try:
-        client = EdgeClient(store_dir, package_dir, public_key, device_id=device_id)
+        client = EdgeClient(store_dir, package_dir, public_key, device_id=device_id, idle_check_s=idle_check_s or None)
     except PackageError as err:
         raise _package_error(err) from err
+    except StoreError as err:
+        raise click.ClickException(f"store refused: {err}") from err
     try:
         server = start_server(client, host=host, port=port, allow_remote=allow_remote, pages_dir=pages_dir)
     except (ValueError, OSError) as err:
         client.close()
         raise click.ClickException(str(err)) from err
-    click.echo(f"serving {server.url} (model v{client.recommender.model_version}); Ctrl-C stops")
+
+    # The handler raises in the main thread (wherever it is: here, time.sleep) once; a second signal while
+    # the server stops and open visits are stored is ignored, so it cannot cut the flush short.
+    stopping: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not stopping:
+            stopping.append(signum)
+            raise _Stop
+
+    # signal.signal works in the main thread only (elsewhere, e.g. a test runner's thread, Ctrl-C still works).
+    watched = [signal.SIGTERM, signal.SIGINT] if threading.current_thread() is threading.main_thread() else []
+    previous: dict[int, object] = {}
     try:
+        for signum in watched:
+            previous[signum] = signal.signal(signum, on_signal)
+        click.echo(f"serving {server.url} (model v{client.recommender.model_version}); SIGTERM or Ctrl-C stops")
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except (_Stop, KeyboardInterrupt):
         pass
     finally:
-        server.stop()
-        client.close()
+        stopping.append(0)  # from here on a signal is a no-op
+        try:
+            server.stop()
+            client.close()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+    name = signal.Signals(stopping[0]).name if stopping[0] else "interrupt"
+    click.echo(f"stopped ({name}); {client.stats['stored_records']} tuples stored this run")
 
 
 def _load_bench_module():
