@@ -9,7 +9,11 @@
  *   <button data-rib-action="cart">                       cart / order clicks (on the page's item, or the
  *                                                         closest data-rib-item ancestor's)
  *   <a data-rib-item="OTHER">                             tiles of other items: hover after a 300 ms rest
- * API: ribEdge.recommend(k) -> Promise of the JSON answer of GET /recommendations; ribEdge.flush().
+ * API: ribEdge.recommend(k) -> Promise of the JSON answer of GET /recommendations, asked once the queued
+ * events have been answered (so the answer counts them); ribEdge.flush() -> Promise of the server's answers.
+ * DOM events on document, for a page that shows what it records: "ribedge:track" (detail: the event, as
+ * queued) and "ribedge:sent" (detail: {events, answer}; answer is the JSON of POST /events, null when the
+ * post failed or went as a beacon at unload).
  */
 (function (global) {
   "use strict";
@@ -57,22 +61,40 @@
 
   var session = sessionId();
 
+  function announce(name, detail) {
+    try {
+      document.dispatchEvent(new CustomEvent(name, { detail: detail }));
+    } catch (e) {
+      /* a listener of the page failed: never break tracking */
+    }
+  }
+
+  // Resolves (never rejects) to the server's answer, or null.
   function send(batch, unloading) {
     var body = JSON.stringify(batch);
+    var done = function (answer) {
+      announce("ribedge:sent", { events: batch, answer: answer });
+      return answer;
+    };
     if (unloading && global.navigator && global.navigator.sendBeacon) {
       if (global.navigator.sendBeacon(ENDPOINT, new Blob([body], { type: "application/json" }))) {
-        return;
+        return Promise.resolve(done(null));
       }
     }
-    if (global.fetch) {
-      global.fetch(ENDPOINT, {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: body,
-        keepalive: true,
-        credentials: "same-origin"
-      }).catch(function () { /* the device server is down: drop, never break the page */ });
+    if (!global.fetch) {
+      return Promise.resolve(done(null));
     }
+    return global.fetch(ENDPOINT, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: body,
+      keepalive: true,
+      credentials: "same-origin"
+    }).then(function (response) {
+      return response.ok ? response.json() : null;
+    }).catch(function () {
+      return null; /* the device server is down: drop, never break the page */
+    }).then(done);
   }
 
   function flush(unloading) {
@@ -80,9 +102,11 @@
       clearTimeout(flushTimer);
       flushTimer = null;
     }
+    var sent = [];
     while (queue.length) {
-      send(queue.splice(0, MAX_BATCH), unloading);
+      sent.push(send(queue.splice(0, MAX_BATCH), unloading));
     }
+    return Promise.all(sent);
   }
 
   function track(type, fields) {
@@ -93,6 +117,7 @@
       }
     }
     queue.push(event);
+    announce("ribedge:track", event);
     if (queue.length >= MAX_BATCH) {
       flush(false);
     } else if (flushTimer === null) {
@@ -219,11 +244,13 @@
 
   global.ribEdge = {
     track: track,
-    flush: function () { flush(false); },
+    flush: function () { return flush(false); },
     recommend: function (k) {
-      flush(false);
       var n = Math.max(1, Math.min(100, parseInt(k, 10) || 10));
-      return global.fetch("/recommendations?k=" + n, { credentials: "same-origin" }).then(function (response) {
+      // Ask only once the queued events are answered: a parallel GET could overtake the POST.
+      return flush(false).then(function () {
+        return global.fetch("/recommendations?k=" + n, { credentials: "same-origin" });
+      }).then(function (response) {
         if (!response.ok) {
           throw new Error("recommendations failed: HTTP " + response.status);
         }
