@@ -32,7 +32,8 @@ item of the session), +0.4 on yoochoose_100k, -3 on the tiny jdata2018 validatio
 the copy term to the loss: ``example_loss`` (or ``outputs_all(...).at(positions)`` + ``loss_at``).
 Other options: ``attention_micro`` (activity/dwell embeddings inside the attention scorer's tanh) and
 ``micro_dropout`` (dropout on the activity/dwell embeddings); both off by default (no consistent gain on
-validation). Activity/dwell embeddings default to 4 dims (beat 16/8 on jdata2016 and jdata2018 validation).
+validation). ``tie_output`` scores items against the input item embeddings (NARM / SR-GNN style, see
+``TiedOutput``). Activity/dwell embeddings default to 4 dims (beat 16/8 on jdata2016 and jdata2018 validation).
 
 The losses (``RIBConfig.loss``):
 - ``"softmax"`` (default, and better in our measurements): full softmax cross-entropy over the catalogue,
@@ -101,10 +102,13 @@ class RIBConfig:
     copy: bool | None = None  # repeat/copy term (see RIB._copy_amounts); None = on, except with the paper loss
     attention_micro: bool = False  # the attention scorer also sees the step's activity/dwell embeddings
     micro_dropout: float = 0.0  # dropout on the activity/dwell embeddings only (on top of ``dropout``)
+    tie_output: bool = False  # score items against the input item embeddings (see TiedOutput)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.tie_output and self.loss == "paper":
+            raise ValueError("tie_output scores items with the item embeddings; the paper loss scores in embedding space")
         if self.copy is True and self.loss == "paper":
             raise ValueError("the copy term adds onto item logits; the paper loss has none")
         if self.n_items < 1 or self.n_activities < 1 or self.n_dwell < 1 or self.max_len < 1:
@@ -168,7 +172,10 @@ class RIB(nn.Module):
             self.copy_key = nn.Linear(c.hidden_dim, c.hidden_dim)
             self.copy_gate = nn.Linear(c.hidden_dim, 1)
         self.output_dropout = nn.Dropout(c.dropout)
-        if c.loss == "softmax":
+        if c.tie_output:
+            self.out = TiedOutput(c.hidden_dim, c.item_dim, c.n_items + 1)
+            self.out.scores.weight = self.item_emb.weight  # module-level tying: one Parameter, two modules
+        elif c.loss == "softmax":
             self.out = nn.Linear(c.hidden_dim, c.n_items + 1)
         elif c.loss == "sampled":
             self.out = SampledOutput(c.hidden_dim, c.n_items + 1)
@@ -428,6 +435,36 @@ class SampledOutput(nn.Linear):
     def sampled(self, x: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """(N, len(candidates)) logits of ``x`` (N, in) for the candidate rows only."""
         return F.linear(x, self.weight[candidates], self.bias[candidates])
+
+
+class TiedOutput(nn.Module):
+    """Item scores against the input item embeddings: ``E (W_b pooled) + b`` (``RIBConfig.tie_output``).
+
+    NARM and SR-GNN score items this way (a bilinear form with the item embeddings). With tens of
+    thousands of rarely seen items it shares what an item learns as input with what it learns as a
+    target, and halves the item parameters. Both products are module calls (``proj``, then ``scores``,
+    whose weight *is* ``RIB.item_emb.weight``), so nothing is functional weight tying and Opacus sums the
+    two modules' per-sample gradients of the shared table correctly (tested); ``sampled`` scores a subset
+    of rows for loss "sampled" like ``SampledOutput``.
+    """
+
+    def __init__(self, hidden_dim: int, item_dim: int, n_outputs: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden_dim, item_dim, bias=False)  # W_b
+        self.scores = SampledOutput(item_dim, n_outputs)  # weight replaced by the item embeddings
+
+    @property
+    def out_features(self) -> int:
+        """Number of scored items (n_items + 1), like ``nn.Linear``."""
+        return self.scores.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., n_items + 1) scores of pooled vectors (..., hidden)."""
+        return self.scores(self.proj(x))
+
+    def sampled(self, x: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(N, len(candidates)) scores of ``x`` (N, hidden) for the candidate rows only."""
+        return self.scores.sampled(self.proj(x), candidates)
 
 
 @dataclass

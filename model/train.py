@@ -63,6 +63,9 @@ class TrainConfig:
     n_negatives: int = 2048
     val_max_examples: int | None = 20_000  # early stopping on a fixed seeded sample of validation examples (speed)
     negative_sampler: str = "uniform"
+    # Wall-clock budget for the optimisation (seconds, Word2vec and validation excluded): the epoch that
+    # crosses it ends early, is validated, and training stops. None = no budget.
+    max_train_seconds: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
@@ -385,6 +388,7 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
             val_examples = val_examples.subset(keep)
     epochs: list[dict[str, object]] = []
     best_recall, best_epoch, best_state, bad_epochs, steps = -1.0, 0, None, 0, 0
+    out_of_time = False
     for epoch in range(1, tc.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -392,6 +396,11 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
         batches = length_batches(windows, tc.batch_size, rng)
         bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress, leave=False, unit="batch")
         for rows in bar:
+            if tc.max_train_seconds is not None:
+                spent = sum(float(e["train_seconds"]) for e in epochs) + time.perf_counter() - t0
+                if spent >= tc.max_train_seconds:
+                    out_of_time = True
+                    break
             batch = batch_tensors(fit, windows, rows, rec.device)
             n = int(batch["targets"].numel())
             if n == 0:
@@ -419,6 +428,7 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
             "train_seconds": train_seconds,
             "sessions_per_s": fit.n_sessions / max(train_seconds, 1e-9),
             "examples_per_s": total_examples / max(train_seconds, 1e-9),
+            "steps": steps,
         }
         improved = True
         if val is not None:
@@ -444,6 +454,8 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
             # Small datasets first sit on a popularity plateau for several short epochs; don't stop there.
             if bad_epochs >= tc.patience and steps >= tc.min_steps:
                 break
+        if out_of_time:
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -458,6 +470,7 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
         "n_val_examples": 0 if val_examples is None else len(val_examples),
         "n_windows": len(windows),
         "steps": steps,
+        "stopped_by_time_budget": out_of_time,
         "w2v_seconds": w2v_seconds,
         "train_seconds": train_seconds,
         "total_seconds": total_seconds,

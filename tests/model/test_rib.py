@@ -189,14 +189,15 @@ def _per_sample_reference(model: nn.Module, inputs, last, targets) -> dict[str, 
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # Opacus hooks on index-input embeddings
-@pytest.mark.parametrize("loss", ["softmax", "paper"])
-def test_opacus_accepts_model_and_per_sample_grads_are_right(loss):
-    """After swapping nn.GRU for DPGRU the model validates, and Opacus' per-sample grads are exact."""
+@pytest.mark.parametrize("overrides", [{"loss": "softmax"}, {"loss": "paper"}, {"loss": "softmax", "tie_output": True}], ids=["softmax", "paper", "tied"])
+def test_opacus_accepts_model_and_per_sample_grads_are_right(overrides):
+    """After swapping nn.GRU for DPGRU the model validates, and Opacus' per-sample grads are exact (with
+    tie_output too: Opacus sums the two modules' per-sample gradients of the shared item table)."""
     from opacus import GradSampleModule
     from opacus.layers import DPGRU
     from opacus.validators import ModuleValidator
 
-    model = make_model(loss=loss)
+    model = make_model(**overrides)
     assert isinstance(model.out, nn.Module)  # scoring goes through a registered submodule
     dp_model = ModuleValidator.fix(copy.deepcopy(model))
     assert isinstance(dp_model.gru, DPGRU)
@@ -344,3 +345,32 @@ def test_opacus_per_sample_grads_with_copy_term_and_micro_attention():
         torch.testing.assert_close(p.grad_sample, torch.stack(reference[name]), rtol=1e-3, atol=1e-5, msg=f"per-sample grad of {name}")
         names.append(name)
     assert {"copy_query.weight", "copy_key.weight", "copy_gate.weight", "att_micro.weight"} <= set(names)
+
+
+# ---- tied output ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["softmax", "sampled"])
+def test_tied_output_scores_with_the_item_embeddings(loss):
+    """tie_output: one Parameter serves as input embedding and output rows; scores = E (W_b pooled) + b."""
+    model = make_model(loss=loss, tie_output=True)
+    assert model.out.scores.weight is model.item_emb.weight
+    n_params = sum(p.numel() for p in model.parameters())
+    untied = sum(p.numel() for p in make_model(loss=loss).parameters())
+    assert n_params < untied  # the item table is counted once
+    items, activities, dwell = random_inputs(3, 6)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    pooled = model.outputs_all(items, activities, dwell, mask).pooled[:, -1]
+    expected = model.out.proj(pooled) @ model.item_emb.weight.T + model.out.scores.bias
+    torch.testing.assert_close(model.logits(pooled), expected)
+    candidates = torch.tensor([2, 5, 9])
+    torch.testing.assert_close(model.out.sampled(pooled, candidates), expected[:, candidates])
+    # A gradient step on the output side moves the input embedding too (it is the same tensor).
+    model.train()
+    positions = torch.zeros_like(mask)
+    positions[:, -1] = True
+    model.example_loss(items, activities, dwell, mask, positions, torch.tensor([4, 4, 4])).backward()
+    assert model.item_emb.weight.grad[4].abs().sum() > 0
+
+
+def test_tied_output_refuses_the_paper_loss():
+    with pytest.raises(ValueError, match="tie_output"):
+        RIBConfig(n_items=5, loss="paper", tie_output=True)

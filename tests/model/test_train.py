@@ -233,3 +233,12 @@ def test_negative_sampler_log_q_is_a_log_probability(split):
     assert (log_q[1:] <= 0).all() and torch.isfinite(log_q[1:]).all()
     with pytest.raises(ValueError):
         NegativeSampler(split.train, replace(FAST, negative_sampler="zipf"), torch.device("cpu"))
+
+
+def test_time_budget_stops_training_and_keeps_the_best_state(split):
+    """max_train_seconds ends the epoch that crosses it (validated, then stop); 0 s trains no step."""
+    config = rib_config_for(split.train, **TINY)
+    _, history = train_rib(split.train, config, replace(FAST, epochs=50, patience=50, max_train_seconds=0.0), progress=False)
+    assert history["stopped_by_time_budget"] and history["steps"] == 0 and len(history["epochs"]) == 1
+    _, history = train_rib(split.train, config, replace(FAST, epochs=3, max_train_seconds=None), progress=False)
+    assert not history["stopped_by_time_budget"] and history["steps"] > 0
