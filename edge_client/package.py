@@ -4,8 +4,10 @@ Device side: numpy + cryptography + the standard library only (no torch, no onnx
 
 A package is a flat directory:
 
-- ``full.onnx``   full-session graph (scores + attention weights for a whole session)
-- ``step.onnx``   incremental step graph (one tuple + running state -> new state + scores)
+- ``full.onnx``   the session graph and the only copy of the weights: advances a running state by L tuples
+  (a whole session from the initial state, or one step), -> scores, attention, new state; the device runs it
+- ``step.onnx``   one-tuple step graph for tools (one tuple + running state -> new state + scores); its weights
+  are external data pointing into ``full.onnx`` (offset + length), so the file is a few KB
 - ``items.json``  item ids as a JSON array; dense model index i is items[i - 1] (0 is padding)
 - ``vocab.json``  ``{"activities": ActivityVocabulary.to_dict(), "dwell": DwellBuckets.to_dict()}``
 - ``popularity.json`` ``{"items": [ids, most popular first], "counts": [...]}`` (cold-start fallback)

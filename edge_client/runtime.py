@@ -8,13 +8,20 @@ serves it with onnxruntime (``intra_op_num_threads=1`` by default):
   edges). Unknown items (and activities) are skipped and counted in ``stats``; with nothing left the
   package's popularity list answers (``source == "popularity"``). Every recommendation carries the
   attention weight of every input tuple (zero for skipped or truncated ones).
-- ``start_session()`` returns an ``IncrementalSession`` whose ``step(behavior)`` costs one GRU step (the
-  step graph and its running-softmax state; with the copy term the session also keeps its own copy keys
-  and items, O(t * hidden) per step). Past ``max_len`` tuples the model's window no longer holds
-  the whole session, so a step falls back to one full-graph call over the window (exact, O(max_len)).
-- Graphs load from the bytes that were hashed again as read (``strict_load=True``, the default), so a file
-  replaced between verification and loading never runs; ``strict_load=False`` loads from the paths, which
-  onnxruntime holds in ~40 MB less memory at 100k items (for a package directory in app-private storage).
+- ``start_session()`` returns an ``IncrementalSession`` whose ``step(behavior)`` costs one GRU step and one
+  output projection (the same graph advanced by one tuple from the session's running-softmax state; with
+  the copy term the session also keeps its own copy keys and items, O(t * hidden) per step). Past
+  ``max_len`` tuples the model's window no longer holds the whole session, so a step falls back to one
+  call over the window from the initial state (exact, O(max_len)).
+- One onnxruntime session per package: ``full.onnx`` advances a state by L tuples, so a whole session (from
+  the initial state) and a step (one tuple on the live state) share one copy of the weights and of
+  onnxruntime's prepacked output matrix. ``step.onnx`` (the one-tuple graph, weights inside full.onnx) is
+  verified with the package but not loaded here.
+- The graph loads from the bytes that were hashed again as read (``strict_load=True``, the default), so a
+  file replaced between verification and loading never runs; ``strict_load=False`` loads from the path
+  (for a package directory in app-private storage; onnxruntime reads the file itself).
+- ``top_k`` is exact and avoids a full partition of the scores: the k-th largest of 1024 group maxima
+  bounds the k-th largest score from below, so only the (few) scores above it are ranked.
 - ``swap(new_package_dir)`` verifies the new package (it must be newer), loads it, runs a smoke inference,
   and only then replaces the serving model in one assignment; on any failure the old model keeps serving
   and the error is raised. Sessions started before a swap keep the model they started with.
@@ -39,7 +46,6 @@ import onnxruntime as ort
 
 from edge_client.package import (
     FULL_GRAPH,
-    STEP_GRAPH,
     Manifest,
     PackageError,
     PackageVocab,
@@ -76,14 +82,29 @@ class Recommendation:
 TupleLike = MicroBehavior | tuple[str, str, int]
 
 
-def _feed(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _feed(session, feed: dict[str, np.ndarray], names: frozenset[str] | None = None) -> dict[str, np.ndarray]:
     """Only the inputs the graph declares (the exporter drops inputs a model config never reads)."""
-    names = {i.name for i in session.get_inputs()}
+    names = names if names is not None else frozenset(i.name for i in session.get_inputs())
     return {k: v for k, v in feed.items() if k in names}
 
 
+def _session_from_bytes(data: bytes, options) -> ort.InferenceSession:
+    """An onnxruntime session of verified graph bytes, without keeping a second copy of them alive:
+    ``InferenceSession`` keeps the bytes it was built from (only to rebuild itself on a provider change,
+    which this runtime never asks for), ~17 MB at 100k items."""
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    if getattr(session, "_model_bytes", None) is data:
+        session._model_bytes = None
+    return session
+
+
+# Exact top-k: the scores are split into this many disjoint groups; the k-th largest group maximum is a
+# lower bound of the k-th largest score (k distinct groups each hold a score at least that large).
+_TOPK_GROUPS = 1024
+
+
 class _Loaded:
-    """One package in memory: verified manifest, vocabulary and onnxruntime sessions."""
+    """One package in memory: verified manifest, vocabulary and its one onnxruntime session."""
 
     def __init__(self, manifest: Manifest, threads: int, strict_load: bool = True) -> None:
         self.manifest = manifest
@@ -102,35 +123,35 @@ class _Loaded:
         assert manifest.path is not None
         try:
             if strict_load:  # from the bytes hashed again as read: a graph swapped after verification never loads
-                self.full = ort.InferenceSession(read_verified(manifest, FULL_GRAPH), options, providers=["CPUExecutionProvider"])
-                self.step = ort.InferenceSession(read_verified(manifest, STEP_GRAPH), options, providers=["CPUExecutionProvider"])
-            else:  # from the paths: onnxruntime keeps less in memory, the package dir must be private storage
+                self.full = _session_from_bytes(read_verified(manifest, FULL_GRAPH), options)
+            else:  # from the path: the package dir must be private storage
                 self.full = ort.InferenceSession(str(manifest.path / FULL_GRAPH), options, providers=["CPUExecutionProvider"])
-                self.step = ort.InferenceSession(str(manifest.path / STEP_GRAPH), options, providers=["CPUExecutionProvider"])
         except PackageError:
             raise
         except Exception as err:  # onnxruntime raises its own exception types
-            raise PackageError("bad_payload", f"onnxruntime cannot load the graphs: {err}") from None
-        self.step_outputs = [o.name for o in self.step.get_outputs()]
+            raise PackageError("bad_payload", f"onnxruntime cannot load the graph: {err}") from None
+        self.inputs = frozenset(i.name for i in self.full.get_inputs())
+        self.outputs = [o.name for o in self.full.get_outputs()]
+        if "items" not in self.inputs or self.outputs[:2] != ["scores", "weights"] or "new_hidden" not in self.outputs:
+            raise PackageError("bad_payload", f"full.onnx is not a session graph (inputs {sorted(self.inputs)}, outputs {self.outputs})")
         self.popular_items = np.asarray(self.vocab.popular_items, dtype=object)
         self.popular_counts = np.asarray(self.vocab.popular_counts, dtype=np.float64)
 
     def smoke_test(self) -> None:
-        """One tiny inference through both graphs; PackageError('bad_payload') if anything is off."""
-        one = np.ones((1, 1), np.int64)
-        zero = np.zeros((1, 1), np.int64)
+        """One tiny inference (a whole one-tuple session, then one step on its state);
+        PackageError('bad_payload') if anything is off."""
         try:
-            full_feed = {"items": one, "activities": zero, "dwell": zero, "lengths": np.ones(1, np.int64)}
-            scores, weights = self.full.run(None, _feed(self.full, full_feed))
-            step_feed = {"item": one[0], "activity": zero[0], "dwell": zero[0], **self.initial_state()}
-            step_feed.update(keys=np.zeros((1, 0, self.hidden_dim), np.float32), past_items=np.zeros((1, 0), np.int64))
-            outputs = self.step.run(None, _feed(self.step, step_feed))
+            first = self.advance([(1, 0, 0)], self.initial_state(), self.empty_copy_state())
+            second = self.advance([(1, 0, 0)], self.state_of(first), self.empty_copy_state())
         except Exception as err:
             raise PackageError("bad_payload", f"smoke inference failed: {err}") from None
-        if scores.shape != (1, self.n_items + 1) or outputs[4].shape != (1, self.n_items + 1) or weights.shape != (1, 1):
-            raise PackageError("bad_payload", f"graph outputs have unexpected shapes {scores.shape}, {outputs[4].shape}")
-        if not np.isfinite(scores).all():
-            raise PackageError("bad_payload", "smoke inference produced non-finite scores")
+        h = self.hidden_dim
+        for out in (first, second):
+            shapes = (out["scores"].shape, out["weights"].shape, out["new_hidden"].shape, out["new_run_num"].shape)
+            if shapes != ((1, self.n_items + 1), (1, 1), (1, h), (1, h)):
+                raise PackageError("bad_payload", f"graph outputs have unexpected shapes {shapes}")
+            if not np.isfinite(out["scores"]).all():
+                raise PackageError("bad_payload", "smoke inference produced non-finite scores")
 
     def initial_state(self) -> dict[str, np.ndarray]:
         h = self.hidden_dim
@@ -140,6 +161,23 @@ class _Loaded:
             "run_den": np.zeros((1,), np.float32),
             "run_num": np.zeros((1, h), np.float32),
         }
+
+    def empty_copy_state(self) -> dict[str, np.ndarray]:
+        """The copy term's past keys and items before the first tuple."""
+        return {"keys": np.zeros((1, 0, self.hidden_dim), np.float32), "past_items": np.zeros((1, 0), np.int64)}
+
+    @staticmethod
+    def state_of(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The running state after a call of the graph."""
+        return {"hidden": out["new_hidden"], "run_max": out["new_run_max"], "run_den": out["new_run_den"], "run_num": out["new_run_num"]}
+
+    def advance(self, encoded: Sequence[tuple[int, int, int]], state: dict[str, np.ndarray], copy_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of the graph: ``state`` (and the copy keys/items) advanced by the encoded tuples (L >= 1);
+        the outputs by name."""
+        arr = np.asarray(encoded, dtype=np.int64).reshape(1, -1, 3)
+        feed = {"items": arr[:, :, 0], "activities": arr[:, :, 1], "dwell": arr[:, :, 2], "lengths": np.array([arr.shape[1]], np.int64),
+                **state, **copy_state}
+        return dict(zip(self.outputs, self.full.run(None, _feed(self.full, feed, self.inputs)), strict=True))
 
     # ---- tuple handling ------------------------------------------------------------------------------
     def encode(self, behavior: TupleLike, stats: Counter) -> tuple[tuple[str, str, int], tuple[int, int, int] | None]:
@@ -164,22 +202,37 @@ class _Loaded:
 
     def run_full(self, encoded: Sequence[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
         """(scores (n_items + 1,), weights (L,)) for one session of encoded tuples (1 <= L)."""
-        arr = np.asarray(encoded, dtype=np.int64).reshape(1, -1, 3)
-        feed = {"items": arr[:, :, 0], "activities": arr[:, :, 1], "dwell": arr[:, :, 2], "lengths": np.array([arr.shape[1]], np.int64)}
-        scores, weights = self.full.run(None, _feed(self.full, feed))
-        return scores[0], weights[0]
+        out = self.advance(encoded, self.initial_state(), self.empty_copy_state())
+        return out["scores"][0], out["weights"][0]
 
     def top_k(self, scores: np.ndarray, k: int, banned: Iterable[int]) -> list[tuple[int, float]]:
+        """The k best (index, score) pairs, best first, ties by lower index; never the padding column 0, a
+        banned index or a NaN score."""
         scores = scores.astype(np.float32, copy=True)
         scores[0] = -np.inf  # padding
         banned = list(banned)
         if banned:
             scores[np.asarray(banned, dtype=np.int64)] = -np.inf
-        k = min(k, int(np.isfinite(scores).sum()))
+        nan = np.isnan(scores)
+        if nan.any():
+            scores[nan] = -np.inf
         if k <= 0:
             return []
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.lexsort((top, -scores[top]))]
+        n_groups = len(scores) // _TOPK_GROUPS
+        candidates = None
+        if _TOPK_GROUPS > 4 * k and n_groups:  # every score below the k-th largest group maximum is out
+            # group j = scores j, j + n_groups, ...: an elementwise max over _TOPK_GROUPS contiguous rows
+            group_max = scores[: n_groups * _TOPK_GROUPS].reshape(n_groups, _TOPK_GROUPS).max(axis=0)
+            bound = np.partition(group_max, _TOPK_GROUPS - k)[_TOPK_GROUPS - k]
+            if bound > -np.inf:
+                candidates = np.flatnonzero(scores >= bound)
+        if candidates is None:
+            candidates = np.flatnonzero(scores > -np.inf)
+        if len(candidates) > k:  # keep the k largest and every score tied with the k-th
+            values = scores[candidates]
+            kth = np.partition(values, len(values) - k)[len(values) - k]
+            candidates = candidates[values >= kth]
+        top = candidates[np.lexsort((candidates, -scores[candidates]))][:k]
         return [(int(i), float(scores[i])) for i in top]
 
     def popularity(self, k: int, excluded: set[str]) -> list[Recommendation]:
@@ -254,21 +307,13 @@ class IncrementalSession:
             self.encoded.append(enc)
             self.positions.append(len(self.shown) - 1)
             if len(self.encoded) <= m.max_len:
-                feed = {
-                    "item": np.array([enc[0]], np.int64),
-                    "activity": np.array([enc[1]], np.int64),
-                    "dwell": np.array([enc[2]], np.int64),
-                    **self.state,
-                    "keys": self.keys,
-                    "past_items": self.past_items,
-                }
-                out = dict(zip(m.step_outputs, m.step.run(None, _feed(m.step, feed)), strict=True))
+                out = m.advance([enc], self.state, {"keys": self.keys, "past_items": self.past_items})
                 run_max, run_den = out["new_run_max"], out["new_run_den"]
-                self.state = {"hidden": out["new_hidden"], "run_max": run_max, "run_den": run_den, "run_num": out["new_run_num"]}
-                if "key" in out:  # copy term: the session's own keys and items grow by one
-                    self.keys = np.concatenate([self.keys, out["key"][:, None]], axis=1)
+                self.state = m.state_of(out)
+                if "new_keys" in out:  # copy term: the session's own keys and items grow by one
+                    self.keys = np.concatenate([self.keys, out["new_keys"]], axis=1)
                     self.past_items = np.concatenate([self.past_items, np.array([[enc[0]]], np.int64)], axis=1)
-                self.att.append(float(out["att"][0]))
+                self.att.append(float(out["att"][0, 0]))
                 self.scores = out["scores"][0]
                 s = np.asarray(self.att, dtype=np.float64)
                 if m.manifest.model.get("use_attention", True):

@@ -1,24 +1,45 @@
 """Export a trained RIB to ONNX for the device (the torch side; the device needs only onnxruntime).
 
 Two graphs, both built from the model's own submodules (embeddings, ``gru``, ``att_proj``/``att_score``,
-``out``), so they hold exactly the trained weights:
+``out``), so they hold exactly the trained weights, and one copy of those weights:
 
-- **full** (``full.onnx``): ``items, activities, dwell`` int64 ``[B, L]`` (dynamic B and L, valid steps
-  first, padding after) and ``lengths`` int64 ``[B]`` -> ``scores [B, n_items + 1]`` and attention
-  ``weights [B, L]`` (zero on padding). Same as ``RIB.forward`` on the masked sequence.
-- **step** (``step.onnx``): one tuple ``item, activity, dwell`` int64 ``[B]`` plus the state
-  ``hidden [B, H]``, ``run_max [B]``, ``run_den [B]``, ``run_num [B, H]`` -> the new state, ``scores`` and
-  this step's raw attention score ``att [B]``. Attention pooling over every past step stays exact online
-  with a running softmax: m' = max(m, s), den' = den e^(m-m') + e^(s-m'), num' = num e^(m-m') + e^(s-m') h,
-  pooled = num'/den'. So each new event costs one GRU step. The initial state is ``initial_step_state``.
-  The weight of step t after T steps is exp(s_t - m_T) / den_T (the runtime keeps the raw s_t).
+- **full** (``full.onnx``, the graph the device runs): ``items, activities, dwell`` int64 ``[B, L]``
+  (dynamic B and L, valid steps first, padding after), ``lengths`` int64 ``[B]`` and an incoming running
+  state ``hidden [B, H]``, ``run_max [B]``, ``run_den [B]``, ``run_num [B, H]`` -> ``scores [B, n_items + 1]``,
+  attention ``weights [B, L]`` of the new tuples (zero on padding), their raw attention scores ``att [B, L]``
+  (-inf on padding) and the state after them (``new_hidden``, ``new_run_max``, ``new_run_den``,
+  ``new_run_num``). It *advances* a session by L tuples: from ``initial_step_state`` that is
+  ``RIB.forward`` on the masked sequence (weights = the attention softmax); from the state of a live session
+  with L = 1 it is the incremental step. Attention pooling over every past step stays exact online with a
+  running softmax: m' = max(m, max_t s_t), den' = den e^(m-m') + sum_t e^(s_t-m'),
+  num' = num e^(m-m') + sum_t e^(s_t-m') h_t, pooled = num'/den'. So each new event costs one GRU step and
+  one output projection, and one onnxruntime session (one copy of the weights in memory) serves both.
+- **step** (``step.onnx``): the one-tuple step graph with the historical interface (``item, activity,
+  dwell`` int64 ``[B]`` plus the state -> the new state, ``scores`` and this step's raw attention score
+  ``att [B]``), for tools. Its weights are *external data pointing into full.onnx* (offset and length in
+  that file), so the graph file itself is ~90 KB; onnxruntime resolves it next to the graph file
+  (``session_for``), or from memory (``SessionOptions.add_external_initializers_from_files_in_memory``).
+- With the copy term both graphs also take the session's past copy keys ``keys [B, P, H]`` and items
+  ``past_items [B, P]``; full returns the keys of its L new steps (``new_keys [B, L, H]``), step the key of
+  its one step (``key``). The weight of step t after T steps is exp(s_t - m_T) / den_T (the runtime keeps
+  the raw s_t).
 
-Configs the graphs cannot reproduce faithfully are refused (``ExportError``): the copy term, the paper
-loss. ``export_onnx`` also checks the exported graphs against ``RIB.forward`` in torch before returning
-(max abs diff on scores), so a model change that the wrappers do not follow fails loudly at export.
+Configs the graphs cannot reproduce faithfully are refused (``ExportError``): the paper loss, config fields
+the exporter does not know set off their defaults. ``export_onnx`` also checks the exported graphs against ``RIB.forward``/``forward_all`` in torch before
+returning (max abs diff on scores: the full graph on a padded batch; every prefix through the step graph
+and through the full graph advanced chunk by chunk), so a model change the wrappers do not follow fails
+loudly at export.
 
-int8: ``quantize_int8`` runs onnxruntime's dynamic quantization on the embedding Gathers and the output
-MatMul (the GRU op stays fp32 under dynamic quantization), per-channel by default.
+int8 (``quantize_int8``): graph surgery, no onnxruntime quantizer. The output projection (the hidden x
+items MatMul that bounds a step) becomes one ``com.microsoft.DynamicQuantizeMatMul`` (activation quantized
+on the fly, int8 weight, bias fused into the GEMM's output stage). With ``per_channel`` (the default) every
+item column has its own scale s_j, applied by one Mul after the GEMM: the GEMM runs with a unit scale and
+the bias b_j / s_j, so s_j (a acc_j + b_j / s_j) = s_j a acc_j + b_j. (Handing onnxruntime 1.32 the
+per-column scales instead doubles the GEMM's time; the Mul adds under a tenth.) ``per_channel=False``:
+one scale for the matrix, no Mul (slightly faster, less accurate on trained weights whose item columns
+differ in norm). The item embedding table is stored int8 with one scale per row (Gather + Cast + Mul). The
+GRU and the small hidden x hidden layers stay fp32 (a few hundred KB). Weights are symmetric int8 over the
+full range: exact on VNNI (x86) and dot-product (ARM) kernels.
 """
 
 from __future__ import annotations
@@ -38,16 +59,22 @@ from torch import nn
 from model.rib import RIB, RIBConfig
 
 OPSET = 18
-FULL_INPUTS = ("items", "activities", "dwell", "lengths")
-FULL_OUTPUTS = ("scores", "weights")
-STEP_INPUTS = ("item", "activity", "dwell", "hidden", "run_max", "run_den", "run_num")
+STATE_INPUTS = ("hidden", "run_max", "run_den", "run_num")
+FULL_INPUTS = ("items", "activities", "dwell", "lengths", *STATE_INPUTS)
+FULL_OUTPUTS = ("scores", "weights", "att", "new_hidden", "new_run_max", "new_run_den", "new_run_num")
+STEP_INPUTS = ("item", "activity", "dwell", *STATE_INPUTS)
 STEP_OUTPUTS = ("new_hidden", "new_run_max", "new_run_den", "new_run_num", "scores", "att")
-# With the copy term the step graph also takes the session's past copy keys and items, and returns this step's key.
-COPY_STEP_INPUTS = ("keys", "past_items")
+# With the copy term both graphs also take the session's past copy keys and items, and return the new keys.
+COPY_INPUTS = ("keys", "past_items")
+COPY_STEP_INPUTS = COPY_INPUTS
+COPY_FULL_OUTPUTS = ("new_keys",)
 COPY_STEP_OUTPUTS = ("key",)
 # Initial running max: finite (so exp(m - m') never sees inf - inf), far below any real attention score.
 INITIAL_RUN_MAX = -1e30
 PARITY_TOL = 1e-4
+# step.onnx keeps initializers smaller than this inline; larger ones become external data in full.onnx.
+EXTERNAL_MIN_BYTES = 1024
+MS_DOMAIN = "com.microsoft"
 
 
 class ExportError(ValueError):
@@ -164,27 +191,43 @@ class _ExportedRIB(nn.Module):
 
 
 class FullSession(_ExportedRIB):
-    """The full-session graph (see module docstring)."""
+    """The full graph: advance a session state by L tuples (see module docstring)."""
 
-    def forward(self, items, activities, dwell, lengths):
+    def forward(self, items, activities, dwell, lengths, hidden, run_max, run_den, run_num, keys=None, past_items=None):
         embedded, micro = self.embed(items, activities, dwell)
-        hidden, _ = self.gru(embedded)
+        out, _ = self.gru(embedded, hidden[None])
         steps = torch.arange(items.shape[1], device=items.device)
-        valid = steps[None, :] < lengths.clamp(min=1)[:, None]
+        last = lengths.clamp(min=1) - 1
+        valid = steps[None, :] <= last[:, None]
+        is_last = (steps[None, :] == last[:, None]).to(out.dtype)
+        new_hidden = (is_last[:, :, None] * out).sum(1)  # a one-hot sum exports to far fewer nodes than a gather
         if self.use_attention:
-            scores = self.scorer(hidden, micro).masked_fill(~valid, float("-inf"))
-            weights = torch.softmax(scores, dim=-1)
-        else:
-            weights = (steps[None, :] == (lengths.clamp(min=1) - 1)[:, None]).to(hidden.dtype)
-        pooled = (weights[:, :, None] * hidden).sum(1)
+            att = self.scorer(out, micro).masked_fill(~valid, float("-inf"))
+            new_max = torch.maximum(run_max, att.max(dim=1).values)
+            old_scale = torch.exp(run_max - new_max)
+            scale = torch.exp(att - new_max[:, None])  # zero on padding
+            new_den = run_den * old_scale + scale.sum(1)
+            new_num = run_num * old_scale[:, None] + (scale[:, :, None] * out).sum(1)
+            pooled = new_num / new_den[:, None]
+            weights = scale / new_den[:, None]
+        else:  # RIB-Attention: the last hidden state; the running state just tracks it
+            weights = is_last
+            att = torch.zeros_like(weights)
+            new_max = torch.zeros_like(new_hidden[:, 0])
+            new_den, new_num, pooled = torch.ones_like(new_max), new_hidden, new_hidden
         logits = self.out(pooled)
-        if self.copy is not None:
-            logits = self.copy(logits, pooled, self.copy.copy_key(hidden), items * valid, valid)
-        return logits, weights
+        if self.copy is None:
+            return logits, weights, att, new_hidden, new_max, new_den, new_num
+        new_keys = self.copy.copy_key(out)
+        all_keys = torch.cat([keys, new_keys], dim=1)
+        all_items = torch.cat([past_items, items * valid], dim=1)
+        all_valid = torch.cat([torch.ones_like(past_items, dtype=torch.bool), valid], dim=1)
+        logits = self.copy(logits, pooled, all_keys, all_items, all_valid)
+        return logits, weights, att, new_hidden, new_max, new_den, new_num, new_keys
 
 
 class IncrementalStep(_ExportedRIB):
-    """The incremental step graph (see module docstring)."""
+    """The one-tuple step graph (see module docstring)."""
 
     def forward(self, item, activity, dwell, hidden, run_max, run_den, run_num, keys=None, past_items=None):
         embedded, micro = self.embed(item[:, None], activity[:, None], dwell[:, None])
@@ -211,7 +254,7 @@ class IncrementalStep(_ExportedRIB):
 
 
 def initial_step_state(hidden_dim: int, batch: int = 1) -> dict[str, np.ndarray]:
-    """The step graph's state before the first tuple (``keys``/``past_items`` are only read with the copy term)."""
+    """The running state before the first tuple (``keys``/``past_items`` are only read with the copy term)."""
     return {
         "hidden": np.zeros((batch, hidden_dim), np.float32),
         "run_max": np.full((batch,), INITIAL_RUN_MAX, np.float32),
@@ -232,14 +275,21 @@ def _example_full(config: RIBConfig, batch: int = 2, length: int = 7, seed: int 
     return items, activities, dwell, lengths
 
 
+def _example_state(config: RIBConfig, batch: int, past: int = 2) -> tuple[torch.Tensor, ...]:
+    """A non-trivial running state (and, with the copy term, ``past`` keys and items) for tracing."""
+    g = torch.Generator().manual_seed(7)
+    h = config.hidden_dim
+    state = (torch.randn(batch, h, generator=g), torch.randn(batch, generator=g), torch.rand(batch, generator=g) + 1.0,
+             torch.randn(batch, h, generator=g))
+    if uses_copy(config):  # a real (dynamic) past length
+        items, _, _, _ = _example_full(config, batch, past, seed=5)
+        state = (*state, torch.randn(batch, past, h, generator=g), items)
+    return state
+
+
 def _example_step(config: RIBConfig, batch: int = 2) -> tuple[torch.Tensor, ...]:
     items, activities, dwell, _ = _example_full(config, batch, 1)
-    state = {k: torch.from_numpy(v) for k, v in initial_step_state(config.hidden_dim, batch).items() if k in STEP_INPUTS}
-    args = (items[:, 0], activities[:, 0], dwell[:, 0], state["hidden"], state["run_max"], state["run_den"], state["run_num"])
-    if uses_copy(config):  # two past steps, so the exporter sees a real (dynamic) history length
-        past, _, _, _ = _example_full(config, batch, 2, seed=5)
-        args = (*args, torch.randn(batch, 2, config.hidden_dim), past)
-    return args
+    return (items[:, 0], activities[:, 0], dwell[:, 0], *_example_state(config, batch))
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], dynamic: dict) -> None:
@@ -271,29 +321,71 @@ class ExportResult:
         return {"full": str(self.full), "step": str(self.step), "full_max_abs_diff": self.full_max_abs_diff, "step_max_abs_diff": self.step_max_abs_diff}
 
 
+def _export_graphs(model: RIB, full_path: Path, step_path: Path) -> None:
+    """Both graphs as torch writes them (each with its weights inline)."""
+    config = model.config
+    copy = uses_copy(config)
+    full_inputs = FULL_INPUTS + (COPY_INPUTS if copy else ())
+    full_outputs = FULL_OUTPUTS + (COPY_FULL_OUTPUTS if copy else ())
+    full_dynamic: dict[str, dict[int, str]] = {name: {0: "batch"} for name in full_inputs + full_outputs}
+    for name in ("items", "activities", "dwell", "weights", "att", "new_keys"):
+        full_dynamic[name] = {0: "batch", 1: "steps"}
+    full_dynamic.update(keys={0: "batch", 1: "past"}, past_items={0: "batch", 1: "past"})
+    _export(FullSession(model).eval(), (*_example_full(config), *_example_state(config, 2)), full_path, full_inputs, full_outputs, full_dynamic)
+    step_inputs = STEP_INPUTS + (COPY_STEP_INPUTS if copy else ())
+    step_outputs = STEP_OUTPUTS + (COPY_STEP_OUTPUTS if copy else ())
+    step_dynamic: dict[str, dict[int, str]] = {name: {0: "batch"} for name in step_inputs + step_outputs}
+    step_dynamic.update(keys={0: "batch", 1: "past"}, past_items={0: "batch", 1: "past"})
+    _export(IncrementalStep(model).eval(), _example_step(config), step_path, step_inputs, step_outputs, step_dynamic)
+
+
+def link_to_full(step_src: str | Path, full_path: str | Path, step_dst: str | Path, min_bytes: int = EXTERNAL_MIN_BYTES,
+                 max_inline_bytes: int = 1 << 20) -> int:
+    """Write ``step_src`` to ``step_dst`` with every initializer of at least ``min_bytes`` whose bytes occur
+    exactly once inside ``full_path`` turned into external data pointing there (``full_path`` must sit next
+    to ``step_dst`` under its own name). The rest stays inline (small layers torch wrote transposed in one
+    graph); ExportError if that exceeds ``max_inline_bytes`` (the graphs should share their big weights).
+    Returns the number of bytes moved out of the step graph.
+    """
+    import onnx
+
+    full_path, step_dst = Path(full_path), Path(step_dst)
+    if full_path.parent.resolve() != step_dst.parent.resolve():
+        raise ValueError("the step graph's external data must be a sibling file")
+    full_bytes = full_path.read_bytes()
+    step = onnx.load(str(step_src))
+    moved = inline = 0
+    for tensor in step.graph.initializer:
+        raw = tensor.raw_data
+        offset = full_bytes.find(raw) if len(raw) >= min_bytes else -1
+        if offset < 0 or full_bytes.find(raw, offset + 1) >= 0:
+            inline += len(raw)
+            continue
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", full_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        moved += len(raw)
+    if inline > max_inline_bytes:
+        raise ExportError(f"the step graph keeps {inline} bytes of weights not found in {full_path.name}")
+    step_dst.write_bytes(step.SerializeToString())
+    return moved
+
+
 @torch.no_grad()
 def export_onnx(model: RIB, out_dir: str | Path, check: bool = True, tol: float = PARITY_TOL) -> ExportResult:
-    """Write ``full.onnx`` and ``step.onnx`` (fp32) to ``out_dir``; with ``check``, verify against torch."""
+    """Write ``full.onnx`` and ``step.onnx`` (fp32; step's weights live in full) to ``out_dir``; with
+    ``check``, verify both against torch."""
     model = model.eval().cpu()
-    config = model.config
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     full_path, step_path = out_dir / "full.onnx", out_dir / "step.onnx"
-    _export(
-        FullSession(model).eval(),
-        _example_full(config),
-        full_path,
-        FULL_INPUTS,
-        FULL_OUTPUTS,
-        {"items": {0: "batch", 1: "steps"}, "activities": {0: "batch", 1: "steps"}, "dwell": {0: "batch", 1: "steps"},
-         "lengths": {0: "batch"}, "scores": {0: "batch"}, "weights": {0: "batch", 1: "steps"}},
-    )
-    step_inputs, step_outputs = STEP_INPUTS, STEP_OUTPUTS
-    step_dynamic: dict[str, dict[int, str]] = {name: {0: "batch"} for name in STEP_INPUTS + STEP_OUTPUTS}
-    if uses_copy(config):
-        step_inputs, step_outputs = STEP_INPUTS + COPY_STEP_INPUTS, STEP_OUTPUTS + COPY_STEP_OUTPUTS
-        step_dynamic.update(keys={0: "batch", 1: "past"}, past_items={0: "batch", 1: "past"}, key={0: "batch"})
-    _export(IncrementalStep(model).eval(), _example_step(config), step_path, step_inputs, step_outputs, step_dynamic)
+    with tempfile.TemporaryDirectory() as tmp:
+        inline_step = Path(tmp) / "step.onnx"
+        _export_graphs(model, full_path, inline_step)
+        link_to_full(inline_step, full_path, step_path)
     full_diff = step_diff = float("nan")
     if check:
         full_diff, step_diff = check_parity(model, full_path, step_path)
@@ -302,20 +394,38 @@ def export_onnx(model: RIB, out_dir: str | Path, check: bool = True, tol: float 
     return ExportResult(full_path, step_path, full_diff, step_diff)
 
 
-def _session(path: Path):
+def session_options(threads: int = 1):
+    """onnxruntime options of every session here and in the benchmark: ``threads`` intra-op threads, sequential."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return options
+
+
+def session_for(path: str | Path, threads: int = 1):
+    """An onnxruntime CPU session of a graph file (a step graph finds its weights in the sibling full.onnx)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+_session = session_for
 
 
 def feed_for(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Only the inputs ``session`` declares (the exporter drops inputs a config never reads, e.g. ``dwell``
-    without dwell embeddings, or the running-softmax state without attention)."""
-    names = {i.name for i in session.get_inputs()}
-    return {k: v for k, v in feed.items() if k in names}
+    without dwell embeddings, or the running-softmax state without attention). A full graph fed no state
+    starts from ``initial_step_state`` (batch and hidden size from the feed and the graph)."""
+    declared = {i.name: i for i in session.get_inputs()}
+    if "items" in feed and "hidden" in declared and "hidden" not in feed:
+        batch = int(np.shape(feed["items"])[0])
+        hidden_dim = int(declared["hidden"].shape[1])
+        feed = {**initial_step_state(hidden_dim, batch), **feed}
+    return {k: v for k, v in feed.items() if k in declared}
 
 
 def step_advance(step_session, state: dict[str, np.ndarray], item: int, activity: int, dwell: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -331,15 +441,41 @@ def step_advance(step_session, state: dict[str, np.ndarray], item: int, activity
     return new_state, out
 
 
-def run_steps(step_session, hidden_dim: int, items: np.ndarray, activities: np.ndarray, dwell: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Feed one sequence tuple by tuple through a step session: (scores after each step (L, N), raw
-    attention scores (L,), final attention weights (L,))."""
+def full_advance(full_session, state: dict[str, np.ndarray], items: np.ndarray, activities: np.ndarray, dwell: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One call of the full graph on one session (batch 1): advance ``state`` by the tuples given (L >= 1);
+    (new state, outputs by name). This is what the device runs, for a whole session and for a step."""
+    items, activities, dwell = (np.asarray(x, np.int64).reshape(1, -1) for x in (items, activities, dwell))
+    feed = {"items": items, "activities": activities, "dwell": dwell, "lengths": np.array([items.shape[1]], np.int64), **state}
+    names = [o.name for o in full_session.get_outputs()]
+    out = dict(zip(names, full_session.run(None, feed_for(full_session, feed)), strict=True))
+    new_state = {"hidden": out["new_hidden"], "run_max": out["new_run_max"], "run_den": out["new_run_den"],
+                 "run_num": out["new_run_num"], "keys": state["keys"], "past_items": state["past_items"]}
+    if "new_keys" in out:
+        new_state["keys"] = np.concatenate([state["keys"], out["new_keys"]], axis=1)
+        new_state["past_items"] = np.concatenate([state["past_items"], items], axis=1)
+    return new_state, out
+
+
+def run_steps(step_session, hidden_dim: int, items: np.ndarray, activities: np.ndarray, dwell: np.ndarray, chunks: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Feed one sequence through a step graph tuple by tuple, or through a full graph (advanced by ``chunks``
+    tuples per call, then one per call): (scores after each call (calls, N), raw attention scores (L,), final
+    attention weights (L,))."""
+    is_full = any(i.name == "items" for i in step_session.get_inputs())
     state = initial_step_state(hidden_dim)
     all_scores, att = [], []
-    for t in range(len(items)):
-        state, out = step_advance(step_session, state, items[t], activities[t], dwell[t])
+    sizes = [c for c in chunks if c > 0] if is_full else []
+    sizes += [1] * (len(items) - sum(sizes))
+    start = 0
+    for size in sizes:
+        stop = start + size
+        if is_full:
+            state, out = full_advance(step_session, state, items[start:stop], activities[start:stop], dwell[start:stop])
+            att.extend(float(a) for a in out["att"][0])
+        else:
+            state, out = step_advance(step_session, state, items[start], activities[start], dwell[start])
+            att.append(float(out["att"][0]))
         all_scores.append(out["scores"][0])
-        att.append(float(out["att"][0]))
+        start = stop
     att_arr = np.asarray(att, np.float64)
     weights = np.exp(att_arr - float(state["run_max"][0])) / float(state["run_den"][0])
     return np.stack(all_scores), att_arr, weights
@@ -347,7 +483,9 @@ def run_steps(step_session, hidden_dim: int, items: np.ndarray, activities: np.n
 
 @torch.no_grad()
 def check_parity(model: RIB, full_path: Path, step_path: Path, n_rows: int = 4, length: int = 12, seed: int = 1) -> tuple[float, float]:
-    """Max abs score diff of the full graph (padded batch) and of the step graph (every prefix) vs ``RIB.forward``."""
+    """Max abs score diff of the full graph (padded batch from the initial state) vs ``RIB.forward``, and of
+    every prefix through the step graph and through the full graph (a chunk of 3, then tuple by tuple) vs
+    ``RIB.forward_all``."""
     model = model.eval()
     config = model.config
     items, activities, dwell, lengths = _example_full(config, n_rows, length, seed)
@@ -355,34 +493,132 @@ def check_parity(model: RIB, full_path: Path, step_path: Path, n_rows: int = 4, 
     mask = torch.arange(length)[None, :] < lengths[:, None]
     items, activities, dwell = (torch.where(mask, x, torch.zeros_like(x)) for x in (items, activities, dwell))
     expected = model(items, activities, dwell, mask).numpy()
-    full = _session(full_path)
+    full = session_for(full_path)
     feed = {"items": items.numpy(), "activities": activities.numpy(), "dwell": dwell.numpy(), "lengths": lengths.numpy()}
-    got, _ = full.run(None, feed_for(full, feed))
+    got = full.run(None, feed_for(full, feed))[0]
     full_diff = float(np.abs(got - expected).max())
-    step = _session(step_path)
     row = 0
-    step_scores, _, _ = run_steps(step, config.hidden_dim, items[row].numpy(), activities[row].numpy(), dwell[row].numpy())
     prefix_expected = model.forward_all(items[row : row + 1], activities[row : row + 1], dwell[row : row + 1], mask[row : row + 1])[0].numpy()
+    seq = (items[row].numpy(), activities[row].numpy(), dwell[row].numpy())
+    step_scores, _, _ = run_steps(session_for(step_path), config.hidden_dim, *seq)
     step_diff = float(np.abs(step_scores - prefix_expected).max())
-    return full_diff, step_diff
+    chunk = 3
+    advanced, _, _ = run_steps(full, config.hidden_dim, *seq, chunks=(chunk,))
+    advance_diff = float(np.abs(advanced - prefix_expected[chunk - 1 :]).max())
+    return full_diff, max(step_diff, advance_diff)
+
+
+# ---- int8 ------------------------------------------------------------------------------------------------
+
+
+def _symmetric_int8(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, float32 scales) with q = round(v / scale) in [-127, 127]; one scale per slice along
+    ``axis`` (None: one for the tensor). Slices whose peak is below 1e-12 (zero for all purposes) get scale 1,
+    so dividing by a scale never overflows. Per-slice scales are rounded up to float16 values when all of
+    them are normal float16 numbers (``_scale_tensor`` then stores them in half the bytes, exactly)."""
+    peak = np.abs(values).max() if axis is None else np.abs(values).max(axis=axis, keepdims=True)
+    scale = np.where(peak > 1e-12, peak / 127.0, 1.0).astype(np.float32)
+    if axis is not None and _fits_float16(scale):
+        half = scale.astype(np.float16)
+        half = np.where(half.astype(np.float32) < scale, np.nextafter(half, np.float16(np.inf)), half)
+        scale = half.astype(np.float32)
+    q = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _fits_float16(scale: np.ndarray) -> bool:
+    return bool(np.all((scale >= 2.0**-14) & (scale <= 6.0e4)))
+
+
+def _scale_tensor(scale: np.ndarray, name: str) -> tuple[list, list]:
+    """(initializers, nodes) making the float32 tensor ``name`` from ``scale``: stored as float16 plus a Cast
+    when that is exact (onnxruntime folds the Cast at load), else as float32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    half = scale.astype(np.float16)
+    if scale.ndim and _fits_float16(scale) and np.array_equal(half.astype(np.float32), scale):
+        return [numpy_helper.from_array(half, f"{name}_fp16")], [helper.make_node("Cast", [f"{name}_fp16"], [name], name=f"{name}_cast", to=TensorProto.FLOAT)]
+    return [numpy_helper.from_array(scale.astype(np.float32), name)], []
 
 
 def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) -> Path:
-    """Dynamic int8 quantization of the embedding Gathers and MatMuls (GRU stays fp32)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """int8 version of an exported graph (full or step): the output projection becomes one
+    ``DynamicQuantizeMatMul`` (int8 weight, bias fused) with, by default, one scale per item applied by a Mul
+    after it (``per_channel=False``: one scale, no Mul), the item embedding table int8 with a scale per row.
+    Everything else stays fp32 (see the module docstring)."""
+    import onnx
+    from onnx import helper, numpy_helper
 
     src, dst = Path(src), Path(dst)
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_dynamic(
-            str(pre),
-            str(dst),
-            op_types_to_quantize=["Gather", "MatMul", "Gemm"],
-            per_channel=per_channel,
-            weight_type=QuantType.QInt8,
-        )
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes = list(graph.node)
+    new_nodes, drop, add = [], set(), []
+    found = {"out": 0, "emb": 0}
+    for node in nodes:
+        if node.op_type == "Gemm" and len(node.input) >= 2 and node.input[1] == "out.weight":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("transA", 0) or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                raise ExportError(f"unexpected output Gemm attributes {attrs}")
+            weight = numpy_helper.to_array(inits["out.weight"]).T  # (H, n_items + 1)
+            q, scale = _symmetric_int8(weight, axis=0 if per_channel else None)
+            name = f"{node.name or 'out'}_int8"
+            bias = node.input[2] if len(node.input) > 2 else ""
+            add.append(numpy_helper.from_array(q, "out.weight_int8"))
+            if per_channel:  # unit scale and bias / s in the GEMM, then one Mul by s
+                scale = scale.reshape(-1)
+                bias_values = numpy_helper.to_array(inits[bias]) if bias else np.zeros_like(scale)
+                scale_inits, scale_nodes = _scale_tensor(scale, "out.weight_scale")
+                add += [numpy_helper.from_array(np.ones((), np.float32), "out.weight_unit_scale"),
+                        numpy_helper.from_array((bias_values / scale).astype(np.float32), "out.bias_over_scale"), *scale_inits]
+                new_nodes += [
+                    *scale_nodes,
+                    helper.make_node("DynamicQuantizeMatMul", [node.input[0], "out.weight_int8", "out.weight_unit_scale", "", "out.bias_over_scale"],
+                                     [f"{node.output[0]}_unscaled"], name=name, domain=MS_DOMAIN),
+                    helper.make_node("Mul", [f"{node.output[0]}_unscaled", "out.weight_scale"], list(node.output), name=f"{name}_scale"),
+                ]
+                if bias:
+                    drop.add(bias)
+            else:
+                add.append(numpy_helper.from_array(scale.reshape(()), "out.weight_scale"))
+                new_nodes.append(helper.make_node("DynamicQuantizeMatMul", [node.input[0], "out.weight_int8", "out.weight_scale", "", bias],
+                                                  list(node.output), name=name, domain=MS_DOMAIN))
+            drop.add("out.weight")
+            found["out"] += 1
+        elif node.op_type == "Gather" and node.input[0] == "embed.item_emb.weight":
+            table = numpy_helper.to_array(inits["embed.item_emb.weight"])
+            q, scale = _symmetric_int8(table, axis=1)  # one scale per item row
+            base = node.name or "item_emb"
+            out = node.output[0]
+            if not found["emb"]:
+                scale_inits, scale_nodes = _scale_tensor(scale, "embed.item_emb.weight_row_scale")
+                add += [numpy_helper.from_array(q, "embed.item_emb.weight_int8"), *scale_inits]
+                new_nodes += scale_nodes
+            new_nodes += [
+                helper.make_node("Gather", ["embed.item_emb.weight_int8", node.input[1]], [f"{out}_int8"], name=f"{base}_int8"),
+                helper.make_node("Cast", [f"{out}_int8"], [f"{out}_cast"], name=f"{base}_cast", to=onnx.TensorProto.FLOAT),
+                helper.make_node("Gather", ["embed.item_emb.weight_row_scale", node.input[1]], [f"{out}_scale"], name=f"{base}_scale"),
+                helper.make_node("Mul", [f"{out}_cast", f"{out}_scale"], [out], name=f"{base}_dequant"),
+            ]
+            drop.add("embed.item_emb.weight")
+            found["emb"] += 1
+        else:
+            new_nodes.append(node)
+    if found["out"] != 1 or found["emb"] < 1:
+        raise ExportError(f"{src.name}: expected one output Gemm on out.weight and the item embedding Gather, found {found}")
+    still_used = {i for n in new_nodes for i in n.input}
+    if drop & still_used:
+        raise ExportError(f"{sorted(drop & still_used)} are still read by other nodes; cannot quantize them away")
+    kept = [t for t in graph.initializer if t.name not in drop]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + add)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(model.SerializeToString())
     return dst
 
 
@@ -399,11 +635,13 @@ def model_summary(config: RIBConfig) -> dict[str, object]:
 
 
 def export_files(model: RIB, out_dir: str | Path, int8: bool = True, per_channel: bool = True) -> dict[str, object]:
-    """fp32 export (+ parity check) and, with ``int8``, quantized graphs replacing them in ``out_dir``.
+    """fp32 export (+ parity check) and, with ``int8``, quantized graphs: ``full.onnx`` and ``step.onnx`` in
+    ``out_dir`` (step's weights are external data inside full, so the package carries them once).
 
     Returns a report: parity figures, precision, sizes in bytes.
     """
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         result = export_onnx(model, tmp)
         report: dict[str, object] = {
@@ -412,11 +650,13 @@ def export_files(model: RIB, out_dir: str | Path, int8: bool = True, per_channel
             "precision": "int8" if int8 else "fp32",
             "fp32_bytes": os.path.getsize(result.full) + os.path.getsize(result.step),
         }
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name, path in (("full.onnx", result.full), ("step.onnx", result.step)):
-            if int8:
-                quantize_int8(path, out_dir / name, per_channel=per_channel)
-            else:
+        if int8:
+            quantize_int8(result.full, out_dir / "full.onnx", per_channel=per_channel)
+            step8 = quantize_int8(result.step, Path(tmp) / "step8.onnx", per_channel=per_channel)
+            link_to_full(step8, out_dir / "full.onnx", out_dir / "step.onnx")
+            report["int8_output_scales"] = "per-channel" if per_channel else "per-tensor"
+        else:  # step.onnx points into full.onnx by offset: copy both verbatim
+            for name, path in (("full.onnx", result.full), ("step.onnx", result.step)):
                 (out_dir / name).write_bytes(path.read_bytes())
         report["bytes"] = os.path.getsize(out_dir / "full.onnx") + os.path.getsize(out_dir / "step.onnx")
     return report
@@ -469,24 +709,45 @@ def build_package(
     return sign_package(out_dir, private_key, model_version, model_summary(config), precision=report["precision"], extra=info)
 
 
-def real_prefixes(dataset, max_len: int, n: int = 200, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Up to ``n`` example prefixes of a SessionDataset (the last ``max_len`` tuples each), as index arrays."""
+def real_examples(dataset, max_len: int, n: int = 200, seed: int = 0) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
+    """Up to ``n`` example prefixes of a SessionDataset (the last ``max_len`` tuples each, as index arrays) and
+    the next item of each (the evaluation protocol's target)."""
     examples = dataset.examples()
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(examples), size=min(n, len(examples)), replace=False) if len(examples) else []
-    out = []
+    out, targets = [], []
     for k in sorted(int(p) for p in picks):
         end = int(examples.ends[k])
         start = max(int(examples.starts[k]), end - max_len)
         out.append(tuple(np.asarray(getattr(dataset, f)[start:end], np.int64) for f in ("items", "activities", "dwell_buckets")))
-    return out
+        targets.append(int(examples.targets[k]))
+    return out, np.asarray(targets, np.int64)
+
+
+def real_prefixes(dataset, max_len: int, n: int = 200, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Up to ``n`` example prefixes of a SessionDataset (the last ``max_len`` tuples each), as index arrays."""
+    return real_examples(dataset, max_len, n, seed)[0]
+
+
+def recall_mrr(session, prefixes, targets: np.ndarray, k: int = 20) -> tuple[float, float]:
+    """Recall@k and MRR@k of a full-graph session (or path) on prefixes with known next items (the padding
+    column 0 is never ranked; ties count against the target)."""
+    session = session_for(session) if isinstance(session, (str, Path)) else session
+    hits, rr = [], []
+    for (items, activities, dwell), target in zip(prefixes, targets, strict=True):
+        feed = {"items": items[None], "activities": activities[None], "dwell": dwell[None], "lengths": np.array([len(items)], np.int64)}
+        scores = session.run(None, feed_for(session, feed))[0][0]
+        rank = int((scores[1:] >= scores[target]).sum())  # items scoring at least the target's score, itself included
+        hits.append(rank <= k)
+        rr.append(1.0 / rank if rank <= k else 0.0)
+    return (float(np.mean(hits)), float(np.mean(rr))) if hits else (float("nan"), float("nan"))
 
 
 def topk_agreement(reference, candidate, prefixes, k: int = 20) -> float:
     """Mean |top-k(reference) & top-k(candidate)| / k over prefixes; both are full-graph onnxruntime sessions
     (or paths). The padding column 0 is never ranked."""
-    reference = _session(Path(reference)) if isinstance(reference, (str, Path)) else reference
-    candidate = _session(Path(candidate)) if isinstance(candidate, (str, Path)) else candidate
+    reference = session_for(reference) if isinstance(reference, (str, Path)) else reference
+    candidate = session_for(candidate) if isinstance(candidate, (str, Path)) else candidate
     overlaps = []
     for items, activities, dwell in prefixes:
         feed = {"items": items[None], "activities": activities[None], "dwell": dwell[None], "lengths": np.array([len(items)], np.int64)}

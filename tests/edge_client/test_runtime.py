@@ -259,3 +259,61 @@ def test_path_loading_gives_the_same_answers(world):
     a, b = strict.recommend(history, k=20), by_path.recommend(history, k=20)
     assert [r.item_id for r in a] == [r.item_id for r in b]
     assert [r.score for r in a] == [r.score for r in b]
+
+
+def test_one_session_serves_whole_sessions_and_steps(world):
+    """int8: a live session's steps and whole-session recommend() run the same graph, so they agree exactly."""
+    rec = Recommender(world["v2"], world["public"])
+    loaded = rec._loaded
+    assert not hasattr(loaded, "step") and {"items", "hidden", "run_max"} <= loaded.inputs
+    history = history_of(world["split"], 8, 3)
+    live = rec.start_session()
+    for t in range(len(history)):
+        stepped = live.step(history[t], k=20)
+        full = rec.recommend(history[: t + 1], k=20)
+        assert [r.item_id for r in stepped] == [r.item_id for r in full]
+        assert max(abs(a.score - b.score) for a, b in zip(stepped, full, strict=True)) < 1e-4
+
+
+def test_top_k_is_exact(world):
+    rec = Recommender(world["v1"], world["public"])
+    top_k = rec._loaded.top_k
+    rng = np.random.default_rng(0)
+
+    def reference(scores, k, banned):
+        scores = scores.astype(np.float32, copy=True)
+        scores[0] = -np.inf
+        scores[list(banned)] = -np.inf
+        order = [int(i) for i in np.lexsort((np.arange(len(scores)), -scores)) if scores[i] > -np.inf and not np.isnan(scores[i])]
+        return [(i, float(scores[i])) for i in order[:k]]
+
+    for trial in range(60):
+        n = int(rng.choice([7, 300, 5000, 100_001]))
+        scores = rng.standard_normal(n).astype(np.float32)
+        if trial % 3 == 0:
+            scores = np.round(scores, 1)  # many ties, also at the k-th place
+        if trial % 5 == 0:
+            scores[rng.integers(0, n, 4)] = np.nan
+        k = int(rng.choice([1, 20, 100, n + 5]))
+        banned = [int(b) for b in rng.integers(0, n, 10)]
+        assert top_k(scores, k, banned) == reference(scores, k, banned), (trial, n, k)
+
+
+def test_refuses_a_full_graph_that_is_not_a_session_graph(world, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    rec = Recommender(world["v1"], world["public"])
+    package = tmp_path / "old"
+    shutil.copytree(world["v2"], package)
+    for name in ("manifest.json", "manifest.sig"):
+        (package / name).unlink()
+    graph = helper.make_graph([helper.make_node("Identity", ["items"], ["scores"])], "g",
+                              [helper.make_tensor_value_info("items", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("scores", TensorProto.INT64, None)])
+    (package / FULL_GRAPH).write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
+    sign_package(package, world["private"], 9, rec.manifest.model)
+    with pytest.raises(PackageError) as err:
+        rec.swap(package)
+    assert err.value.reason == "bad_payload" and rec.model_version == 1
+    assert onnx.load(str(package / FULL_GRAPH)).graph.node[0].op_type == "Identity"

@@ -1,4 +1,5 @@
-"""ONNX export of RIB: fp32 parity with torch (full graph and step by step), int8 top-20 agreement, refusals."""
+"""ONNX export of RIB: fp32 parity with torch (full graph, step by step, chunked advance), the step graph's
+weights living in full.onnx, int8 (one fused output MatMul) top-20 agreement, refusals."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import torch
 from model.export import (
     ExportError,
     FullSession,
-    _session,
     build_package,
     check_exportable,
     export_onnx,
     feed_for,
+    full_advance,
+    initial_step_state,
+    link_to_full,
     popularity_from,
     quantize_int8,
     real_prefixes,
     run_steps,
+    session_for,
     topk_agreement,
 )
 from model.rib import RIB, RIBConfig
@@ -48,12 +52,15 @@ def test_fp32_full_and_step_parity_with_torch(exported):
 
 def test_step_by_step_equals_full_graph_on_real_prefixes(trained, exported):
     model, split = trained
-    full, step = _session(exported.full), _session(exported.step)
+    full, step = session_for(exported.full), session_for(exported.step)
     for items, activities, dwell in real_prefixes(split.test, model.config.max_len, n=10):
         step_scores, _, step_weights = run_steps(step, model.config.hidden_dim, items, activities, dwell)
         feed = {"items": items[None], "activities": activities[None], "dwell": dwell[None], "lengths": np.array([len(items)])}
-        scores, weights = full.run(None, feed_for(full, feed))
+        scores, weights = full.run(None, feed_for(full, feed))[:2]
         assert np.abs(step_scores[-1] - scores[0]).max() < 1e-4
+        advanced, _, advanced_weights = run_steps(full, model.config.hidden_dim, items, activities, dwell)  # the device's step
+        assert np.abs(advanced - step_scores).max() < 1e-4
+        assert np.abs(advanced_weights - weights[0]).max() < 1e-5
         assert np.abs(step_weights - weights[0]).max() < 1e-5
         with torch.no_grad():
             ref = model(*(torch.from_numpy(a[None]) for a in (items, activities, dwell)), torch.ones(1, len(items), dtype=torch.bool))
@@ -64,7 +71,7 @@ def test_step_by_step_equals_full_graph_on_real_prefixes(trained, exported):
 
 def test_full_graph_padded_batch_and_dynamic_length(trained, exported):
     model, _ = trained
-    full = _session(exported.full)
+    full = session_for(exported.full)
     g = torch.Generator().manual_seed(3)
     for length in (1, 5, 50):
         items = torch.randint(1, model.config.n_items + 1, (3, length), generator=g)
@@ -76,20 +83,69 @@ def test_full_graph_padded_batch_and_dynamic_length(trained, exported):
         with torch.no_grad():
             ref = model(items, acts, dwell, mask).numpy()
             ref_w = model.attention_weights(items, acts, dwell, mask).numpy()
-        scores, weights = full.run(None, feed_for(full, {"items": items.numpy(), "activities": acts.numpy(), "dwell": dwell.numpy(), "lengths": lengths.numpy()}))
+        scores, weights = full.run(None, feed_for(full, {"items": items.numpy(), "activities": acts.numpy(), "dwell": dwell.numpy(), "lengths": lengths.numpy()}))[:2]
         assert np.abs(scores - ref).max() < 1e-4
         assert np.abs(weights - ref_w).max() < 1e-5
         assert np.allclose(weights.sum(1), 1.0, atol=1e-5)
 
 
-def test_int8_top20_agreement(trained, exported, tmp_path):
+def test_chunked_advance_equals_one_call(trained, exported):
+    """Advancing a state by chunks of any size gives the scores, weights and state of one whole call."""
     model, split = trained
-    full8 = quantize_int8(exported.full, tmp_path / "full8.onnx")
+    full = session_for(exported.full)
+    items, activities, dwell = next(p for p in real_prefixes(split.test, model.config.max_len, n=50) if len(p[0]) >= 6)
+    whole_state, whole = full_advance(full, initial_step_state(model.config.hidden_dim), items, activities, dwell)
+    state, att = initial_step_state(model.config.hidden_dim), []
+    for start, stop in ((0, 3), (3, 5), (5, len(items))):
+        state, out = full_advance(full, state, items[start:stop], activities[start:stop], dwell[start:stop])
+        att.extend(out["att"][0].tolist())
+    assert np.abs(out["scores"] - whole["scores"]).max() < 1e-4
+    for name in ("hidden", "run_max", "run_den", "run_num", "keys"):
+        assert np.abs(state[name] - whole_state[name]).max() < 1e-4, name
+    assert np.array_equal(state["past_items"], whole_state["past_items"])
+    weights = np.exp(np.asarray(att) - state["run_max"][0]) / state["run_den"][0]
+    assert np.abs(weights - whole["weights"][0]).max() < 1e-5
+
+
+def test_step_graph_weights_live_in_full(exported, tmp_path):
+    import onnx
+
+    step = onnx.load(str(exported.step), load_external_data=False)
+    external = [t for t in step.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all({e.key: e.value for e in t.external_data}["location"] == "full.onnx" for t in external)
+    assert exported.step.stat().st_size < exported.full.stat().st_size / 5
+    # A step graph of another model's weights cannot be linked to this full graph.
+    other = export_onnx(RIB(RIBConfig(n_items=300, hidden_dim=64)), tmp_path / "other", check=False)
+    (tmp_path / "full.onnx").write_bytes(exported.full.read_bytes())
+    with pytest.raises(ExportError, match="not found"):
+        link_to_full(other.step, tmp_path / "full.onnx", tmp_path / "step.onnx", max_inline_bytes=0)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int8_top20_agreement(trained, exported, tmp_path, per_channel):
+    import onnx
+
+    model, split = trained
+    full8 = quantize_int8(exported.full, tmp_path / "full8.onnx", per_channel=per_channel)
+    graph = onnx.load(str(full8)).graph
+    ops = [n.op_type for n in graph.node]  # one fused int8 output MatMul; the small layers stay fp32
+    assert ops.count("DynamicQuantizeMatMul") == 1 and not {"MatMulInteger", "DynamicQuantizeLinear"} & set(ops)
+    assert not {"out.weight", "embed.item_emb.weight"} & {t.name for t in graph.initializer}
     prefixes = real_prefixes(split.test, model.config.max_len, n=200)
     agreement = topk_agreement(exported.full, full8, prefixes, k=20)
-    print(f"int8 vs fp32 top-20 agreement on {len(prefixes)} real prefixes: {agreement:.4f}")
-    assert agreement >= 0.9
+    print(f"int8 (per_channel={per_channel}) vs fp32 top-20 agreement on {len(prefixes)} real prefixes: {agreement:.4f}")
+    assert agreement >= 0.95
     assert full8.stat().st_size < exported.full.stat().st_size
+    # The int8 step graph (linked to the int8 full graph) steps to the int8 full graph's scores.
+    step8 = quantize_int8(exported.step, tmp_path / "step8_inline.onnx", per_channel=per_channel)
+    link_to_full(step8, full8, tmp_path / "step8.onnx")
+    full, step = session_for(full8), session_for(tmp_path / "step8.onnx")
+    for items, activities, dwell in prefixes[:5]:
+        stepped = run_steps(step, model.config.hidden_dim, items, activities, dwell)[0][-1]
+        advanced = run_steps(full, model.config.hidden_dim, items, activities, dwell)[0][-1]
+        whole = full.run(None, feed_for(full, {"items": items[None], "activities": activities[None], "dwell": dwell[None],
+                                               "lengths": np.array([len(items)])}))[0][0]
+        assert np.abs(stepped - advanced).max() < 1e-3 and np.abs(advanced - whole).max() < 0.05
 
 
 @pytest.mark.parametrize(
@@ -115,6 +171,22 @@ def test_parity_other_exportable_configs(overrides, tmp_path):
         torch.nn.init.constant_(model.copy_gate.bias, 3.0)  # a copy term that moves the ranking
     result = export_onnx(model, tmp_path)  # raises ExportError on a parity failure
     assert result.full_max_abs_diff < 1e-4 and result.step_max_abs_diff < 1e-4
+    # The int8 surgery handles every exportable graph; int8 steps track the int8 full graph exactly.
+    int8 = tmp_path / "int8"
+    full8 = quantize_int8(result.full, int8 / "full.onnx")
+    link_to_full(quantize_int8(result.step, tmp_path / "step8_inline.onnx"), full8, int8 / "step.onnx")
+    seq = tuple(np.asarray(x[0]) for x in _example_full_numpy(model.config))
+    reference = run_steps(session_for(result.full), config.hidden_dim, *seq)[0]
+    stepped = run_steps(session_for(int8 / "step.onnx"), config.hidden_dim, *seq)[0]
+    advanced = run_steps(session_for(full8), config.hidden_dim, *seq, chunks=(2,))[0]
+    assert np.abs(stepped[1:] - advanced).max() < 1e-3
+    assert np.abs(advanced - reference[1:]).max() < 0.05
+
+
+def _example_full_numpy(config):
+    g = torch.Generator().manual_seed(11)
+    return tuple(torch.randint(low, high, (1, 6), generator=g).numpy()
+                 for low, high in ((1, config.n_items + 1), (0, config.n_activities), (0, config.n_dwell)))
 
 
 def test_refuses_configs_it_cannot_export(tmp_path):
