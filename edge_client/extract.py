@@ -1,7 +1,12 @@
 """Raw UI events -> micro-behavior records, one event at a time (the device's extractor).
 
-The batch path (``extract_population``) sorts events and feeds them through the very same streaming
-``TupleExtractor``, so the tuples a model is trained on and the tuples a device builds agree exactly.
+The batch path (``extract_population``, what the training loaders call) sorts events by device, session and
+time and feeds them through the very same ``TupleExtractor`` state machine (``_apply``): ``push`` hands it
+one event per call, the batch path a whole session per call. There is no second implementation, so the
+tuples a model is trained on and the tuples a device builds agree exactly (tested, skip counts included).
+Speed targets (benchmarks/extract.py, one core): batch >= 1M events/s from parsed events, streaming
+<= 20 us/event; hence ``_apply`` keeps the open visit in locals and builds records by slot, and the batch
+path pauses the cyclic garbage collector.
 
 Rules (RIB Section 3.1 and Table 1):
 - ``page_enter`` opens a product visit; its ``page_source`` gives the entry activity (Home2Product ...).
@@ -31,9 +36,12 @@ before in the session, items hovered around the visit but not entered in the ses
 
 from __future__ import annotations
 
+import gc
 import heapq
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
+from itertools import groupby
+from operator import attrgetter
 
 from edge_client.schema import (
     EVENT_TO_ACTIVITY,
@@ -52,6 +60,27 @@ MAX_CUE_ITEMS_PER_SESSION = 4096
 MAX_HOVERED_PER_VISIT = 64
 # The reorder window the device uses (the training batch path sorts, so it needs none).
 DEVICE_REORDER_WINDOW_MS = 2000
+
+_BEFORE_ANY = float("-inf")  # a session's last / newest timestamp before its first event
+# Event types and activities as module constants (``_apply`` binds them to locals).
+_PAGE_ENTER, _MODULE_VIEW = EventType.PAGE_ENTER, EventType.MODULE_VIEW
+_CART, _ORDER = EventType.CART, EventType.ORDER
+_PAGE_LEAVE, _HOVER, _SCROLL = EventType.PAGE_LEAVE, EventType.HOVER, EventType.SCROLL
+_HIDDEN, _VISIBLE = EventType.VISIBILITY_HIDDEN, EventType.VISIBILITY_VISIBLE
+_CART_ACTIVITY, _ORDER_ACTIVITY = EVENT_TO_ACTIVITY[_CART.value], EVENT_TO_ACTIVITY[_ORDER.value]
+
+# Records are built by setting MicroBehavior's slots directly: the frozen dataclass __init__ (one
+# object.__setattr__ per field) adds about a sixth to the batch path's time. The object is the same as
+# MicroBehavior(...) builds for as long as MicroBehavior is a frozen slots dataclass of exactly these fields
+# with no __post_init__; checked here (and tested), so a schema change fails loudly, never builds bad records.
+_RECORD_FIELDS = ("session_id", "timestamp_ms", "item_id", "activity", "dwell_seconds")
+if (
+    tuple(f.name for f in fields(MicroBehavior)) != _RECORD_FIELDS
+    or getattr(MicroBehavior, "__slots__", None) != _RECORD_FIELDS
+    or hasattr(MicroBehavior, "__post_init__")
+):
+    raise ImportError("edge_client.extract builds MicroBehavior records by slot; its layout changed")
+_RECORD_BUILDERS = (object.__new__, *(getattr(MicroBehavior, name).__set__ for name in _RECORD_FIELDS))
 
 
 @dataclass(frozen=True)
@@ -102,20 +131,22 @@ class VisitSummary:
 
 @dataclass(slots=True)
 class _OpenVisit:
+    """A session's open product visit, as kept between ``_apply`` calls (inside one it lives in locals)."""
+
     item_id: str
     enter_ms: int
     last_ms: int
-    activities: list[tuple[int, str]] = field(default_factory=list)
-    hidden_since_ms: int | None = None
-    hidden_total_ms: int = 0
-    max_scroll: float | None = None
-    revisit: bool = False
+    activities: list[tuple[int, str]]
+    hidden_since_ms: int | None
+    hidden_total_ms: int
+    max_scroll: float | None
+    revisit: bool
 
 
 class _SessionState:
     __slots__ = ("last_ms", "last_event", "visit", "newest_ms", "pending", "visited", "hovered")
 
-    def __init__(self, newest_ms: int):
+    def __init__(self, newest_ms: float):
         self.last_ms: int | None = None  # timestamp of the last applied event
         self.last_event: RawEvent | None = None
         self.visit: _OpenVisit | None = None
@@ -148,20 +179,20 @@ class TupleExtractor:
         """Consume one event; returns the micro behaviors of any visit closed by the events it released."""
         self.report.read += 1
         ts = event.timestamp_ms
-        state = self._sessions.get(event.session_id)
+        session_id = event.session_id
+        state = self._sessions.get(session_id)
         if state is None:
-            state = self._sessions[event.session_id] = _SessionState(ts)
+            state = self._sessions[session_id] = _SessionState(ts)
         elif ts < state.newest_ms - self._window:
             self._drop_late(event, state.newest_ms)
             return []
         elif ts > state.newest_ms:
             state.newest_ms = ts
         if self._window == 0:
-            closed = self._process(event, state)
-            return closed if closed else []
+            return self._apply(session_id, state, (event,))
         self._arrival += 1
         heapq.heappush(state.pending, (ts, self._arrival, event))
-        return self._release(state, state.newest_ms - self._window)
+        return self._release(session_id, state, state.newest_ms - self._window)
 
     def flush(self, now_ms: int | None = None) -> list[MicroBehavior]:
         """Close open visits: all of them, or (with ``now_ms``) those of sessions idle past the gap.
@@ -174,13 +205,13 @@ class TupleExtractor:
             state = self._sessions[session_id]
             if now_ms is not None:
                 if state.pending:
-                    out += self._release(state, now_ms - self._window)
+                    out += self._release(session_id, state, now_ms - self._window)
                 if now_ms - state.newest_ms <= self._gap_ms:
                     continue
             if state.pending:
-                out += self._release(state, None)
+                out += self._release(session_id, state, None)
             if state.visit is not None:
-                out += self._close(session_id, state, state.visit.last_ms, "flush")
+                out += self._apply(session_id, state, (), close_open=True)
             del self._sessions[session_id]
         return out
 
@@ -196,145 +227,272 @@ class TupleExtractor:
 
     # -- internals ---------------------------------------------------------------------------------
 
+    def _push_session(self, session_id: str, events: Iterable[RawEvent]) -> list[MicroBehavior]:
+        """The batch path's feed (no reorder window): all events of a session new to this extractor, in order.
+
+        The same as ``push`` of each event in turn - the same records in the same order, the same counts,
+        bar ``report.read``, which the caller counts - with one ``_apply`` call per session instead of one
+        per event.
+        """
+        state = self._sessions[session_id] = _SessionState(_BEFORE_ANY)
+        return self._apply(session_id, state, events)
+
     def _drop_late(self, event: RawEvent, newest_ms: int) -> None:
         self.too_late += 1
         self.report.skip(
             self._late_reason, f"session {event.session_id}: {event.timestamp_ms} behind {newest_ms}"
         )
 
-    def _release(self, state: _SessionState, limit_ms: int | None) -> list[MicroBehavior]:
+    def _release(self, session_id: str, state: _SessionState, limit_ms: int | None) -> list[MicroBehavior]:
         """Apply held events with timestamp <= limit_ms (all when None) in (timestamp, arrival) order."""
         pending = state.pending
-        out: list[MicroBehavior] = []
+        released: list[RawEvent] = []
         while pending and (limit_ms is None or pending[0][0] <= limit_ms or len(pending) > MAX_PENDING_PER_SESSION):
-            closed = self._process(heapq.heappop(pending)[2], state)
-            if closed:
-                out += closed
-        return out
+            released.append(heapq.heappop(pending)[2])
+        return self._apply(session_id, state, released) if released else []
 
-    def _process(self, event: RawEvent, state: _SessionState) -> list[MicroBehavior] | tuple[()]:
-        """Apply one event in session order; returns the records of visits it closed (maybe empty ())."""
-        ts = event.timestamp_ms
+    def _apply(
+        self, session_id: str, state: _SessionState, events: Iterable[RawEvent], close_open: bool = False
+    ) -> list[MicroBehavior]:
+        """The state machine: apply events of one session in order; returns the records of the visits closed.
+
+        Every event goes through here, whether ``push`` passes it alone (streaming) or the batch path a
+        whole sorted session, so training and device tuples come from one code path. ``close_open`` closes
+        the visit still open after the events (``flush``). Written for speed: the open visit lives in
+        locals, globals are bound to locals, and the loop allocates nothing per event beyond a visit's
+        activities and records (the batch path is held to >= 1M events/s, benchmarks/extract.py).
+        """
+        report = self.report
+        cues = self.on_visit is not None
+        gap_ms = self._gap_ms
+        visited = state.visited
+        hovered = state.hovered
+        module_activity = MODULE_TO_ACTIVITY
+        source_activity = SOURCE_TO_ACTIVITY
+        page_enter, module_view, cart, order = _PAGE_ENTER, _MODULE_VIEW, _CART, _ORDER
+        page_leave, hidden_event, visible_event, scroll = _PAGE_LEAVE, _HIDDEN, _VISIBLE, _SCROLL
+        close = self._close
+        out: list[MicroBehavior] = []
         last_ms = state.last_ms
-        closed: list[MicroBehavior] | None = None
-        if last_ms is not None:
-            if ts == last_ms and event == state.last_event:
-                self.report.skip("duplicate", f"duplicate event at {ts}")
-                return ()
-            if ts < last_ms:  # only after a forced early release of an over-full reorder buffer
-                self._drop_late(event, last_ms)
-                return ()
-            if ts - last_ms > self._gap_ms:
-                if state.visit is not None:
-                    closed = self._close(event.session_id, state, state.visit.last_ms, "timeout")
-                if self.on_visit is not None:  # a new logical session: cues start afresh
-                    state.visited.clear()
-                    state.hovered.clear()
-        state.last_ms = ts
-        state.last_event = event
-        self.report.kept += 1
-        applied = self._apply(event, state)
-        if closed:
-            return closed + list(applied)
-        return applied
-
-    def _open(self, state: _SessionState, item_id: str, ts: int, activities: list[tuple[int, str]]) -> _OpenVisit:
-        visit = state.visit = _OpenVisit(item_id, ts, ts, activities)
-        if self.on_visit is not None:
-            visited = state.visited
-            visit.revisit = item_id in visited
-            if len(visited) < MAX_CUE_ITEMS_PER_SESSION:
-                visited.add(item_id)
-        return visit
-
-    def _apply(self, event: RawEvent, state: _SessionState) -> list[MicroBehavior] | tuple[()]:
-        out: list[MicroBehavior] | tuple[()] = ()
+        if last_ms is None:
+            last_ms = _BEFORE_ANY
+        last_event = state.last_event
         visit = state.visit
-        kind = event.event_type
-        ts = event.timestamp_ms
-        if kind is EventType.PAGE_ENTER:
-            if visit is not None:
-                out = self._close(event.session_id, state, ts, "enter")
-            self._open(state, event.item_id, ts, [(ts, SOURCE_TO_ACTIVITY[event.page_source])])
-        elif kind is EventType.MODULE_VIEW or kind is EventType.CART or kind is EventType.ORDER:
-            activity = MODULE_TO_ACTIVITY[event.module] if kind is EventType.MODULE_VIEW else EVENT_TO_ACTIVITY[kind.value]
-            if visit is None or visit.item_id != event.item_id:
-                if visit is not None:
-                    out = self._close(event.session_id, state, ts, "switch")
-                visit = self._open(state, event.item_id, ts, [])
-            if not visit.activities or visit.activities[-1][1] != activity:
-                visit.activities.append((ts, activity))
-            visit.last_ms = ts
-        elif kind is EventType.PAGE_LEAVE:
-            if visit is not None and event.item_id in (None, visit.item_id):
-                out = self._close(event.session_id, state, ts, "leave")
-        elif kind is EventType.VISIBILITY_HIDDEN:
-            if visit is not None and visit.hidden_since_ms is None:
-                visit.hidden_since_ms = ts
-        elif kind is EventType.VISIBILITY_VISIBLE:
-            if visit is not None and visit.hidden_since_ms is not None:
-                visit.hidden_total_ms += ts - visit.hidden_since_ms
-                visit.hidden_since_ms = None
-                visit.last_ms = ts
-        elif visit is not None and event.item_id in (None, visit.item_id):  # hover / scroll on the open page
-            visit.last_ms = ts
-            if kind is EventType.SCROLL and event.value is not None:
-                if visit.max_scroll is None or event.value > visit.max_scroll:
-                    visit.max_scroll = event.value
-        elif kind is EventType.HOVER and self.on_visit is not None:  # a tile of another item
-            item = event.item_id
-            if item not in state.visited and item not in state.hovered and len(state.hovered) < MAX_HOVERED_PER_VISIT:
-                state.hovered[item] = None
+        is_open = visit is not None
+        if is_open:  # the open visit, in locals while events are applied
+            item_id, enter_ms, seen_ms, activities = visit.item_id, visit.enter_ms, visit.last_ms, visit.activities
+            hidden_since, hidden_ms = visit.hidden_since_ms, visit.hidden_total_ms
+            max_scroll, revisit = visit.max_scroll, visit.revisit
+
+        kept = 0
+        for event in events:
+            ts = event.timestamp_ms
+            if ts == last_ms:
+                if event == last_event:
+                    report.skip("duplicate", f"duplicate event at {ts}")
+                    continue
+            elif ts < last_ms:  # only after a forced early release of an over-full reorder buffer
+                self._drop_late(event, last_ms)
+                continue
+            elif ts - last_ms > gap_ms:
+                if is_open:
+                    close(
+                        out, session_id, state, seen_ms, "timeout",
+                        item_id, enter_ms, activities, hidden_ms, hidden_since, max_scroll, revisit,
+                    )
+                    is_open = False
+                if cues:  # a new logical session: cues start afresh
+                    visited.clear()
+                    hovered.clear()
+            last_ms = ts
+            last_event = event
+            kept += 1
+            kind = event.event_type
+            if kind is module_view or kind is cart or kind is order:
+                if kind is module_view:
+                    activity = module_activity[event.module]
+                else:
+                    activity = _CART_ACTIVITY if kind is cart else _ORDER_ACTIVITY
+                if is_open:
+                    if event.item_id == item_id:
+                        if not activities or activities[-1][1] != activity:
+                            activities.append((ts, activity))
+                        seen_ms = ts
+                        continue
+                    close(
+                        out, session_id, state, ts, "switch",
+                        item_id, enter_ms, activities, hidden_ms, hidden_since, max_scroll, revisit,
+                    )
+                entry = (ts, activity)
+            elif kind is page_enter:
+                if is_open:
+                    close(
+                        out, session_id, state, ts, "enter",
+                        item_id, enter_ms, activities, hidden_ms, hidden_since, max_scroll, revisit,
+                    )
+                entry = (ts, source_activity[event.page_source])
+            else:
+                if not is_open:
+                    if cues and kind is _HOVER:  # a tile hovered while no page is open
+                        self._note_hover(state, event.item_id)
+                elif kind is page_leave:
+                    if event.item_id is None or event.item_id == item_id:
+                        close(
+                            out, session_id, state, ts, "leave",
+                            item_id, enter_ms, activities, hidden_ms, hidden_since, max_scroll, revisit,
+                        )
+                        is_open = False
+                elif kind is hidden_event:
+                    if hidden_since is None:
+                        hidden_since = ts
+                elif kind is visible_event:
+                    if hidden_since is not None:
+                        hidden_ms += ts - hidden_since
+                        hidden_since = None
+                        seen_ms = ts
+                elif event.item_id is None or event.item_id == item_id:  # hover / scroll on the open page
+                    seen_ms = ts
+                    if kind is scroll and event.value is not None:
+                        if max_scroll is None or event.value > max_scroll:
+                            max_scroll = event.value
+                elif cues and kind is _HOVER:  # a tile of another item
+                    self._note_hover(state, event.item_id)
+                continue
+            # Open a visit: a page_enter, or an action on an item whose page is not open.
+            is_open = True
+            item_id = event.item_id
+            enter_ms = seen_ms = ts
+            activities = [entry]
+            hidden_since = max_scroll = None
+            hidden_ms = 0
+            revisit = False
+            if cues:
+                revisit = item_id in visited
+                if len(visited) < MAX_CUE_ITEMS_PER_SESSION:
+                    visited.add(item_id)
+        if kept:
+            report.kept += kept
+            state.last_ms = last_ms
+            state.last_event = last_event
+            if last_ms > state.newest_ms:
+                state.newest_ms = last_ms
+        if is_open and close_open:
+            close(
+                out, session_id, state, seen_ms, "flush",
+                item_id, enter_ms, activities, hidden_ms, hidden_since, max_scroll, revisit,
+            )
+            is_open = False
+        if not is_open:
+            state.visit = None
+        elif visit is None:
+            state.visit = _OpenVisit(
+                item_id, enter_ms, seen_ms, activities, hidden_since, hidden_ms, max_scroll, revisit
+            )
+        else:  # refill the session's visit object (it may hold another visit by now)
+            visit.item_id, visit.enter_ms, visit.last_ms, visit.activities = item_id, enter_ms, seen_ms, activities
+            visit.hidden_since_ms, visit.hidden_total_ms = hidden_since, hidden_ms
+            visit.max_scroll, visit.revisit = max_scroll, revisit
         return out
 
-    def _close(self, session_id: str, state: _SessionState, end_ms: int, closed_by: str) -> list[MicroBehavior]:
-        visit = state.visit
-        state.visit = None
-        if visit is None:
-            return []
-        hidden = visit.hidden_total_ms
-        if visit.hidden_since_ms is not None:
-            hidden += max(0, end_ms - visit.hidden_since_ms)
-        dwell_s = max(0.0, (end_ms - visit.enter_ms - hidden) / 1000.0)
-        dwell_s = min(dwell_s, self.config.max_dwell_s)
+    def _close(
+        self,
+        out: list[MicroBehavior],
+        session_id: str,
+        state: _SessionState,
+        end_ms: int,
+        closed_by: str,
+        item_id: str,
+        enter_ms: int,
+        activities: list[tuple[int, str]],
+        hidden_ms: int,
+        hidden_since: int | None,
+        max_scroll: float | None,
+        revisit: bool,
+    ) -> None:
+        """Append to ``out`` the records of the visit (``_apply``'s locals after closed_by) closed at end_ms.
+
+        One call per visit; the caller marks the visit closed. Plain arguments, not a closure over
+        ``_apply``'s locals: a closure would cost every ``push`` its cells.
+        """
+        if hidden_since is not None and end_ms > hidden_since:  # closed while hidden: that time counts too
+            hidden_ms += end_ms - hidden_since
+        dwell_s = (end_ms - enter_ms - hidden_ms) / 1000.0
+        if not dwell_s > 0.0:  # max(0.0, dwell_s), then min(dwell_s, max_dwell_s), ties as the builtins
+            dwell_s = 0.0
+        elif self.config.max_dwell_s < dwell_s:
+            dwell_s = self.config.max_dwell_s
         if self.on_visit is not None:
-            hovered = tuple(item for item in state.hovered if item not in state.visited)
-            state.hovered.clear()
+            hovered, visited = state.hovered, state.visited
+            hovered_only = tuple(item for item in hovered if item not in visited)
+            hovered.clear()
+            names = tuple(activity for _, activity in activities)
             self.on_visit(
                 VisitSummary(
-                    session_id,
-                    visit.item_id,
-                    visit.enter_ms,
-                    end_ms,
-                    dwell_s,
-                    tuple(activity for _, activity in visit.activities),
-                    visit.max_scroll,
-                    visit.revisit,
-                    hovered,
-                    closed_by,
+                    session_id, item_id, enter_ms, end_ms, dwell_s, names, max_scroll, revisit, hovered_only, closed_by
                 )
             )
-        return [MicroBehavior(session_id, ts, visit.item_id, activity, dwell_s) for ts, activity in visit.activities]
+        new_record, set_session, set_ts, set_item, set_activity, set_dwell = _RECORD_BUILDERS
+        for ts, activity in activities:  # MicroBehavior(session_id, ts, item_id, activity, dwell_s)
+            record = new_record(MicroBehavior)
+            set_session(record, session_id)
+            set_ts(record, ts)
+            set_item(record, item_id)
+            set_activity(record, activity)
+            set_dwell(record, dwell_s)
+            out.append(record)
+
+    @staticmethod
+    def _note_hover(state: _SessionState, item_id: str) -> None:
+        """Hover-only cue: remember a hovered item not visited in the session (bounded)."""
+        hovered = state.hovered
+        if item_id not in state.visited and item_id not in hovered and len(hovered) < MAX_HOVERED_PER_VISIT:
+            hovered[item_id] = None
 
 
-def _event_order(event: RawEvent) -> tuple[str, str, int]:
-    return (event.device_id, event.session_id, event.timestamp_ms)
+_SESSION = attrgetter("session_id")
+_TIMESTAMP = attrgetter("timestamp_ms")
 
 
 def extract_population(
     events: Iterable[RawEvent], config: ExtractorConfig | None = None, report: SkipReport | None = None
 ) -> dict[str, list[MicroBehavior]]:
-    """Batch path: sort events per device and session, stream them through ``TupleExtractor``."""
+    """Batch path: sort events per device and session (stable), then run them through ``TupleExtractor``.
+
+    The result is exactly what ``push`` of the sorted events one at a time and a final ``flush`` give
+    (tested): the same state machine, fed a whole session per call when there is no reorder window.
+    The cyclic garbage collector is paused meanwhile and restored after: the extractor makes no reference
+    cycles, and the collector's full passes over a large heap cost about as much as the extraction itself.
+    """
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _extract_population(events, config, report if report is not None else SkipReport())
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _extract_population(
+    events: Iterable[RawEvent], config: ExtractorConfig | None, report: SkipReport
+) -> dict[str, list[MicroBehavior]]:
     by_device: dict[str, list[RawEvent]] = {}
     for event in events:
         by_device.setdefault(event.device_id, []).append(event)
-    report = report if report is not None else SkipReport()
     out: dict[str, list[MicroBehavior]] = {}
     for device_id in sorted(by_device):
+        device_events = by_device[device_id]
+        # Two stable sorts = one stable sort by (session, timestamp): same-ms events keep log order.
+        device_events.sort(key=_TIMESTAMP)
+        device_events.sort(key=_SESSION)
         extractor = TupleExtractor(config, report)
         records: list[MicroBehavior] = []
-        for event in sorted(by_device[device_id], key=_event_order):  # stable: same-ms events keep log order
-            records += extractor.push(event)
+        if extractor._window:  # held events: push them one at a time, as a device would
+            for event in device_events:
+                records += extractor.push(event)
+        else:
+            report.read += len(device_events)
+            for session_id, session_events in groupby(device_events, _SESSION):
+                records += extractor._push_session(session_id, session_events)
         records += extractor.flush()
         out[device_id] = records
     return out

@@ -1,4 +1,7 @@
-"""The extractor: visits, dwell net of hidden time, activity mapping, robustness, batch == streaming."""
+"""The extractor: visits, dwell net of hidden time, activity mapping, robustness, batch == streaming.
+
+Generated streams pinning batch == streaming byte for byte are in test_extract_batch.py.
+"""
 
 from __future__ import annotations
 
@@ -67,6 +70,14 @@ def test_session_timeout_closes_open_page_at_its_last_event():
     assert extractor.open_sessions == 0
 
 
+def test_session_gap_is_exclusive():
+    """A pause of exactly session_gap_s keeps the visit open; one millisecond more closes it at its last event."""
+    for pause_ms, dwell_s in ((60_000, 60.0), (60_001, 0.0)):
+        events = [ev(0, "page_enter", page_source="home"), RawEvent("dev", "s", pause_ms, EventType.PAGE_LEAVE, "A")]
+        out, _ = run(events, ExtractorConfig(session_gap_s=60))
+        assert [m.dwell_seconds for m in out] == [dwell_s]
+
+
 def test_flush_with_now_only_closes_idle_sessions():
     extractor = TupleExtractor()
     extractor.push(ev(0, "page_enter", session="old", page_source="home"))
@@ -86,7 +97,7 @@ def test_duplicates_and_backwards_time_are_counted_not_lost_silently():
     extractor = TupleExtractor(report=report)
     first = ev(10, "page_enter", page_source="home")
     extractor.push(first)
-    extractor.push(first)
+    extractor.push(ev(10, "page_enter", page_source="home"))  # equal, not the same object (a line read twice)
     extractor.push(ev(5, "module_view", module="bottom"))
     out = extractor.push(ev(20, "page_leave"))
     assert report.skipped == {"duplicate": 1, "time_backwards": 1}
