@@ -13,7 +13,6 @@ a SchemaError that says so.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import os
 import warnings
@@ -28,6 +27,7 @@ import pandas as pd
 
 from edge_client.schema import MAX_ID_CHARS, MAX_TIMESTAMP_MS, SchemaError, SkipReport
 from model.data.cache import cached_split
+from model.data.compressed import maybe_decompress_gzip, open_decompressed
 from model.data.dataset import SplitData
 from model.data.mapping import ActivityMapping, count_skips
 from model.data.protocol import ProtocolConfig, build_split
@@ -117,7 +117,10 @@ def read_text_table(
     names: list[str] | None = None,
     required: tuple[str, ...] = (),
 ) -> pd.DataFrame:
-    """Read a delimited text file (gzip by extension) as strings; malformed lines and bad bytes counted."""
+    """Read a delimited text file (gzip by extension) as strings; malformed lines and bad bytes counted.
+
+    A compressed file is decompressed while it is read, within ``model.data.compressed``'s limits.
+    """
     kwargs = dict(
         sep=sep,
         dtype=str,
@@ -153,7 +156,8 @@ def _read_csv_counting(path: Path, kwargs: dict) -> tuple[pd.DataFrame, int]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", pd.errors.ParserWarning)
-            frame = pd.read_csv(path, **kwargs)
+            with open_decompressed(path) as handle:  # bounded: a gzip bomb stops at the limit, while streaming
+                frame = pd.read_csv(handle, compression=None, **kwargs)
     except pd.errors.EmptyDataError:
         raise SchemaError("empty", f"{path.name}: the file is empty") from None
     except (OSError, EOFError, UnicodeError, zlib.error) as err:  # zlib.error: a damaged gzip stream
@@ -382,8 +386,7 @@ def read_otto_jsonl(path: Path, report: SkipReport) -> pd.DataFrame:
     """OTTO's ``{"session", "events": [{"aid", "ts", "type"}]}`` lines -> rows; bad lines/events counted."""
     rows: list[tuple[object, object, object, object]] = []
     try:
-        raw = path.read_bytes()
-        lines = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).splitlines()
+        lines = maybe_decompress_gzip(path.read_bytes(), path.name).splitlines()  # bounded: SchemaError too_large
     except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError; zlib.error a damaged stream
         raise SchemaError("bad_file", f"{path.name}: cannot read ({err})") from None
     for lineno, line in enumerate(lines, start=1):
@@ -558,9 +561,8 @@ _SEPARATORS = (",", "\t", ";", "|")
 
 
 def _sniff_separator(path: Path) -> str:
-    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rb") as handle:
+        with open_decompressed(path) as handle:
             first = handle.readline(65536).decode("utf-8", errors="replace")
     except (OSError, EOFError, zlib.error) as err:
         raise SchemaError("bad_file", f"{path.name}: cannot read ({err})") from None

@@ -13,7 +13,6 @@ read with an unpickler that refuses every global, which plain lists, tuples and 
 
 from __future__ import annotations
 
-import gzip
 import io
 import itertools
 import pickle
@@ -24,12 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from edge_client.schema import ActivityVocabulary, DwellBuckets, SchemaError
+from model.data.compressed import maybe_decompress_gzip
 from model.data.dataset import SessionDataset, SplitData, Vocabulary
 
 SRGNN_TRAIN_FILES = ("all_train_seq.txt.gz", "all_train_seq.txt")
 SRGNN_TEST_FILES = ("test.txt.gz", "test.txt")
 SRGNN_ACTIVITY = "Click"
-_GZIP_MAGIC = b"\x1f\x8b"
 MAX_ITEM_ID = 2**31 - 1  # items are stored as int32
 # The catalogue is dense (index == id, 1..max id), so its memory follows the largest id, not the file: beyond
 # this many ids, a file must use at least 1 in SPARSE_FACTOR of them (yoochoose1_64 uses 17,745 of 37,483).
@@ -49,12 +48,13 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_load(path: str | Path) -> object:
-    """Unpickle a (gzip or plain) file with RestrictedUnpickler; SchemaError on anything unexpected."""
+    """Unpickle a (gzip or plain) file with RestrictedUnpickler; SchemaError on anything unexpected.
+
+    Gzip is decompressed within ``model.data.compressed``'s limits (``SchemaError("too_large")`` past them).
+    """
     path = Path(path)
     try:
-        raw = path.read_bytes()
-        if raw[:2] == _GZIP_MAGIC:
-            raw = gzip.decompress(raw)
+        raw = maybe_decompress_gzip(path.read_bytes(), str(path))
     except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError; zlib.error a damaged stream
         raise SchemaError("bad_file", f"cannot read {path}: {err}") from None
     try:

@@ -39,8 +39,8 @@ from tests.fuzzing import (
 )
 from tests.model.data.test_loaders import log_rows
 
-FILE_REASONS = frozenset({"missing_data", "bad_file", "empty", "missing_field", "bad_mapping"})
-SRGNN_REASONS = frozenset({"bad_file", "unsafe_pickle", "bad_benchmark", "missing_data"})
+FILE_REASONS = frozenset({"missing_data", "bad_file", "empty", "missing_field", "bad_mapping", "too_large"})
+SRGNN_REASONS = frozenset({"bad_file", "unsafe_pickle", "bad_benchmark", "missing_data", "too_large"})
 LOADER_BOUND_BYTES = 64 << 20  # a case is a file of a few KiB; pandas' working set stays far below this
 
 
