@@ -175,6 +175,11 @@ class RIB(nn.Module):
         if c.tie_output:
             self.out = TiedOutput(c.hidden_dim, c.item_dim, c.n_items + 1)
             self.out.scores.weight = self.item_emb.weight  # module-level tying: one Parameter, two modules
+            # Output rows are item vectors now: N(0, 1) entries would start every logit at a std of
+            # sqrt(item_dim) times the projection; 1/sqrt(item_dim) keeps them at nn.Linear's scale.
+            with torch.no_grad():
+                self.item_emb.weight.normal_(0.0, c.item_dim**-0.5)
+                self.item_emb.weight[0].zero_()
         elif c.loss == "softmax":
             self.out = nn.Linear(c.hidden_dim, c.n_items + 1)
         elif c.loss == "sampled":

@@ -370,7 +370,8 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
         if vectors.present.any() and tc.w2v_unit_rms:
             # Word2vec entries are ~0.2 while nn.Embedding starts at N(0, 1): unscaled, the activity and
             # dwell embeddings would drown the item signal at the GRU input. One global factor keeps cosines.
-            scaled = scaled / np.sqrt(np.mean(scaled[vectors.present] ** 2))
+            target_rms = config.item_dim**-0.5 if config.tie_output else 1.0  # the embedding's own init scale
+            scaled = scaled * (target_rms / np.sqrt(np.mean(scaled[vectors.present] ** 2)))
         model.init_item_embeddings(torch.from_numpy(scaled), torch.from_numpy(vectors.present))
         w2v_seconds = time.perf_counter() - t0
     model.to(rec.device)
