@@ -243,10 +243,16 @@ def _load_bench_module():
 @click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads.")
 @click.option("--epochs", default=10, show_default=True, help="Training epochs of the synthetic model.")
 @click.option("--skip-trained", is_flag=True, help="Only the random-weight model.")
-def bench_edge_command(out_dir: Path, n_items: int, seq_len: int, repeats: int, threads: int, epochs: int, skip_trained: bool) -> None:
+@click.option("--shared-dataset", default="srgnn_nowplaying", show_default=True,
+              help="Also a model trained on this shared dataset (the largest shared vocabulary); '' to skip.")
+@click.option("--shared-train-seconds", default=300.0, show_default=True, help="Training budget of that model.")
+def bench_edge_command(out_dir: Path, n_items: int, seq_len: int, repeats: int, threads: int, epochs: int, skip_trained: bool,
+                       shared_dataset: str, shared_train_seconds: float) -> None:
     """int8 vs fp32 ONNX: latency (full session, incremental step), size, top-20 agreement; extraction, RSS."""
     bench = _load_bench_module()
     result = bench.run_edge_bench(out_dir, n_items=n_items, seq_len=seq_len, repeats=repeats, threads=threads,
-                                  trained=not skip_trained, epochs=epochs, progress=echo_step)
+                                  trained=not skip_trained, epochs=epochs, progress=echo_step,
+                                  shared_dataset=(shared_dataset or None) if not skip_trained else None,
+                                  shared_train_seconds=shared_train_seconds)
     click.echo(bench.markdown(result))
     click.echo(f"wrote {out_dir / 'edge.json'} and {out_dir / 'edge.md'}")
