@@ -53,7 +53,9 @@ def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for Flower's executables: this interpreter's bin dir first on PATH (the SuperLink and
     SuperNodes start ``flower-superexec`` and the apps by name)."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **(extra or {})}
+    path = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    telemetry = os.environ.get("FLWR_TELEMETRY_ENABLED", "0")  # no usage telemetry unless asked for
+    return {**os.environ, "PATH": path, "FLWR_TELEMETRY_ENABLED": telemetry, **(extra or {})}
 
 
 def _bin(name: str) -> str:

@@ -21,8 +21,12 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+# Flower posts usage telemetry unless told not to (read when flwr is first imported): devices do not phone home.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import numpy as np
 from flwr.app import Context, Error, Message

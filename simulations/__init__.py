@@ -13,3 +13,8 @@
 Submodules are imported explicitly (``from simulations.population import ...``) so that importing the
 package costs nothing.
 """
+
+import os
+
+# Flower posts usage telemetry to its backend unless told not to; a privacy product does not phone home.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Flower writes a telemetry id under FLWR_HOME (default ~/.flwr) whenever a run starts: keep tests out of
+# the user's home, and never post telemetry from a test run.
+os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="rib-edge-test-flwr-home-"))
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RIB_EDGE_SHARED_DATA", REPO.parent / "shared" / "data"))
