@@ -413,8 +413,6 @@ def session_for(path: str | Path, threads: int = 1):
     return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
-_session = session_for
-
 
 def feed_for(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Only the inputs ``session`` declares (the exporter drops inputs a config never reads, e.g. ``dwell``
@@ -431,14 +429,9 @@ def feed_for(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def step_advance(step_session, state: dict[str, np.ndarray], item: int, activity: int, dwell: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One call of the step graph (batch 1): (new state, outputs by name)."""
     feed = {"item": np.array([item], np.int64), "activity": np.array([activity], np.int64), "dwell": np.array([dwell], np.int64), **state}
-    names = [o.name for o in step_session.get_outputs()]
-    out = dict(zip(names, step_session.run(None, feed_for(step_session, feed)), strict=True))
-    new_state = {"hidden": out["new_hidden"], "run_max": out["new_run_max"], "run_den": out["new_run_den"],
-                 "run_num": out["new_run_num"], "keys": state["keys"], "past_items": state["past_items"]}
-    if "key" in out:  # copy term: the session's keys and items grow by one
-        new_state["keys"] = np.concatenate([state["keys"], out["key"][:, None]], axis=1)
-        new_state["past_items"] = np.concatenate([state["past_items"], np.array([[item]], np.int64)], axis=1)
-    return new_state, out
+    out = _run_named(step_session, feed)
+    new_keys = out["key"][:, None] if "key" in out else None  # copy term: the session's keys grow by one
+    return _next_state(state, out, new_keys, np.array([[item]], np.int64)), out
 
 
 def full_advance(full_session, state: dict[str, np.ndarray], items: np.ndarray, activities: np.ndarray, dwell: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -446,14 +439,25 @@ def full_advance(full_session, state: dict[str, np.ndarray], items: np.ndarray, 
     (new state, outputs by name). This is what the device runs, for a whole session and for a step."""
     items, activities, dwell = (np.asarray(x, np.int64).reshape(1, -1) for x in (items, activities, dwell))
     feed = {"items": items, "activities": activities, "dwell": dwell, "lengths": np.array([items.shape[1]], np.int64), **state}
-    names = [o.name for o in full_session.get_outputs()]
-    out = dict(zip(names, full_session.run(None, feed_for(full_session, feed)), strict=True))
-    new_state = {"hidden": out["new_hidden"], "run_max": out["new_run_max"], "run_den": out["new_run_den"],
-                 "run_num": out["new_run_num"], "keys": state["keys"], "past_items": state["past_items"]}
-    if "new_keys" in out:
-        new_state["keys"] = np.concatenate([state["keys"], out["new_keys"]], axis=1)
-        new_state["past_items"] = np.concatenate([state["past_items"], items], axis=1)
-    return new_state, out
+    out = _run_named(full_session, feed)
+    return _next_state(state, out, out.get("new_keys"), items), out
+
+
+def _run_named(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One call of ``session`` on the inputs it declares; the outputs by name."""
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feed_for(session, feed)), strict=True))
+
+
+def _next_state(state: dict[str, np.ndarray], out: dict[str, np.ndarray], new_keys: np.ndarray | None, items: np.ndarray) -> dict[str, np.ndarray]:
+    """The running state after a call: the graph's new state, and with the copy term (``new_keys`` given)
+    the session's keys and items grown by this call's."""
+    grown = new_keys is not None
+    return {
+        "hidden": out["new_hidden"], "run_max": out["new_run_max"], "run_den": out["new_run_den"], "run_num": out["new_run_num"],
+        "keys": np.concatenate([state["keys"], new_keys], axis=1) if grown else state["keys"],
+        "past_items": np.concatenate([state["past_items"], items], axis=1) if grown else state["past_items"],
+    }
 
 
 def run_steps(step_session, hidden_dim: int, items: np.ndarray, activities: np.ndarray, dwell: np.ndarray, chunks: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -729,14 +733,19 @@ def real_prefixes(dataset, max_len: int, n: int = 200, seed: int = 0) -> list[tu
     return real_examples(dataset, max_len, n, seed)[0]
 
 
+def _prefix_scores(session, items: np.ndarray, activities: np.ndarray, dwell: np.ndarray) -> np.ndarray:
+    """(n_items + 1,) scores of one whole prefix through a full-graph session (from the initial state)."""
+    feed = {"items": items[None], "activities": activities[None], "dwell": dwell[None], "lengths": np.array([len(items)], np.int64)}
+    return session.run(None, feed_for(session, feed))[0][0]
+
+
 def recall_mrr(session, prefixes, targets: np.ndarray, k: int = 20) -> tuple[float, float]:
     """Recall@k and MRR@k of a full-graph session (or path) on prefixes with known next items (the padding
     column 0 is never ranked; ties count against the target)."""
     session = session_for(session) if isinstance(session, (str, Path)) else session
     hits, rr = [], []
-    for (items, activities, dwell), target in zip(prefixes, targets, strict=True):
-        feed = {"items": items[None], "activities": activities[None], "dwell": dwell[None], "lengths": np.array([len(items)], np.int64)}
-        scores = session.run(None, feed_for(session, feed))[0][0]
+    for prefix, target in zip(prefixes, targets, strict=True):
+        scores = _prefix_scores(session, *prefix)
         rank = int((scores[1:] >= scores[target]).sum())  # items scoring at least the target's score, itself included
         hits.append(rank <= k)
         rr.append(1.0 / rank if rank <= k else 0.0)
@@ -749,11 +758,10 @@ def topk_agreement(reference, candidate, prefixes, k: int = 20) -> float:
     reference = session_for(reference) if isinstance(reference, (str, Path)) else reference
     candidate = session_for(candidate) if isinstance(candidate, (str, Path)) else candidate
     overlaps = []
-    for items, activities, dwell in prefixes:
-        feed = {"items": items[None], "activities": activities[None], "dwell": dwell[None], "lengths": np.array([len(items)], np.int64)}
+    for prefix in prefixes:
         tops = []
         for sess in (reference, candidate):
-            scores = sess.run(None, feed_for(sess, feed))[0][0].copy()
+            scores = _prefix_scores(sess, *prefix).copy()
             scores[0] = -np.inf
             tops.append(set(np.argpartition(-scores, k - 1)[:k].tolist()))
         overlaps.append(len(tops[0] & tops[1]) / k)
