@@ -13,13 +13,7 @@ from model.rib import DATA_TYPES, RIB, RIBConfig, data_type_flags
 N_ITEMS, N_ACT, N_DWELL = 30, 5, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest and leaves the other core to parallel test workers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(seed: int = 0, **overrides: object) -> RIB:
