@@ -5,7 +5,7 @@ time and feeds them through the very same ``TupleExtractor`` state machine (``_a
 one event per call, the batch path a whole session per call. There is no second implementation, so the
 tuples a model is trained on and the tuples a device builds agree exactly (tested, skip counts included).
 Speed targets (benchmarks/extract.py, one core): batch >= 1M events/s from parsed events, streaming
-<= 20 us/event; hence ``_apply`` keeps the open visit in locals and builds records by slot, and the batch
+<= 20 us/event; hence ``_apply`` keeps the open visit in locals, and the batch
 path pauses the cyclic garbage collector.
 
 Rules (RIB Section 3.1 and Table 1):
@@ -39,7 +39,7 @@ from __future__ import annotations
 import gc
 import heapq
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from itertools import groupby
 from operator import attrgetter
 
@@ -68,19 +68,6 @@ _CART, _ORDER = EventType.CART, EventType.ORDER
 _PAGE_LEAVE, _HOVER, _SCROLL = EventType.PAGE_LEAVE, EventType.HOVER, EventType.SCROLL
 _HIDDEN, _VISIBLE = EventType.VISIBILITY_HIDDEN, EventType.VISIBILITY_VISIBLE
 _CART_ACTIVITY, _ORDER_ACTIVITY = EVENT_TO_ACTIVITY[_CART.value], EVENT_TO_ACTIVITY[_ORDER.value]
-
-# Records are built by setting MicroBehavior's slots directly: the frozen dataclass __init__ (one
-# object.__setattr__ per field) adds about a sixth to the batch path's time. The object is the same as
-# MicroBehavior(...) builds for as long as MicroBehavior is a frozen slots dataclass of exactly these fields
-# with no __post_init__; checked here (and tested), so a schema change fails loudly, never builds bad records.
-_RECORD_FIELDS = ("session_id", "timestamp_ms", "item_id", "activity", "dwell_seconds")
-if (
-    tuple(f.name for f in fields(MicroBehavior)) != _RECORD_FIELDS
-    or getattr(MicroBehavior, "__slots__", None) != _RECORD_FIELDS
-    or hasattr(MicroBehavior, "__post_init__")
-):
-    raise ImportError("edge_client.extract builds MicroBehavior records by slot; its layout changed")
-_RECORD_BUILDERS = (object.__new__, *(getattr(MicroBehavior, name).__set__ for name in _RECORD_FIELDS))
 
 
 @dataclass(frozen=True)
@@ -431,15 +418,7 @@ class TupleExtractor:
                     session_id, item_id, enter_ms, end_ms, dwell_s, names, max_scroll, revisit, hovered_only, closed_by
                 )
             )
-        new_record, set_session, set_ts, set_item, set_activity, set_dwell = _RECORD_BUILDERS
-        for ts, activity in activities:  # MicroBehavior(session_id, ts, item_id, activity, dwell_s)
-            record = new_record(MicroBehavior)
-            set_session(record, session_id)
-            set_ts(record, ts)
-            set_item(record, item_id)
-            set_activity(record, activity)
-            set_dwell(record, dwell_s)
-            out.append(record)
+        out.extend(MicroBehavior(session_id, ts, item_id, activity, dwell_s) for ts, activity in activities)
 
     @staticmethod
     def _note_hover(state: _SessionState, item_id: str) -> None:

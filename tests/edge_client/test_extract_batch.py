@@ -171,7 +171,7 @@ def test_batch_equals_streaming_on_a_synthetic_population_in_any_input_order():
 
 
 def test_records_are_the_objects_the_constructor_builds():
-    """The batch path builds records by slot (see extract.py); they must equal, hash and print as usual."""
+    """Batch records are ordinary frozen MicroBehavior records: they equal, hash and print as usual."""
     events = list(generate_population(SyntheticConfig(n_devices=3), seed=1))
     records = [r for recs in extract_population(events).values() for r in recs]
     assert records
