@@ -86,15 +86,8 @@ def decompress_gzip(raw: bytes, name: str, *, max_bytes: int | None = None, max_
     Damaged streams raise what ``gzip`` raises (``OSError``, ``EOFError``, ``zlib.error``).
     """
     budget = _Budget(name, len(raw), max_bytes, max_ratio)
-    chunks: list[bytes] = []
-    total = 0
-    with gzip.GzipFile(fileobj=io.BytesIO(raw), mode="rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            total += len(chunk)
-            if total > budget.limit:
-                raise budget.error()
-            chunks.append(chunk)
-    return b"".join(chunks)
+    with BoundedReader(gzip.GzipFile(fileobj=io.BytesIO(raw), mode="rb"), budget) as stream:
+        return stream.read()
 
 
 def maybe_decompress_gzip(raw: bytes, name: str, *, max_bytes: int | None = None, max_ratio: float | None = None) -> bytes:
