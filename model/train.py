@@ -396,12 +396,13 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
         total_loss, total_examples = 0.0, 0
         batches = length_batches(windows, tc.batch_size, rng)
         bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress, leave=False, unit="batch")
+        epoch_budget = None if tc.max_train_seconds is None else tc.max_train_seconds - sum(float(e["train_seconds"]) for e in epochs)
+        done = 0  # batches taken this epoch (an epoch cut by the budget covers only that share of the sessions)
         for rows in bar:
-            if tc.max_train_seconds is not None:
-                spent = sum(float(e["train_seconds"]) for e in epochs) + time.perf_counter() - t0
-                if spent >= tc.max_train_seconds:
-                    out_of_time = True
-                    break
+            if epoch_budget is not None and time.perf_counter() - t0 >= epoch_budget:
+                out_of_time = True
+                break
+            done += 1
             batch = batch_tensors(fit, windows, rows, rec.device)
             n = int(batch["targets"].numel())
             if n == 0:
@@ -427,7 +428,7 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
             "epoch": epoch,
             "train_loss": total_loss / max(1, total_examples),
             "train_seconds": train_seconds,
-            "sessions_per_s": fit.n_sessions / max(train_seconds, 1e-9),
+            "sessions_per_s": fit.n_sessions * done / max(1, len(batches)) / max(train_seconds, 1e-9),
             "examples_per_s": total_examples / max(train_seconds, 1e-9),
             "steps": steps,
         }
@@ -475,7 +476,7 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
         "w2v_seconds": w2v_seconds,
         "train_seconds": train_seconds,
         "total_seconds": total_seconds,
-        "sessions_per_s": fit.n_sessions * len(epochs) / max(train_seconds, 1e-9),
+        "sessions_per_s": sum(float(e["sessions_per_s"]) * float(e["train_seconds"]) for e in epochs) / max(train_seconds, 1e-9),
         "peak_rss_mb": _peak_rss_mb(),
         "device": str(rec.device),
         "num_threads": torch.get_num_threads(),
