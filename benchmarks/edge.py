@@ -332,6 +332,19 @@ def load_average() -> list[float]:
         return []
 
 
+def cpu_features() -> dict[str, object]:
+    """The CPU model and the SIMD features onnxruntime's int8 GEMM picks its kernel by (Linux; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return {"model": fields.get("model name", ""), "int8_features": [f for f in wanted if f in flags]}
+
+
 def markdown(result: dict[str, object]) -> str:
     """The benchmark as a markdown table (one row per model x precision)."""
     lines = [
@@ -471,7 +484,8 @@ def run_edge_bench(
         "models": models,
         "load_average": {"before": load_before, "after": load_average(), "cpus": os.cpu_count()},
         "environment": {"python": platform.python_version(), "machine": platform.machine(), "platform": platform.platform(),
-                        "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__},
+                        "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
+                        "cpu": cpu_features()},
     }
     (out_dir / "edge.json").write_text(json.dumps(result, indent=2))
     (out_dir / "edge.md").write_text("# bench edge\n\n" + markdown(result))

@@ -38,8 +38,11 @@ the bias b_j / s_j, so s_j (a acc_j + b_j / s_j) = s_j a acc_j + b_j. (Handing o
 per-column scales instead doubles the GEMM's time; the Mul adds under a tenth.) ``per_channel=False``:
 one scale for the matrix, no Mul (slightly faster, less accurate on trained weights whose item columns
 differ in norm). The item embedding table is stored int8 with one scale per row (Gather + Cast + Mul). The
-GRU and the small hidden x hidden layers stay fp32 (a few hundred KB). Weights are symmetric int8 over the
-full range: exact on VNNI (x86) and dot-product (ARM) kernels.
+GRU and the small hidden x hidden layers stay fp32 (a few hundred KB). The output weights are symmetric
+7-bit (|q| <= 63, onnxruntime's ``reduce_range``): on x86 without VNNI (AVX2, most kiosks) the u8 x s8 kernel
+adds pairs of products in saturating int16, and full-range weights (255 * 127 * 2 > 32767) gave scores off by
+5% of their range there; at 7 bits the kernel is exact on every CPU. The embedding table is only gathered,
+never multiplied in int8, so it keeps the full [-127, 127].
 """
 
 from __future__ import annotations
@@ -515,18 +518,23 @@ def check_parity(model: RIB, full_path: Path, step_path: Path, n_rows: int = 4, 
 # ---- int8 ------------------------------------------------------------------------------------------------
 
 
-def _symmetric_int8(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 values, float32 scales) with q = round(v / scale) in [-127, 127]; one scale per slice along
+# |q| bound of the output GEMM's weights: 7 bits, so u8 x s8 pair sums fit int16 on AVX2 (module docstring).
+OUTPUT_WEIGHT_QMAX = 63
+EMBEDDING_QMAX = 127
+
+
+def _symmetric_int8(values: np.ndarray, axis: int | None, qmax: int = EMBEDDING_QMAX) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, float32 scales) with q = round(v / scale) in [-qmax, qmax]; one scale per slice along
     ``axis`` (None: one for the tensor). Slices whose peak is below 1e-12 (zero for all purposes) get scale 1,
     so dividing by a scale never overflows. Per-slice scales are rounded up to float16 values when all of
     them are normal float16 numbers (``_scale_tensor`` then stores them in half the bytes, exactly)."""
     peak = np.abs(values).max() if axis is None else np.abs(values).max(axis=axis, keepdims=True)
-    scale = np.where(peak > 1e-12, peak / 127.0, 1.0).astype(np.float32)
+    scale = np.where(peak > 1e-12, peak / float(qmax), 1.0).astype(np.float32)
     if axis is not None and _fits_float16(scale):
         half = scale.astype(np.float16)
         half = np.where(half.astype(np.float32) < scale, np.nextafter(half, np.float16(np.inf)), half)
         scale = half.astype(np.float32)
-    q = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(values / scale), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
@@ -566,7 +574,7 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) ->
             if attrs.get("transA", 0) or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
                 raise ExportError(f"unexpected output Gemm attributes {attrs}")
             weight = numpy_helper.to_array(inits["out.weight"]).T  # (H, n_items + 1)
-            q, scale = _symmetric_int8(weight, axis=0 if per_channel else None)
+            q, scale = _symmetric_int8(weight, axis=0 if per_channel else None, qmax=OUTPUT_WEIGHT_QMAX)
             name = f"{node.name or 'out'}_int8"
             bias = node.input[2] if len(node.input) > 2 else ""
             add.append(numpy_helper.from_array(q, "out.weight_int8"))

@@ -148,6 +148,52 @@ def test_int8_top20_agreement(trained, exported, tmp_path, per_channel):
         assert np.abs(stepped - advanced).max() < 1e-3 and np.abs(advanced - whole).max() < 0.05
 
 
+def _dynamic_quantize_matmul(x: np.ndarray, weight_int8: np.ndarray) -> np.ndarray:
+    """onnxruntime's DynamicQuantizeMatMul of ``x`` by ``weight_int8`` (unit scale, no bias), 1 thread."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "", ""], ["y"], domain="com.microsoft")
+    graph = helper.make_graph(
+        [node], "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], weight_int8.shape[1]])],
+        [numpy_helper.from_array(weight_int8, "w"), numpy_helper.from_array(np.ones((), np.float32), "s")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_int8_output_gemm_is_exact_on_this_cpu(exported, tmp_path):
+    """The output weights are 7-bit, so onnxruntime's u8 x s8 GEMM equals the exact integer product on every
+    CPU; full-range weights saturate int16 pair sums on AVX2 without VNNI (scores off by ~5% of their range)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from model.export import OUTPUT_WEIGHT_QMAX
+
+    full8 = quantize_int8(exported.full, tmp_path / "full8.onnx")
+    inits = {t.name: t for t in onnx.load(str(full8)).graph.initializer}
+    weight = numpy_helper.to_array(inits["out.weight_int8"])
+    assert np.abs(weight.astype(np.int32)).max() == OUTPUT_WEIGHT_QMAX <= 63
+    x = np.tanh(np.random.default_rng(0).standard_normal((4, weight.shape[0]))).astype(np.float32)
+    x[:, 0], x[:, 1] = 1.0, -1.0  # the activation's full u8 range, as a tanh hidden state reaches
+    got = _dynamic_quantize_matmul(x, weight)
+    # The same product in exact arithmetic: x quantized as onnxruntime does (asymmetric u8 over [min, max] with 0).
+    low, high = np.minimum(x.min(1, keepdims=True), 0), np.maximum(x.max(1, keepdims=True), 0)
+    scale = (high - low) / 255.0
+    zero = np.clip(np.rint(-low / scale), 0, 255)
+    xq = np.clip(np.rint(x / scale) + zero, 0, 255)
+    exact = ((xq - zero) @ weight.astype(np.float64)) * scale
+    assert np.abs(got - exact).max() <= 1e-4 * np.abs(exact).max()
+    # Full-range weights are what would break it on a non-VNNI CPU; on this one, say which kernel it has.
+    full_range = np.clip(weight.astype(np.int32) * 2, -127, 127).astype(np.int8)
+    wide_error = np.abs(_dynamic_quantize_matmul(x, full_range) - ((xq - zero) @ full_range.astype(np.float64)) * scale).max()
+    print(f"full-range int8 weights on this CPU: max error {wide_error:.4g} (0 with VNNI / ARM dot-product kernels)")
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
