@@ -66,6 +66,20 @@ def test_bench_fl_writes_table_targets_and_plots(tmp_path):
         assert boot["checkpoint_matches_last_row"] and boot["ci95"][0] <= boot["ci95"][1]
         assert written["round_time_breakdown"][label]["fit_seconds"] > 0
     assert written["centralized"]["ranks_match_evaluator"]
+    # The like-for-like reference (centralized without word2vec init) and every run's ratio to it.
+    like = written["centralized_random_init"]
+    assert (
+        like["w2v_init"] is False
+        and written["centralized"]["w2v_init"] is True
+        and like["ranks_match_evaluator"]
+    )
+    for label in ("fedavg", "fedavg-dp-eps8"):
+        boot = written["bootstrap"][label]
+        row = next(r for r in rows if r.get("run_dir") == label)
+        assert boot["ratio_to_centralized_random_init"] == pytest.approx(row["recall@20"] / like["recall@20"])
+        low, high = boot["ratio_to_centralized_random_init_ci95"]
+        assert 0 <= low <= high
+    assert "## Like for like" in (out / "fl.md").read_text()
     for name in ("fl.md", "fl_recall_vs_round.png", "fl_epsilon_vs_round.png"):
         assert (out / name).stat().st_size > 0
     assert "| fedavg+dp |" in (out / "fl.md").read_text()
