@@ -648,7 +648,9 @@ def bench_fl(
     }
     (out / "fl.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (out / "fl.md").write_text(markdown(result))
-    result["plots"] = plot_curves(curves, central["recall@20"], out)
+    result["plots"] = plot_curves(
+        curves, central["recall@20"], out, None if like is None else float(like[0]["recall@20"])
+    )
     (out / "fl.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     return result
 
@@ -848,9 +850,13 @@ def markdown(result: Mapping[str, object]) -> str:
 
 
 def plot_curves(
-    curves: Mapping[str, tuple[str, float | None, list[dict]]], central_recall: float, out: Path
+    curves: Mapping[str, tuple[str, float | None, list[dict]]],
+    central_recall: float,
+    out: Path,
+    random_init_recall: float | None = None,
 ) -> list[str]:
-    """fl_recall_vs_round.png (every run, variants dashed, centralized as a line) and fl_epsilon_vs_round.png."""
+    """fl_recall_vs_round.png (every run, variants dashed, centralized and, when given, centralized without
+    word2vec init as lines) and fl_epsilon_vs_round.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -870,6 +876,14 @@ def plot_curves(
         style = "--" if variant else "-"
         ax.plot(*zip(*points, strict=True), style, marker=".", color=colors[label], label=name)
     ax.axhline(central_recall, color="black", linestyle="--", linewidth=1, label="centralized")
+    if random_init_recall is not None:
+        ax.axhline(
+            random_init_recall,
+            color="black",
+            linestyle="-.",
+            linewidth=1,
+            label="centralized, random item init",
+        )
     ax.axhline(
         FEDAVG_TARGET * central_recall, color="grey", linestyle=":", linewidth=1, label="0.95 x centralized"
     )
