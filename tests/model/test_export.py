@@ -186,11 +186,14 @@ def test_int8_output_gemm_is_exact_on_this_cpu(exported, tmp_path):
     scale = (high - low) / 255.0
     zero = np.clip(np.rint(-low / scale), 0, 255)
     xq = np.clip(np.rint(x / scale) + zero, 0, 255)
-    exact = ((xq - zero) @ weight.astype(np.float64)) * scale
-    assert np.abs(got - exact).max() <= 1e-4 * np.abs(exact).max()
+
+    def exact(w: np.ndarray) -> np.ndarray:
+        return ((xq - zero) @ w.astype(np.float64)) * scale
+
+    assert np.abs(got - exact(weight)).max() <= 1e-4 * np.abs(exact(weight)).max()
     # Full-range weights are what would break it on a non-VNNI CPU; on this one, say which kernel it has.
     full_range = np.clip(weight.astype(np.int32) * 2, -127, 127).astype(np.int8)
-    wide_error = np.abs(_dynamic_quantize_matmul(x, full_range) - ((xq - zero) @ full_range.astype(np.float64)) * scale).max()
+    wide_error = np.abs(_dynamic_quantize_matmul(x, full_range) - exact(full_range)).max()
     print(f"full-range int8 weights on this CPU: max error {wide_error:.4g} (0 with VNNI / ARM dot-product kernels)")
 
 
