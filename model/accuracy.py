@@ -84,8 +84,10 @@ def rib_settings(train: SessionDataset, settings: AccuracySettings) -> tuple[dic
         # Chosen on the validation split carved from training (SR-GNN diginetica, 7-minute probes): output
         # tied to the item embeddings lifted val Recall@20 from 0.30 to 0.42 over the untied model at the
         # same settings; dropout 0.3 stopped the overfitting seen at 0.1 after epoch 5; popularity
-        # negatives ~= uniform. A one-hour budget guards the "under an hour on 2 cores" target.
-        rib.update(loss="sampled", tie_output=True, item_dim=100, dropout=0.3)
+        # negatives ~= uniform. Cosine scoring (NISER) at 12 then lifted 10-minute probes from 0.428 to
+        # 0.464 (16: 0.463; with or without the item bias alike). A one-hour budget guards the "under an
+        # hour on 2 cores" target.
+        rib.update(loss="sampled", tie_output=True, item_dim=100, dropout=0.3, cosine_scale=12.0)
         tc.update(epochs=12, batch_size=256, lr=3e-3, patience=2, min_steps=0, negative_sampler="popularity", max_train_seconds=3600.0)
     if settings.quick:
         rib.update(item_dim=16, hidden_dim=24, activity_dim=4, dwell_dim=4)

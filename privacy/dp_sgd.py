@@ -389,6 +389,11 @@ def check_private_model(model: RIB) -> None:
             f"DP-SGD needs loss='softmax' (full softmax); this RIB has loss={model.config.loss!r}. Sampled softmax "
             "scores rows chosen per batch inside the output module, so per-window gradients cannot be clipped"
         )
+    if model.config.cosine_scale > 0:
+        raise ValueError(
+            "DP-SGD cannot train cosine_scale > 0: the output normalises the item table inside the module, "
+            "which Opacus has no per-sample gradient rule for (train with cosine_scale=0)"
+        )
 
 
 def plan_private_run(

@@ -370,3 +370,41 @@ def test_tied_output_scores_with_the_item_embeddings(loss):
 def test_tied_output_refuses_the_paper_loss():
     with pytest.raises(ValueError, match="tie_output"):
         RIBConfig(n_items=5, loss="paper", tie_output=True)
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sampled"])
+def test_cosine_scale_scores_by_scaled_cosine_and_ignores_item_norm(loss):
+    """cosine_scale s: scores = s * cos(W_b pooled, E_i) + b_i, so rescaling an item's row leaves its score alone."""
+    model = make_model(loss=loss, tie_output=True, cosine_scale=16.0)
+    items, activities, dwell = random_inputs(3, 6)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    pooled = model.outputs_all(items, activities, dwell, mask).pooled[:, -1]
+    query = model.out.proj(pooled)
+    table = model.item_emb.weight
+    cosine = (query @ table.T) / (query.norm(dim=-1, keepdim=True) * table.norm(dim=-1).clamp(min=1e-12))
+    expected = 16.0 * cosine + model.out.scores.bias
+    scores = model.logits(pooled)
+    torch.testing.assert_close(scores, expected)
+    assert float((scores - model.out.scores.bias).abs().max()) <= 16.0 + 1e-4
+    candidates = torch.tensor([2, 5, 9])
+    torch.testing.assert_close(model.out.sampled(pooled, candidates), expected[:, candidates])
+    with torch.no_grad():
+        model.item_emb.weight[5] *= 10.0
+    torch.testing.assert_close(model.logits(pooled)[:, 5], scores[:, 5])
+    model.train()
+    positions = torch.zeros_like(mask)
+    positions[:, -1] = True
+    model.example_loss(items, activities, dwell, mask, positions, torch.tensor([4, 4, 4])).backward()
+    assert model.item_emb.weight.grad[4].abs().sum() > 0 and model.out.proj.weight.grad.abs().sum() > 0
+
+
+def test_cosine_scale_needs_tied_output_and_is_refused_by_dp_sgd():
+    with pytest.raises(ValueError, match="tie_output"):
+        RIBConfig(n_items=5, cosine_scale=16.0)
+    with pytest.raises(ValueError, match="cosine_scale"):
+        RIBConfig(n_items=5, tie_output=True, cosine_scale=-1.0)
+    from privacy.dp_sgd import check_private_model
+
+    with pytest.raises(ValueError, match="cosine_scale"):
+        check_private_model(make_model(tie_output=True, cosine_scale=16.0))
+    check_private_model(make_model(tie_output=True))  # the plain tied output stays trainable under DP
