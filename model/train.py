@@ -286,6 +286,21 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> RIBRecommend
     return RIBRecommender.load(path, device=device)
 
 
+def init_from_word2vec(model: RIB, sessions: SessionDataset, tc: TrainConfig) -> int:
+    """Initialise ``model``'s item embeddings from Word2vec on ``sessions``; returns how many items it covered."""
+    config = model.config
+    w2v = Word2VecConfig(vector_size=config.item_dim, epochs=tc.w2v_epochs, window=tc.w2v_window, seed=tc.seed)
+    vectors = train_item_vectors(sessions, w2v)
+    scaled = vectors.vectors
+    if vectors.present.any() and tc.w2v_unit_rms:
+        # Word2vec entries are ~0.2 while nn.Embedding starts at N(0, 1): unscaled, the activity and
+        # dwell embeddings would drown the item signal at the GRU input. One global factor keeps cosines.
+        target_rms = config.item_dim**-0.5 if config.tie_output else 1.0  # the embedding's own init scale
+        scaled = scaled * (target_rms / np.sqrt(np.mean(scaled[vectors.present] ** 2)))
+    model.init_item_embeddings(torch.from_numpy(scaled), torch.from_numpy(vectors.present))
+    return int(vectors.present.sum())
+
+
 def train_rib(
     split_train: SessionDataset,
     rib_config: RIBConfig | None = None,
@@ -364,15 +379,7 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
     if tc.w2v_init:
         t0 = time.perf_counter()
         # Only the fit part: validation sessions must not shape what early stopping measures.
-        w2v = Word2VecConfig(vector_size=config.item_dim, epochs=tc.w2v_epochs, window=tc.w2v_window, seed=tc.seed)
-        vectors = train_item_vectors(fit, w2v)
-        scaled = vectors.vectors
-        if vectors.present.any() and tc.w2v_unit_rms:
-            # Word2vec entries are ~0.2 while nn.Embedding starts at N(0, 1): unscaled, the activity and
-            # dwell embeddings would drown the item signal at the GRU input. One global factor keeps cosines.
-            target_rms = config.item_dim**-0.5 if config.tie_output else 1.0  # the embedding's own init scale
-            scaled = scaled * (target_rms / np.sqrt(np.mean(scaled[vectors.present] ** 2)))
-        model.init_item_embeddings(torch.from_numpy(scaled), torch.from_numpy(vectors.present))
+        init_from_word2vec(model, fit, tc)
         w2v_seconds = time.perf_counter() - t0
     model.to(rec.device)
     rec.model = model

@@ -279,6 +279,31 @@ def train_centralized(
     return result, ranks
 
 
+POOLED_W2V_INIT = "pooled-w2v"  # variant "init": start from Word2vec on the pooled sessions (a diagnostic)
+
+
+def pooled_w2v_checkpoint(train, rib_config, path: Path, seed: int) -> Path:
+    """A RIB checkpoint: seeded random weights, item embeddings from Word2vec on the pooled training sessions.
+
+    A diagnostic, not a deployable setting: no federation holds the pooled raw sessions. It tells how much of
+    the federated gap the centralized recipe's Word2vec init would close if devices had it.
+    """
+    import torch
+
+    from model.rib import RIB
+    from model.train import RIBRecommender, TrainConfig, init_from_word2vec
+
+    if path.exists():
+        return path
+    tc = TrainConfig(seed=seed)
+    torch.manual_seed(seed)
+    rec = RIBRecommender(rib_config, tc)
+    rec.model = RIB(rib_config)
+    covered = init_from_word2vec(rec.model, train, tc)
+    rec.history = {"init": POOLED_W2V_INIT, "items_covered": covered}
+    return rec.save(path)
+
+
 # ---- round-time breakdown ------------------------------------------------------------------------------
 
 
@@ -446,7 +471,7 @@ def bench_fl(
     ``variants``: extra federated runs reported beside the table (not in ``rows``), each a mapping with
     ``name``, optional simulation-setting overrides (``strategy``, ``local_steps``, ``learning_rate``,
     ``rounds``, ``fraction``, ``dp_epsilon`` ...) and optional ``fed`` (FederationConfig field overrides,
-    e.g. ``{"server_lr": 0.05}``).
+    e.g. ``{"server_lr": 0.05}``); ``"init": "pooled-w2v"`` starts it from ``pooled_w2v_checkpoint`` (a diagnostic).
     """
     from aggregator.checkpoint import CheckpointStore
     from aggregator.evaluation import CentralEvaluator
@@ -456,6 +481,9 @@ def bench_fl(
     from simulations.engine import federation_from, read_metrics
     from simulations.population import build_population, open_population
 
+    for variant in variants:  # fail before hours of runs, not after
+        if variant.get("init") not in (None, POOLED_W2V_INIT):
+            raise ValueError(f"variant {variant.get('name')!r}: unknown init {variant['init']!r} (known: {POOLED_W2V_INIT!r})")
     wall_started = time.perf_counter()
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out
@@ -511,6 +539,9 @@ def bench_fl(
     for variant in variants:
         extra = {k: v for k, v in variant.items() if k not in ("name", "fed")}
         fed_over = dict(variant.get("fed", {}))  # type: ignore[call-overload]
+        if extra.get("init") is not None:
+            path = pooled_w2v_checkpoint(split.train, rib_config, work / "pooled-w2v-init.pt", seed)
+            fed_over["initial_checkpoint"] = str(path)
         eps = extra.get("dp_epsilon")
         plan.append((str(variant["name"]), None if eps is None else float(eps), extra, fed_over))  # type: ignore[arg-type]
     rows: list[dict[str, object]] = [
@@ -536,7 +567,7 @@ def bench_fl(
     n_main = 1 + len(epsilons)
     for index, (name, eps, extra, fed_over) in enumerate(plan):
         is_variant = index >= n_main
-        run_settings = {**settings, **extra}
+        run_settings = {**settings, **{k: v for k, v in extra.items() if k != "init"}}
         label = name if is_variant else setting_dir_name(name, eps)
         run_dir = work / (f"variant-{label}" if is_variant else label)
         _say(progress, f"{name}{'' if eps is None else f' (target epsilon {eps:g})'}: {run_dir}")
@@ -591,7 +622,8 @@ def bench_fl(
             "run_dir": label,
         }
         if is_variant:
-            row["overrides"] = {**extra, **({"fed": fed_over} if fed_over else {})}
+            shown = {k: v for k, v in fed_over.items() if not ("init" in extra and k == "initial_checkpoint")}
+            row["overrides"] = {**extra, **({"fed": shown} if shown else {})}
             variant_rows.append(row)
         else:
             rows.append(row)

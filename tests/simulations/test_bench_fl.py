@@ -83,3 +83,28 @@ def test_bench_fl_writes_table_targets_and_plots(tmp_path):
     for name in ("fl.md", "fl_recall_vs_round.png", "fl_epsilon_vs_round.png"):
         assert (out / name).stat().st_size > 0
     assert "| fedavg+dp |" in (out / "fl.md").read_text()
+
+
+def test_pooled_w2v_checkpoint_loads_as_an_initial_checkpoint_with_word2vec_items(tmp_path):
+    """The diagnostic init: the run's own RIB config, item rows from Word2vec, the rest the seeded random init."""
+    import torch
+
+    from edge_client.training import federated_rib_config
+    from model.data.open import open_dataset
+    from model.rib import RIB
+    from model.train import load_checkpoint
+    from simulations.bench_fl import pooled_w2v_checkpoint
+
+    split = open_dataset("synthetic")
+    config = federated_rib_config(split.vocab, "SKU+Micro", 8, 8, 20)
+    path = pooled_w2v_checkpoint(split.train, config, tmp_path / "init.pt", seed=3)
+    loaded = load_checkpoint(path, device="cpu")
+    assert loaded.rib_config == config and loaded.history["items_covered"] > 0
+    torch.manual_seed(3)
+    random = RIB(config).state_dict()
+    state = loaded.model.state_dict()
+    assert not torch.equal(state["item_emb.weight"], random["item_emb.weight"])
+    assert torch.equal(state["gru.weight_ih_l0"], random["gru.weight_ih_l0"])  # only the items changed
+    assert torch.all(state["item_emb.weight"][0] == 0)
+    with pytest.raises(ValueError, match="unknown init"):
+        bench_fl("synthetic", tmp_path / "fl", variants=[{"name": "x", "init": "magic"}])
