@@ -107,6 +107,9 @@ class RIBConfig:
     # > 0: score = cosine_scale * cos(W_b pooled, item embedding) + bias (NISER, Gupta et al. 2019); needs
     # tie_output. Measured on SR-GNN diginetica's validation split: 0.463 vs 0.428 Recall@20 at 16.
     cosine_scale: float = 0.0
+    # With attention: the output sees [attention-pooled; h_t], the pooled summary beside the last hidden state
+    # (NARM's global + local encoders, STAMP's last click). Off = the paper's RIB.
+    last_state: bool = False
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -119,6 +122,8 @@ class RIBConfig:
             raise ValueError(f"cosine_scale must be a finite number >= 0, got {self.cosine_scale}")
         if self.cosine_scale > 0 and not self.tie_output:
             raise ValueError("cosine_scale scores against the item embeddings: it needs tie_output=True")
+        if self.last_state and not self.use_attention:
+            raise ValueError("last_state adds the last hidden state beside the attention output: it needs use_attention")
         if self.n_items < 1 or self.n_activities < 1 or self.n_dwell < 1 or self.max_len < 1:
             raise ValueError(f"bad sizes in {self}")
 
@@ -134,6 +139,11 @@ class RIBConfig:
     def use_copy(self) -> bool:
         """Whether the copy term is on (``copy`` resolved: default on for item-logit losses)."""
         return self.loss != "paper" if self.copy is None else bool(self.copy)
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled vector the output layer (and the copy query) reads."""
+        return self.hidden_dim * (2 if self.last_state else 1)
 
     @property
     def input_dim(self) -> int:
@@ -176,12 +186,12 @@ class RIB(nn.Module):
         if c.use_copy:
             # Copy/repeat term (see ``_copy_weights``): bilinear attention of the prefix's pooled vector over
             # its own steps, scaled by a non-negative gate, is added to the logits of the items at those steps.
-            self.copy_query = nn.Linear(c.hidden_dim, c.hidden_dim, bias=False)
+            self.copy_query = nn.Linear(c.pooled_dim, c.hidden_dim, bias=False)
             self.copy_key = nn.Linear(c.hidden_dim, c.hidden_dim)
-            self.copy_gate = nn.Linear(c.hidden_dim, 1)
+            self.copy_gate = nn.Linear(c.pooled_dim, 1)
         self.output_dropout = nn.Dropout(c.dropout)
         if c.tie_output:
-            self.out = TiedOutput(c.hidden_dim, c.item_dim, c.n_items + 1, c.cosine_scale)
+            self.out = TiedOutput(c.pooled_dim, c.item_dim, c.n_items + 1, c.cosine_scale)
             self.out.scores.weight = self.item_emb.weight  # module-level tying: one Parameter, two modules
             # Output rows are item vectors now: N(0, 1) entries would start every logit at a std of
             # sqrt(item_dim) times the projection; 1/sqrt(item_dim) keeps them at nn.Linear's scale.
@@ -189,11 +199,11 @@ class RIB(nn.Module):
                 self.item_emb.weight.normal_(0.0, c.item_dim**-0.5)
                 self.item_emb.weight[0].zero_()
         elif c.loss == "softmax":
-            self.out = nn.Linear(c.hidden_dim, c.n_items + 1)
+            self.out = nn.Linear(c.pooled_dim, c.n_items + 1)
         elif c.loss == "sampled":
-            self.out = SampledOutput(c.hidden_dim, c.n_items + 1)
+            self.out = SampledOutput(c.pooled_dim, c.n_items + 1)
         else:
-            self.out = nn.Linear(c.hidden_dim, c.item_dim)  # output embedding, before normalisation
+            self.out = nn.Linear(c.pooled_dim, c.item_dim)  # output embedding, before normalisation
             self.target_emb = nn.Embedding(c.n_items + 1, c.item_dim)  # frozen target table (see docstring)
             self.target_emb.weight.requires_grad_(False)
             self.target_emb.weight.data.copy_(self.item_emb.weight.data)
@@ -287,7 +297,10 @@ class RIB(nn.Module):
         allowed[:, :, 0] |= ~allowed.any(-1)
         scores = self._attention_scores(hidden, micro)[:, None, :].expand(-1, steps, -1)
         weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        return weights @ hidden, weights
+        pooled = weights @ hidden
+        if self.config.last_state:
+            pooled = torch.cat([pooled, hidden], dim=-1)  # h_t is the last state of the prefix ending at t
+        return pooled, weights
 
     def _project(self, pooled: torch.Tensor) -> torch.Tensor:
         """The output module applied to pooled vectors."""
@@ -415,6 +428,8 @@ class RIB(nn.Module):
             scores = self._attention_scores(hidden, micro).masked_fill(~aligned, float("-inf"))
             weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows -> zero vector
             pooled = (weights[:, :, None] * hidden).sum(1)
+            if self.config.last_state:
+                pooled = torch.cat([pooled, self._last(hidden, aligned)], dim=-1)
         else:
             pooled = self._last(hidden, aligned)
         copy = None

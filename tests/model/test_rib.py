@@ -113,7 +113,11 @@ def test_attention_sums_to_one_over_valid_steps_in_a_batch():
             assert torch.all(causal[b, t, t + 1 :] == 0)
 
 
-@pytest.mark.parametrize("variant", [{"use_attention": True}, {"use_attention": False}, {"loss": "paper"}])
+@pytest.mark.parametrize(
+    "variant",
+    [{"use_attention": True}, {"use_attention": False}, {"loss": "paper"}, {"last_state": True}, {"last_state": True, "tie_output": True, "cosine_scale": 12.0}],
+    ids=["attention", "last-hidden", "paper", "last-state", "last-state-cosine"],
+)
 def test_forward_all_equals_truncated_forward(variant):
     """Position t of the all-prefix forward == forward on the prefix that ends at t."""
     model = make_model(**variant)
@@ -183,7 +187,11 @@ def _per_sample_reference(model: nn.Module, inputs, last, targets) -> dict[str, 
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # Opacus hooks on index-input embeddings
-@pytest.mark.parametrize("overrides", [{"loss": "softmax"}, {"loss": "paper"}, {"loss": "softmax", "tie_output": True}], ids=["softmax", "paper", "tied"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{"loss": "softmax"}, {"loss": "paper"}, {"loss": "softmax", "tie_output": True}, {"loss": "softmax", "last_state": True}],
+    ids=["softmax", "paper", "tied", "last-state"],
+)
 def test_opacus_accepts_model_and_per_sample_grads_are_right(overrides):
     """After swapping nn.GRU for DPGRU the model validates, and Opacus' per-sample grads are exact (with
     tie_output too: Opacus sums the two modules' per-sample gradients of the shared item table)."""
@@ -408,3 +416,19 @@ def test_cosine_scale_needs_tied_output_and_is_refused_by_dp_sgd():
     with pytest.raises(ValueError, match="cosine_scale"):
         check_private_model(make_model(tie_output=True, cosine_scale=16.0))
     check_private_model(make_model(tie_output=True))  # the plain tied output stays trainable under DP
+
+
+def test_last_state_puts_the_last_hidden_state_beside_the_attention_output():
+    """last_state: the output reads [attention-pooled; h_last]; changing only the last step moves the second half."""
+    model = make_model(last_state=True)
+    assert model.config.pooled_dim == 24 and model.out.in_features == 24 and model.copy_query.in_features == 24
+    items, activities, dwell = random_inputs(2, 6)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    pooled = model.outputs_all(items, activities, dwell, mask).pooled
+    hidden = model._hidden(items, activities, dwell)
+    torch.testing.assert_close(pooled[..., 12:], hidden)
+    plain = make_model(last_state=False)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("out.", "copy_"))}, strict=False)
+    torch.testing.assert_close(pooled[..., :12], plain.outputs_all(items, activities, dwell, mask).pooled)
+    with pytest.raises(ValueError, match="use_attention"):
+        RIBConfig(n_items=5, use_attention=False, last_state=True)
