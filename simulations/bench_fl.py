@@ -836,7 +836,9 @@ def markdown(result: Mapping[str, object]) -> str:
             "## Like for like: against the centralized recipe without its word2vec init",
             "",
             f"The centralized model starts its item embeddings from word2vec trained on the pooled raw training "
-            f"sessions, which no federated run has. Trained the same way from a random init it reaches Recall@20 "
+            f"sessions, which no federation has (variants with `\"init\": \"{POOLED_W2V_INIT}\"` start from word2vec on the pooled training sessions "
+            f"anyway, as a diagnostic of how much of the gap it explains). Trained the same way from a random "
+            f"init it reaches Recall@20 "
             f"{like['recall@20']:.4f} (MRR@20 {like['mrr@20']:.4f}; centralized with word2vec "  # type: ignore[index]
             f"{result['centralized']['recall@20']:.4f}). Federated runs against it (paired bootstrap, 95%):",  # type: ignore[index]
             "",
