@@ -483,7 +483,9 @@ def bench_fl(
 
     for variant in variants:  # fail before hours of runs, not after
         if variant.get("init") not in (None, POOLED_W2V_INIT):
-            raise ValueError(f"variant {variant.get('name')!r}: unknown init {variant['init']!r} (known: {POOLED_W2V_INIT!r})")
+            raise ValueError(
+                f"variant {variant.get('name')!r}: unknown init {variant['init']!r} (known: {POOLED_W2V_INIT!r})"
+            )
     wall_started = time.perf_counter()
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out
@@ -836,7 +838,7 @@ def markdown(result: Mapping[str, object]) -> str:
             "## Like for like: against the centralized recipe without its word2vec init",
             "",
             f"The centralized model starts its item embeddings from word2vec trained on the pooled raw training "
-            f"sessions, which no federation has (variants with `\"init\": \"{POOLED_W2V_INIT}\"` start from word2vec on the pooled training sessions "
+            f'sessions, which no federation has (variants with `"init": "{POOLED_W2V_INIT}"` start from word2vec on the pooled training sessions '
             f"anyway, as a diagnostic of how much of the gap it explains). Trained the same way from a random "
             f"init it reaches Recall@20 "
             f"{like['recall@20']:.4f} (MRR@20 {like['mrr@20']:.4f}; centralized with word2vec "  # type: ignore[index]
