@@ -291,11 +291,13 @@ def pooled_w2v_checkpoint(train, rib_config, path: Path, seed: int) -> Path:
     import torch
 
     from model.rib import RIB
-    from model.train import RIBRecommender, TrainConfig, init_from_word2vec
+    from model.train import RIBRecommender, TrainConfig, init_from_word2vec, load_checkpoint
 
-    if path.exists():
-        return path
     tc = TrainConfig(seed=seed)
+    if path.exists():  # reuse only what this run would build (a work dir may outlive a change of settings)
+        stored = load_checkpoint(path, device="cpu")
+        if stored.rib_config == rib_config and stored.train_config.seed == seed:
+            return path
     torch.manual_seed(seed)
     rec = RIBRecommender(rib_config, tc)
     rec.model = RIB(rib_config)

@@ -106,5 +106,12 @@ def test_pooled_w2v_checkpoint_loads_as_an_initial_checkpoint_with_word2vec_item
     assert not torch.equal(state["item_emb.weight"], random["item_emb.weight"])
     assert torch.equal(state["gru.weight_ih_l0"], random["gru.weight_ih_l0"])  # only the items changed
     assert torch.all(state["item_emb.weight"][0] == 0)
+    # Reused as is for the same settings, rebuilt for another seed.
+    before = path.stat().st_mtime_ns
+    assert (
+        pooled_w2v_checkpoint(split.train, config, path, seed=3) == path and path.stat().st_mtime_ns == before
+    )
+    pooled_w2v_checkpoint(split.train, config, path, seed=4)
+    assert load_checkpoint(path, device="cpu").train_config.seed == 4
     with pytest.raises(ValueError, match="unknown init"):
         bench_fl("synthetic", tmp_path / "fl", variants=[{"name": "x", "init": "magic"}])
