@@ -101,6 +101,19 @@ def test_refuses_losses_other_than_the_full_softmax(data, loss):
         )
 
 
+def test_refuses_cosine_scoring_but_trains_the_plain_tied_output(data):
+    """cosine_scale normalises the item table inside the output module: no per-sample rule, so refused."""
+    dp = DPSGDConfig(noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="cosine_scale"):
+        train_local_private(
+            make_model(data, tie_output=True, cosine_scale=16.0), data, LocalTrainConfig(steps=1), dp
+        )
+    model = make_model(data, tie_output=True)
+    before = flat_params(model)
+    train_local_private(model, data, LocalTrainConfig(steps=1), dp)
+    assert not torch.equal(before, flat_params(model))
+
+
 def test_plan():
     local = LocalTrainConfig(steps=10, batch_size=32)
     run = plan_private_run(200, local, DPSGDConfig(noise_multiplier=1.3))
