@@ -102,3 +102,16 @@ def test_merge_parallel_runs(small_split, tmp_path):
     assert all("recall@20_vs_best_baseline" in r for r in merged["rows"] if r["model"] == "RIB")
     assert {d["a"] for d in merged["paired_diffs"]} == {"RIB SKU", "RIB SKU+Micro"}
     assert (tmp_path / "m" / "accuracy.md").exists()
+
+
+def test_last_state_goes_to_rib_only(small_split, tmp_path):
+    """The large-catalogue setting last_state needs attention: RIB gets it, RIB-Attention trains without it."""
+    from model.train import load_checkpoint
+
+    settings = quick_settings(epochs=1, models=RIB_NAMES, data_types=("SKU",), rib_overrides={"last_state": True})
+    payload = run_accuracy(small_split, "synthetic-small", tmp_path, settings)
+    assert [r["model"] for r in payload["rows"]] == list(RIB_NAMES)
+    assert all(r["recall@20"] is not None for r in payload["rows"])
+    configs = {name: load_checkpoint(tmp_path / "checkpoints" / f"{name}_SKU" / "rib.pt").rib_config for name in RIB_NAMES}
+    assert configs["RIB"].last_state and configs["RIB"].use_attention
+    assert not configs["RIB-Attention"].last_state and not configs["RIB-Attention"].use_attention

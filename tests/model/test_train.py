@@ -242,3 +242,14 @@ def test_time_budget_stops_training_and_keeps_the_best_state(split):
     assert history["stopped_by_time_budget"] and history["steps"] == 0 and len(history["epochs"]) == 1
     _, history = train_rib(split.train, config, replace(FAST, epochs=3, max_train_seconds=None), progress=False)
     assert not history["stopped_by_time_budget"] and history["steps"] > 0
+
+
+def test_lr_decay_multiplies_the_learning_rate_every_epoch(split):
+    """lr_decay = 0.5 halves the learning rate each epoch (recorded per epoch); outside (0, 1] is refused."""
+    config = rib_config_for(split.train, **TINY)
+    _, history = train_rib(split.train, config, replace(FAST, epochs=3, patience=3, lr_decay=0.5), progress=False)
+    rates = [e["lr"] for e in history["epochs"]]
+    assert rates == pytest.approx([FAST.lr, FAST.lr / 2, FAST.lr / 4])
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="lr_decay"):
+            train_rib(split.train, config, replace(FAST, lr_decay=bad), progress=False)
