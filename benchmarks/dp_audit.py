@@ -3,7 +3,7 @@
 Run by path (opacus ships a top-level ``benchmarks`` package that shadows this directory)::
 
     .venv/bin/python benchmarks/dp_audit.py [--dataset jdata2016_sample] [--epsilons 1,4,8,inf]
-        [--shadows 4] [--epochs 30] [--lr 0.003] [--batch-size 32] [--seed 0]
+        [--shadows 4] [--epochs 15] [--lr 0.003] [--batch-size 32] [--max-grad-norm 1.0] [--seed 0]
 
 The protocol is ``privacy.audit.audit`` (loss-threshold and offline-LiRA shadow attacks on sessions; epsilon
 cross-checked with dp_accounting). Without ../shared/data the dataset falls back to "synthetic". Writes
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--epochs", type=float, default=15.0)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD per-window clip C")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=OUT)
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
+        max_grad_norm=args.max_grad_norm,
         n_shadows=args.shadows,
         n_boot=args.n_boot,
         seed=args.seed,
