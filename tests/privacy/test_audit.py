@@ -4,6 +4,7 @@ session, the attacks' scores, the accounting cross-check, and a tiny end-to-end 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -204,3 +205,51 @@ def test_tiny_audit_end_to_end(split):
             lo, hi = row[f"{key}_ci"]
             assert 0.0 <= lo <= hi <= 1.0
         assert 0.0 <= row["test_recall@20"] <= 1.0
+
+
+def _frontier_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "dp_frontier.py"
+    spec = importlib.util.spec_from_file_location("dp_frontier", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_audit(dataset: str, clip: float, rows: list[tuple[object, float, float, float]]) -> dict:
+    return {
+        "dataset": dataset,
+        "config": {"max_grad_norm": clip, "n_boot": 200},
+        "rows": [
+            {
+                "epsilon": eps,
+                "test_recall@20": recall,
+                "auc_loss": a_loss,
+                "auc_loss_ci": [a_loss - 0.02, a_loss + 0.02],
+                "auc_shadow": a_shadow,
+                "auc_shadow_ci": [a_shadow - 0.03, a_shadow + 0.03],
+            }
+            for eps, recall, a_loss, a_shadow in rows
+        ],
+    }
+
+
+def test_dp_frontier_orders_points_and_flags_the_target(tmp_path):
+    """The frontier script: one point per (epsilon, C), ordered by recall, 'yes' only when both AUCs <= 0.55."""
+    frontier = _frontier_module()
+    sweep = _fake_audit("d", 1.0, [(1.0, 0.22, 0.53, 0.54), ("inf", 0.38, 0.94, 0.95)])
+    clipped = _fake_audit("d", 50.0, [(8.0, 0.26, 0.54, 0.56)])
+    points = frontier.frontier_rows([sweep, clipped])
+    assert [(p["epsilon"], p["max_grad_norm"]) for p in points] == [(1.0, 1.0), (8.0, 50.0), (math.inf, None)]
+    lines = frontier.markdown(points).splitlines()[2:]
+    assert [line.rsplit("|", 2)[-2].strip() for line in lines] == ["yes", "no", "no"]
+    with pytest.raises(ValueError, match="one dataset"):
+        frontier.frontier_rows([sweep, _fake_audit("other", 1.0, [(1.0, 0.2, 0.5, 0.5)])])
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, audit_json in zip(paths, (sweep, clipped), strict=True):
+        path.write_text(json.dumps(audit_json))
+    frontier.main([*map(str, paths), "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
+    assert json.loads((tmp_path / "out" / "frontier.json").read_text())[-1]["epsilon"] == "inf"
