@@ -274,3 +274,24 @@ def test_build_package_refuses_mismatched_vocab(trained, tmp_path):
     other = RIB(RIBConfig(n_items=model.config.n_items + 1))
     with pytest.raises(ExportError, match="items"):
         build_package(other, split.vocab, tmp_path / "pkg", private, 1, popularity_from(split.train))
+
+
+def test_output_matmul_floor_benchmark(tmp_path):
+    """benchmarks/output_matmul.py: every precision runs, fp32 agrees with itself, int8 tracks fp32's top 20."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "output_matmul.py"
+    spec = importlib.util.spec_from_file_location("output_matmul", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--items", "2000", "--hidden", "32", "--calls", "3", "--runs", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "output_matmul.json").read_text())
+    assert set(saved["variants"]) == set(module.VARIANTS) == set(result["variants"])
+    rows = saved["variants"]
+    assert rows["fp32"]["top20_agreement"] == 1.0 and rows["fp32"]["size_ratio"] == 1.0
+    assert rows["int8 per-tensor"]["top20_agreement"] >= 0.8
+    assert 0.2 < rows["int8 per-tensor"]["size_ratio"] < 0.35  # int8 weights: about a quarter of fp32
+    assert all(r["p50_ms"] > 0 and r["p95_ms"] >= r["p50_ms"] for r in rows.values())
+    assert "| int4 (int8 compute) |" in (tmp_path / "output_matmul.md").read_text()
