@@ -444,7 +444,8 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
             "steps": steps,
             "lr": schedule.get_last_lr()[0],
         }
-        schedule.step()
+        if steps > int(epochs[-1]["steps"] if epochs else 0):
+            schedule.step()  # an epoch cut before its first step (time budget) leaves the rate as it was
         improved = True
         if val is not None:
             t0 = time.perf_counter()
