@@ -368,6 +368,8 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
     assert config is not None
     if config.n_items != train.n_items:
         raise ValueError(f"RIBConfig.n_items={config.n_items} but the dataset has {train.n_items} items")
+    if not 0.0 < tc.lr_decay <= 1.0:  # checked before the Word2vec init spends minutes
+        raise ValueError(f"TrainConfig.lr_decay must be in (0, 1], got {tc.lr_decay}")
     if tc.num_threads is not None:
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
@@ -385,8 +387,6 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
     model.to(rec.device)
     rec.model = model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
-    if not 0.0 < tc.lr_decay <= 1.0:
-        raise ValueError(f"TrainConfig.lr_decay must be in (0, 1], got {tc.lr_decay}")
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=tc.lr_decay)
 
     windows = make_windows(fit, tc.max_len or config.max_len)
@@ -408,6 +408,7 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
         batches = length_batches(windows, tc.batch_size, rng)
         bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress, leave=False, unit="batch")
         epoch_budget = None if tc.max_train_seconds is None else tc.max_train_seconds - sum(float(e["train_seconds"]) for e in epochs)
+        epoch_first_step = steps
         done = 0  # batches taken this epoch (an epoch cut by the budget covers only that share of the sessions)
         for rows in bar:
             if epoch_budget is not None and time.perf_counter() - t0 >= epoch_budget:
@@ -444,7 +445,7 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
             "steps": steps,
             "lr": schedule.get_last_lr()[0],
         }
-        if steps > int(epochs[-1]["steps"] if epochs else 0):
+        if steps > epoch_first_step:
             schedule.step()  # an epoch cut before its first step (time budget) leaves the rate as it was
         improved = True
         if val is not None:
