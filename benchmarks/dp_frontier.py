@@ -28,17 +28,22 @@ def _epsilon(value: object) -> float:
     return math.inf if value in ("inf", math.inf) else float(value)  # type: ignore[arg-type]
 
 
+def _fmt_eps(epsilon: float) -> str:
+    return "∞" if math.isinf(epsilon) else f"{epsilon:g}"
+
+
 def frontier_rows(audits: list[dict[str, object]]) -> list[dict[str, object]]:
     """One point per audited (epsilon, clip) pair, ordered by Recall@20."""
     points = []
     for result in audits:
         clip = float(result["config"]["max_grad_norm"])  # type: ignore[index]
         for row in result["rows"]:  # type: ignore[union-attr]
+            epsilon = _epsilon(row["epsilon"])
             points.append(
                 {
                     "dataset": result["dataset"],
-                    "epsilon": _epsilon(row["epsilon"]),
-                    "max_grad_norm": None if math.isinf(_epsilon(row["epsilon"])) else clip,
+                    "epsilon": epsilon,
+                    "max_grad_norm": None if math.isinf(epsilon) else clip,
                     "test_recall@20": float(row["test_recall@20"]),
                     "auc_loss": float(row["auc_loss"]),
                     "auc_loss_ci": row["auc_loss_ci"],
@@ -59,7 +64,7 @@ def markdown(points: list[dict[str, object]], target: float = 0.55) -> str:
         "|---|---|---|---|---|---|",
     ]
     for p in points:
-        eps = "∞" if math.isinf(p["epsilon"]) else f"{p['epsilon']:g}"  # type: ignore[arg-type]
+        eps = _fmt_eps(p["epsilon"])  # type: ignore[arg-type]
         clip = "-" if p["max_grad_norm"] is None else f"{p['max_grad_norm']:g}"
         lo, hi = p["auc_loss_ci"]  # type: ignore[misc]
         slo, shi = p["auc_shadow_ci"]  # type: ignore[misc]
@@ -86,8 +91,8 @@ def plot(points: list[dict[str, object]], path: Path, target: float = 0.55) -> N
     ):
         ax.scatter(xs, [p[key] for p in points], marker=marker, label=label)
     for i, p in enumerate(points):
-        eps = "∞" if math.isinf(p["epsilon"]) else f"{p['epsilon']:g}"  # type: ignore[arg-type]
-        text = f"ε={eps}" + ("" if p["max_grad_norm"] is None else f", C={p['max_grad_norm']:g}")
+        text = f"ε={_fmt_eps(p['epsilon'])}"  # type: ignore[arg-type]
+        text += "" if p["max_grad_norm"] is None else f", C={p['max_grad_norm']:g}"
         # neighbours in recall (e.g. C = 1 and 5 at one epsilon) alternate above / below their point
         offset = (3, 4) if i % 2 == 0 else (3, -11)
         ax.annotate(
