@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import groupby
@@ -68,6 +69,7 @@ _CART, _ORDER = EventType.CART, EventType.ORDER
 _PAGE_LEAVE, _HOVER, _SCROLL = EventType.PAGE_LEAVE, EventType.HOVER, EventType.SCROLL
 _HIDDEN, _VISIBLE = EventType.VISIBILITY_HIDDEN, EventType.VISIBILITY_VISIBLE
 _CART_ACTIVITY, _ORDER_ACTIVITY = EVENT_TO_ACTIVITY[_CART.value], EVENT_TO_ACTIVITY[_ORDER.value]
+_new_record = tuple.__new__  # builds a MicroBehavior (a named tuple) from its fields in one C call
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class TupleExtractor:
         self._sessions: dict[str, _SessionState] = {}
         self._window = int(self.config.reorder_window_ms)
         self._gap_ms = self.config.session_gap_s * 1000
+        self._max_dwell_s = self.config.max_dwell_s
         self._late_reason = "too_late" if self._window > 0 else "time_backwards"
         self._arrival = 0
 
@@ -274,23 +277,24 @@ class TupleExtractor:
         kept = 0
         for event in events:
             ts = event.timestamp_ms
-            if ts == last_ms:
+            if ts > last_ms:  # the common case first: one comparison, then the gap
+                if ts - last_ms > gap_ms:
+                    if is_open:
+                        close(
+                            out, session_id, state, seen_ms, "timeout",
+                            item_id, enter_ms, activities, hidden_ms, hidden_since, max_scroll, revisit,
+                        )
+                        is_open = False
+                    if cues:  # a new logical session: cues start afresh
+                        visited.clear()
+                        hovered.clear()
+            elif ts == last_ms:
                 if event == last_event:
                     report.skip("duplicate", f"duplicate event at {ts}")
                     continue
-            elif ts < last_ms:  # only after a forced early release of an over-full reorder buffer
+            else:  # only after a forced early release of an over-full reorder buffer
                 self._drop_late(event, last_ms)
                 continue
-            elif ts - last_ms > gap_ms:
-                if is_open:
-                    close(
-                        out, session_id, state, seen_ms, "timeout",
-                        item_id, enter_ms, activities, hidden_ms, hidden_since, max_scroll, revisit,
-                    )
-                    is_open = False
-                if cues:  # a new logical session: cues start afresh
-                    visited.clear()
-                    hovered.clear()
             last_ms = ts
             last_event = event
             kept += 1
@@ -406,8 +410,8 @@ class TupleExtractor:
         dwell_s = (end_ms - enter_ms - hidden_ms) / 1000.0
         if not dwell_s > 0.0:  # max(0.0, dwell_s), then min(dwell_s, max_dwell_s), ties as the builtins
             dwell_s = 0.0
-        elif self.config.max_dwell_s < dwell_s:
-            dwell_s = self.config.max_dwell_s
+        elif self._max_dwell_s < dwell_s:
+            dwell_s = self._max_dwell_s
         if self.on_visit is not None:
             hovered, visited = state.hovered, state.visited
             hovered_only = tuple(item for item in hovered if item not in visited)
@@ -418,7 +422,8 @@ class TupleExtractor:
                     session_id, item_id, enter_ms, end_ms, dwell_s, names, max_scroll, revisit, hovered_only, closed_by
                 )
             )
-        out.extend(MicroBehavior(session_id, ts, item_id, activity, dwell_s) for ts, activity in activities)
+        for ts, activity in activities:  # tuple.__new__ is what MicroBehavior(...) runs, minus a Python call
+            out.append(_new_record(MicroBehavior, (session_id, ts, item_id, activity, dwell_s)))
 
     @staticmethod
     def _note_hover(state: _SessionState, item_id: str) -> None:
@@ -454,9 +459,9 @@ def extract_population(
 def _extract_population(
     events: Iterable[RawEvent], config: ExtractorConfig | None, report: SkipReport
 ) -> dict[str, list[MicroBehavior]]:
-    by_device: dict[str, list[RawEvent]] = {}
+    by_device: defaultdict[str, list[RawEvent]] = defaultdict(list)  # no throwaway list per event
     for event in events:
-        by_device.setdefault(event.device_id, []).append(event)
+        by_device[event.device_id].append(event)
     out: dict[str, list[MicroBehavior]] = {}
     for device_id in sorted(by_device):
         device_events = by_device[device_id]

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 import numpy as np
 
@@ -270,12 +271,16 @@ def read_event_lines(lines: Iterable[bytes | str], report: SkipReport | None = N
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class MicroBehavior:
+class MicroBehavior(NamedTuple):
     """One micro behavior as stored on the device: the RIB tuple plus when it happened and dwell in seconds.
 
     ``dwell_seconds`` is the dwell of the product visit this behavior belongs to (NaN when unknown);
     the tuple's ``dwell_bucket`` comes from the model's ``DwellBuckets``.
+
+    A named tuple, not a frozen dataclass: equally immutable and hashable, but built in one C call. The
+    batch extractor builds one per tuple, and a frozen dataclass's ``__init__`` (one ``object.__setattr__``
+    per field) cost a third of its time. As any named tuple, a record also equals the plain tuple of its
+    fields.
     """
 
     session_id: str

@@ -171,7 +171,7 @@ def test_batch_equals_streaming_on_a_synthetic_population_in_any_input_order():
 
 
 def test_records_are_the_objects_the_constructor_builds():
-    """Batch records are ordinary frozen MicroBehavior records: they equal, hash and print as usual."""
+    """Batch records (built by tuple.__new__) are ordinary MicroBehavior records: equal, hash, print, immutable."""
     events = list(generate_population(SyntheticConfig(n_devices=3), seed=1))
     records = [r for recs in extract_population(events).values() for r in recs]
     assert records
@@ -179,9 +179,10 @@ def test_records_are_the_objects_the_constructor_builds():
         rebuilt = MicroBehavior(
             record.session_id, record.timestamp_ms, record.item_id, record.activity, record.dwell_seconds
         )
+        assert type(record) is MicroBehavior  # a plain tuple would compare equal: check the type itself
         assert record == rebuilt and hash(record) == hash(rebuilt) and repr(record) == repr(rebuilt)
         with pytest.raises(AttributeError):
-            record.activity = "Order"  # still frozen
+            record.activity = "Order"  # immutable
 
 
 @pytest.mark.parametrize("enabled", [True, False])
