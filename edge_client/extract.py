@@ -5,8 +5,8 @@ time and feeds them through the very same ``TupleExtractor`` state machine (``_a
 one event per call, the batch path a whole session per call. There is no second implementation, so the
 tuples a model is trained on and the tuples a device builds agree exactly (tested, skip counts included).
 Speed targets (benchmarks/extract.py, one core): batch >= 1M events/s from parsed events, streaming
-<= 20 us/event; hence ``_apply`` keeps the open visit in locals, and the batch
-path pauses the cyclic garbage collector.
+<= 20 us/event; hence ``_apply`` keeps the open visit in locals, records (named tuples) are built
+with ``tuple.__new__``, and the batch path pauses the cyclic garbage collector.
 
 Rules (RIB Section 3.1 and Table 1):
 - ``page_enter`` opens a product visit; its ``page_source`` gives the entry activity (Home2Product ...).
