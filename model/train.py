@@ -29,7 +29,7 @@ from model.device import pick_device
 from model.evaluate import evaluate
 from model.recommender import PrefixBatch
 from model.rib import RIB, RIBConfig, data_type_flags
-from model.word2vec import Word2VecConfig, train_item_vectors
+from model.word2vec import ItemVectors, Word2VecConfig, train_item_vectors
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "rib.pt"
@@ -287,19 +287,39 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> RIBRecommend
     return RIBRecommender.load(path, device=device)
 
 
-def init_from_word2vec(model: RIB, sessions: SessionDataset, tc: TrainConfig) -> int:
-    """Initialise ``model``'s item embeddings from Word2vec on ``sessions``; returns how many items it covered."""
+def init_from_item_vectors(model: RIB, vectors: ItemVectors, unit_rms: bool = True) -> int:
+    """Copy item vectors (gensim's or the federated skip-gram's) into ``model``'s item embeddings; rows covered."""
     config = model.config
-    w2v = Word2VecConfig(vector_size=config.item_dim, epochs=tc.w2v_epochs, window=tc.w2v_window, seed=tc.seed)
-    vectors = train_item_vectors(sessions, w2v)
     scaled = vectors.vectors
-    if vectors.present.any() and tc.w2v_unit_rms:
+    if vectors.present.any() and unit_rms:
         # Word2vec entries are ~0.2 while nn.Embedding starts at N(0, 1): unscaled, the activity and
         # dwell embeddings would drown the item signal at the GRU input. One global factor keeps cosines.
         target_rms = config.item_dim**-0.5 if config.tie_output else 1.0  # the embedding's own init scale
         scaled = scaled * (target_rms / np.sqrt(np.mean(scaled[vectors.present] ** 2)))
-    model.init_item_embeddings(torch.from_numpy(scaled), torch.from_numpy(vectors.present))
+    scaled = torch.from_numpy(np.asarray(scaled, dtype=np.float32))
+    model.init_item_embeddings(scaled, torch.from_numpy(vectors.present))
     return int(vectors.present.sum())
+
+
+def init_from_word2vec(model: RIB, sessions: SessionDataset, tc: TrainConfig) -> int:
+    """Initialise ``model``'s item embeddings from Word2vec on ``sessions``; returns how many items it covered."""
+    w2v = Word2VecConfig(
+        vector_size=model.config.item_dim, epochs=tc.w2v_epochs, window=tc.w2v_window, seed=tc.seed
+    )
+    return init_from_item_vectors(model, train_item_vectors(sessions, w2v), tc.w2v_unit_rms)
+
+
+def save_init_checkpoint(
+    rib_config: RIBConfig, vectors: ItemVectors, path: str | Path, seed: int = 0, note: str = ""
+) -> Path:
+    """Save a seeded random RIB whose item embeddings come from ``vectors`` (a federated run's starting point)."""
+    tc = TrainConfig(seed=seed)
+    torch.manual_seed(seed)
+    rec = RIBRecommender(rib_config, tc, progress=False)
+    rec.model = RIB(rib_config)
+    covered = init_from_item_vectors(rec.model, vectors, tc.w2v_unit_rms)
+    rec.history = {"init": note or "item vectors", "items_covered": covered}
+    return rec.save(path)
 
 
 def train_rib(

@@ -101,6 +101,14 @@ class _Word2VecBase:
         self._unit = self.item_vectors.unit()
         return self
 
+    @classmethod
+    def from_item_vectors(cls, vectors: ItemVectors) -> _Word2VecBase:
+        """A fitted recommender over given item vectors (e.g. the federated skip-gram's)."""
+        rec = cls(vector_size=vectors.dim)
+        rec.item_vectors = vectors
+        rec._unit = vectors.unit()
+        return rec
+
     def _query(self, visits: PrefixVisits, unit: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
