@@ -74,3 +74,33 @@ class CentralEvaluator:
         }
         metrics["eval_examples"] = float(len(self.examples))
         return scorer.nll_sum / n, metrics
+
+
+class SkipGramEvaluator:
+    """``evaluate_fn`` of a federated Word2vec run: the paper's Word2vec baseline (items nearest the last
+    visited item) over the global item vectors, on the same held-out examples as ``CentralEvaluator``."""
+
+    def __init__(self, test: SessionDataset, max_examples: int | None = 5000, seed: int = 0) -> None:
+        self.test = test
+        examples = test.examples()
+        if max_examples and len(examples) > max_examples:
+            keep = np.sort(np.random.default_rng(seed).choice(len(examples), max_examples, replace=False))
+            examples = examples.subset(keep)
+        self.examples = examples
+
+    def __call__(
+        self, server_round: int, weights: Sequence[np.ndarray], config: dict
+    ) -> tuple[float, dict[str, float]]:
+        """(0.0: no loss is scored, Recall/MRR@10/20 of nearest-item recommendations)."""
+        from model.skipgram import item_vectors
+        from model.word2vec import Word2VecRecommender
+
+        scorer = Word2VecRecommender.from_item_vectors(item_vectors(list(weights)))
+        result = evaluate(scorer, self.test, examples=self.examples)
+        metrics = {
+            k: float(v)
+            for k, v in result.metrics.items()
+            if k in ("recall@10", "recall@20", "mrr@10", "mrr@20")
+        }
+        metrics["eval_examples"] = float(len(self.examples))
+        return 0.0, metrics

@@ -21,19 +21,23 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from aggregator.checkpoint import CheckpointStore
-from aggregator.evaluation import CentralEvaluator
+from aggregator.evaluation import CentralEvaluator, SkipGramEvaluator
 from aggregator.release import publish_release
 from aggregator.strategy import SeededClientManager, build_strategy, sampled_per_round
 from aggregator.workflow import FederatedRun
 from edge_client.fl_config import ConfigError, FederationConfig
 from edge_client.training import federated_rib_config
+from model import skipgram
 from model.data.dataset import SplitData
 from model.device import pick_device
 from model.local import get_weights
 from model.rib import RIB
+from model.train import save_init_checkpoint
 from privacy.accountant import FederatedAccountant, noise_for_epsilon
 
 log = logging.getLogger(__name__)
+
+INIT_CHECKPOINT = "rib-init.pt"  # what a task = "word2vec" run writes (see FederationConfig.task)
 
 # Settings a resumed run must share with the checkpoint it resumes (the rest may change, e.g. rounds).
 _FINGERPRINT_KEYS = (
@@ -46,6 +50,8 @@ def fingerprint(fed: FederationConfig, population: int) -> str:
     """Hash of the settings a checkpoint belongs to."""
     settings = {k: v for k, v in asdict(fed).items() if k in _FINGERPRINT_KEYS}
     settings["population"] = population
+    if fed.task != "rib":  # RIB runs keep the fingerprints their checkpoints were written with
+        settings.update(task=fed.task, w2v_window=fed.w2v_window, w2v_negatives=fed.w2v_negatives)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -87,7 +93,14 @@ def make_run(
     vocab = split.vocab
     rib_config = federated_rib_config(vocab, fed.data_type, fed.item_dim, fed.hidden_dim, fed.max_len)
     device = pick_device(fed.device or None)  # the one place that decides CPU or CUDA
-    evaluator = CentralEvaluator(split.test, rib_config, fed.eval_max_examples, fed.seed, device=str(device))
+    if fed.task == "word2vec":
+        evaluator = SkipGramEvaluator(split.test, fed.eval_max_examples, fed.seed)
+        first_weights = skipgram.initial_weights(vocab.n_items, fed.item_dim, fed.seed)
+    else:
+        evaluator = CentralEvaluator(
+            split.test, rib_config, fed.eval_max_examples, fed.seed, device=str(device)
+        )
+        first_weights = initial_weights(fed, rib_config)
 
     def evaluate_fn(server_round, weights, config):
         return evaluator(server_round, weights, config)
@@ -108,7 +121,7 @@ def make_run(
             delta,
             fed.num_server_rounds,
         )
-    strategy = build_strategy(fed, initial_weights(fed, rib_config), evaluate_fn, population, noise)
+    strategy = build_strategy(fed, first_weights, evaluate_fn, population, noise)
     fit_workflow = None
     if fed.secagg:
         shares = fed.secagg_num_shares if fed.secagg_num_shares < 1 else int(fed.secagg_num_shares)
@@ -121,7 +134,21 @@ def make_run(
             timeout=fed.secagg_timeout or None,
         )
     releaser = None
-    if fed.release_dir:
+    if fed.task == "word2vec":
+        init_dir = fed.release_dir or fed.checkpoint_dir
+        if not init_dir:
+            raise ConfigError(
+                "task = 'word2vec' needs release-dir (where rib-init.pt goes) or checkpoint-dir"
+            )
+
+        def releaser(server_round: int, weights: list) -> Path:
+            # The skip-gram's product is a RIB starting point for the next run (initial-checkpoint), not a
+            # package for devices: no signature, it goes to devices only inside that run's signed releases.
+            note = f"federated skip-gram, round {server_round}"
+            vectors = skipgram.item_vectors(weights)
+            return save_init_checkpoint(rib_config, vectors, Path(init_dir) / INIT_CHECKPOINT, fed.seed, note)
+
+    elif fed.release_dir:
         if not fed.signing_key:
             raise ConfigError("release-dir needs signing-key (an Ed25519 private key; rib-edge edge keygen)")
 

@@ -51,6 +51,7 @@ from edge_client.training import (
 )
 from model.data.dataset import SplitData, Vocabulary
 from model.local import LocalTrainConfig
+from model.skipgram import SkipGramConfig
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,17 @@ def training_config(fed: FederationConfig, server_round: int, device_name: str) 
         max_len=fed.max_len,
         seed=int.from_bytes(digest[:4], "little"),
     )
+    skipgram = SkipGramConfig(
+        window=fed.w2v_window,
+        negatives=fed.w2v_negatives,
+        steps=fed.local_steps,
+        lr=fed.local_lr,
+        seed=local.seed,
+    )
     return DeviceTrainingConfig(
         local=local,
+        task=fed.task,
+        skipgram=skipgram,
         record_dp_noise_multiplier=fed.record_dp_noise_multiplier,
         record_dp_max_grad_norm=fed.record_dp_max_grad_norm,
         budget_epsilon=fed.device_budget_epsilon,

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 STRATEGIES = ("fedavg", "fedadam")
+# What a run trains: RIB itself, or the item vectors RIB starts from (skip-gram Word2vec, model/skipgram.py).
+TASKS = ("rib", "word2vec")
 DP_MODES = ("none", "user")
 
 
@@ -28,6 +30,11 @@ class FederationConfig:
     # Data: the population directory (simulations) and/or the server's held-out split.
     population_dir: str = ""
     eval_split: str = ""  # default: <population-dir>/server/split.npz
+    # What the devices train: "rib", or "word2vec" (a federated skip-gram whose item vectors become a RIB
+    # run's initial-checkpoint; its "release" is <release-dir>/rib-init.pt, unsigned: it never reaches a device).
+    task: str = "rib"
+    w2v_window: int = 5
+    w2v_negatives: int = 5
     # Rounds and sampling.
     num_server_rounds: int = 5
     fraction_fit: float = 0.5
@@ -114,6 +121,8 @@ class FederationConfig:
                 "min-available-clients must be >= min-fit-clients",
             ),
             (self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}"),
+            (self.task in TASKS, f"task must be one of {TASKS}"),
+            (self.w2v_window >= 1 and self.w2v_negatives >= 1, "w2v-window and w2v-negatives must be >= 1"),
             (self.dp in DP_MODES, f"dp must be one of {DP_MODES}"),
             (
                 self.local_steps >= 1 and self.local_batch_size >= 1,
@@ -153,6 +162,11 @@ class FederationConfig:
             # Flower's DP wrappers add noise to the inner strategy's output: only an average of clipped
             # updates has the sensitivity the noise is calibrated to (FedAdam's step does not).
             raise ConfigError("dp = 'user' needs strategy = 'fedavg'")
+        if self.task == "word2vec" and (self.record_dp_noise_multiplier > 0 or self.initial_checkpoint):
+            # DP-SGD on the device (Opacus) and RIB checkpoints concern RIB; the skip-gram stage has neither.
+            raise ConfigError(
+                "task = 'word2vec' takes no record-dp-noise-multiplier and no initial-checkpoint"
+            )
         if self.dp == "user" and self.dp_noise_multiplier == 0 and self.dp_epsilon == 0:
             raise ConfigError("dp = 'user' needs dp-noise-multiplier or dp-epsilon")
 

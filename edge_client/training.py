@@ -28,6 +28,7 @@ from model.data.dataset import SessionDataset, Vocabulary
 from model.data.local import records_to_dataset
 from model.local import LocalTrainConfig, WindowDataset, get_weights, set_weights, train_local
 from model.rib import RIB, RIBConfig
+from model.skipgram import SkipGramConfig, train_local_skipgram
 
 LEDGER_BLOB = "privacy-ledger"
 # The only metric names a device reports (the ClientApp's egress guard enforces this list).
@@ -67,6 +68,8 @@ class DeviceTrainingConfig:
     budget_epsilon: float = 0.0  # the device's lifetime record-level budget; 0 = unlimited
     delta: float = 1e-5
     uniform_weight: bool = False  # report num_examples = 1 (user-level DP needs an unweighted average)
+    task: str = "rib"  # "rib" | "word2vec" (the federated skip-gram stage: ``skipgram`` settings apply)
+    skipgram: SkipGramConfig = field(default_factory=SkipGramConfig)
 
 
 @dataclass
@@ -121,6 +124,10 @@ class DeviceTrainer:
             raise TrainingRefused(
                 "no_data", "no session on this device has a next visit in the shared vocabulary"
             )
+        if config.task == "word2vec":
+            return self._train_skipgram(global_weights, config, data, started)
+        if config.task != "rib":
+            raise ValueError(f"unknown task {config.task!r}")
         model = RIB(self.rib_config)
         set_weights(model, global_weights)
         metrics: dict[str, float] = {"record_dp": 0.0}
@@ -161,6 +168,34 @@ class DeviceTrainer:
         return LocalUpdate(
             weights=weights, num_examples=1 if config.uniform_weight else n_examples, metrics=metrics
         )
+
+    def _train_skipgram(
+        self,
+        global_weights: list[np.ndarray],
+        config: DeviceTrainingConfig,
+        data: SessionDataset,
+        started: float,
+    ) -> LocalUpdate:
+        """One round of the federated skip-gram on this device's visit sequences."""
+        if config.record_dp_noise_multiplier > 0:
+            raise ValueError("record-level DP-SGD applies to RIB rounds, not to the skip-gram stage")
+        sequences = [seq for seq in data.session_visit_sequences() if len(seq) > 1]
+        if not sequences:
+            raise TrainingRefused(
+                "no_data", "no session on this device has two visits in the shared vocabulary"
+            )
+        weights, stats = train_local_skipgram(global_weights, sequences, config.skipgram)
+        if not all(np.isfinite(w).all() for w in weights):
+            raise TrainingRefused("diverged", "local training produced non-finite weights; update withheld")
+        metrics = {
+            "record_dp": 0.0,
+            "train_loss": float(stats["loss"]),
+            "examples": float(stats["pairs"]),
+            "steps": float(stats["steps"]),
+            "seconds": time.perf_counter() - started,
+        }
+        weight = 1 if config.uniform_weight else int(stats["pairs"])
+        return LocalUpdate(weights=weights, num_examples=weight, metrics=metrics)
 
     def close(self) -> None:
         """Release the store."""

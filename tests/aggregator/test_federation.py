@@ -163,3 +163,57 @@ def test_resume_continues_at_the_next_round_with_the_same_result(population, tmp
     assert rows(tmp_path / "b.jsonl")[-1]["recall@20"] == pytest.approx(
         rows(tmp_path / "a.jsonl")[-1]["recall@20"], abs=1e-9
     )
+
+
+def test_a_federated_word2vec_stage_seeds_the_rib_run_after_it(population, tmp_path):
+    from aggregator.server_app import INIT_CHECKPOINT
+    from model import skipgram
+    from model.train import load_checkpoint
+
+    common = dict(
+        population_dir=str(population),
+        fraction_fit=1.0,
+        min_fit_clients=N_DEVICES,
+        min_available_clients=N_DEVICES,
+        strategy="fedadam",
+        **SMALL,
+    )
+    stage = FederationConfig(
+        task="word2vec",
+        num_server_rounds=3,
+        server_lr=0.05,
+        local_lr=1.0,
+        checkpoint_dir=str(tmp_path / "w2v-ckpt"),
+        release_dir=str(tmp_path / "w2v"),
+        metrics_path=str(tmp_path / "w2v.jsonl"),
+        **{**common, "local_steps": 1},
+    )
+    tap = WireTap(tmp_path / "wire")
+    simulate(stage, extra_mods=[tap])
+    history = rows(tmp_path / "w2v.jsonl")
+    assert [r["round"] for r in history] == [0, 1, 2, 3]
+    assert all(r["participants"] == N_DEVICES for r in history[1:])
+    assert all(0.0 <= r["recall@20"] <= 1.0 for r in history)  # the Word2vec baseline on held-out sessions
+    final = CheckpointStore(stage.checkpoint_dir).load(3).weights
+    first = skipgram.initial_weights(final[0].shape[0] - 1, SMALL["item_dim"], stage.seed)
+    assert [w.shape for w in final] == [w.shape for w in first] and not np.array_equal(final[1], first[1])
+    # Devices sent two float tables of the skip-gram's shapes and nothing else.
+    shapes = [[["f", list(w.shape)] for w in first]]
+    assert {json.dumps(m["arrays"]) for m in tap.sent() if not m["error"]} == {json.dumps(s) for s in shapes}
+    # The stage's product: a RIB checkpoint whose item embeddings are the final W_in, rescaled.
+    init = tmp_path / "w2v" / INIT_CHECKPOINT
+    table = load_checkpoint(init, device="cpu").model.item_emb.weight.detach().numpy()
+    ratio = table[1:] / final[0][1:]
+    np.testing.assert_allclose(ratio, ratio[0, 0], rtol=1e-3)
+    # ... which a RIB run takes as its starting point (round 0 is evaluated on exactly those weights).
+    rib = FederationConfig(
+        num_server_rounds=1,
+        initial_checkpoint=str(init),
+        checkpoint_dir=str(tmp_path / "rib-ckpt"),
+        metrics_path=str(tmp_path / "rib.jsonl"),
+        **common,
+    )
+    simulate(rib)
+    start = CheckpointStore(rib.checkpoint_dir).load(0).weights
+    np.testing.assert_array_equal(start[0], table)
+    assert rows(tmp_path / "rib.jsonl")[-1]["round"] == 1

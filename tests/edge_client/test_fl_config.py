@@ -20,9 +20,9 @@ def test_pyproject_app_config_parses_to_the_defaults_it_documents():
 
 def test_strings_from_the_command_line_are_coerced():
     fed = FederationConfig.from_run_config(
-        {"num-server-rounds": "7", "secagg": "true", "dp-clipping-norm": "0.5"}
+        {"num-server-rounds": "7", "secagg": "true", "dp-clipping-norm": "0.5", "task": "word2vec"}
     )
-    assert (fed.num_server_rounds, fed.secagg, fed.dp_clipping_norm) == (7, True, 0.5)
+    assert (fed.num_server_rounds, fed.secagg, fed.dp_clipping_norm, fed.task) == (7, True, 0.5, "word2vec")
     assert FederationConfig.from_run_config(fed.to_run_config()) == fed
 
 
@@ -39,6 +39,10 @@ def test_strings_from_the_command_line_are_coerced():
         ({"dp": "user"}, "dp-noise-multiplier or dp-epsilon"),
         ({"secagg-num-shares": 4}, "odd"),
         ({"min-fit-clients": 5, "min-available-clients": 2}, "min-available-clients"),
+        ({"task": "item2vec"}, "task"),
+        ({"task": "word2vec", "w2v-window": 0}, "w2v-window"),
+        ({"task": "word2vec", "record-dp-noise-multiplier": 1.0}, "word2vec"),
+        ({"task": "word2vec", "initial-checkpoint": "rib.pt"}, "word2vec"),
     ],
 )
 def test_bad_values_name_the_key(config, message):

@@ -165,3 +165,38 @@ def test_record_dp_charges_the_ledger_in_the_store_and_refuses_past_the_budget(s
         trainer.train(weights, tight)
     assert err.value.reason == "budget_exhausted"
     assert trainer.ledger(tight).spent() == pytest.approx(spent)
+
+
+def test_a_word2vec_round_returns_skipgram_tables_weighted_by_pairs(split, tmp_path):
+    from model import skipgram
+
+    by_user = dataset_records(split.train)
+    records = [r for user in sorted(by_user)[:5] for r in by_user[user]]
+    config = federated_rib_config(split.vocab, "SKU+Micro", 8, 8, 20)
+    trainer = DeviceTrainer(_device(tmp_path, records), split.vocab, config)
+    tables = skipgram.initial_weights(split.vocab.n_items, 8, seed=0)
+    fed = FederationConfig(task="word2vec", local_steps=2, local_lr=1.0)
+    update = trainer.train(tables, training_config(fed, 1, "000000"))
+    assert [w.shape for w in update.weights] == [w.shape for w in tables]
+    assert not np.array_equal(update.weights[1], tables[1])  # W_out starts at zero and moves
+    sequences = [s for s in trainer.dataset().session_visit_sequences() if len(s) > 1]
+    assert update.num_examples == skipgram.skipgram_pairs(sequences, fed.w2v_window)[0].size > 0
+    assert set(update.metrics) <= set(METRIC_KEYS) and update.metrics["steps"] == 2
+    check_egress(update.weights, [w.shape for w in tables], update.metrics)
+    uniform = trainer.train(
+        tables, training_config(FederationConfig(task="word2vec", dp="user", dp_epsilon=1.0), 1, "0")
+    )
+    assert uniform.num_examples == 1  # user-level DP averages devices, not pairs
+
+
+def test_a_device_with_single_visit_sessions_declines_the_word2vec_stage(split, tmp_path):
+    item = str(split.vocab.item_ids[0])
+    one_visit = [MicroBehavior("s1", 1_700_000_000_000 + k * 1000, item, "home", 3.0) for k in range(3)]
+    trainer = DeviceTrainer(
+        _device(tmp_path, one_visit), split.vocab, federated_rib_config(split.vocab, "SKU", 8, 8, 20)
+    )
+    from model import skipgram
+
+    with pytest.raises(TrainingRefused) as err:
+        trainer.train(skipgram.initial_weights(split.vocab.n_items, 8), DeviceTrainingConfig(task="word2vec"))
+    assert err.value.reason == "no_data"
