@@ -306,6 +306,65 @@ def pooled_w2v_checkpoint(train, rib_config, path: Path, seed: int) -> Path:
     return rec.save(path)
 
 
+FEDERATED_W2V_INIT = "federated-w2v"  # variant "init": start from a federated skip-gram run's item vectors
+# The skip-gram stage's defaults (a variant's "w2v" mapping overrides them): FedSGD (one local SGD step at
+# lr 1 sends the device's mean SGNS gradient) under FedAdam, every device each round.
+W2V_STAGE_DEFAULTS: dict[str, float] = {"rounds": 50, "fraction": 1.0, "server_lr": 0.02, "local_lr": 1.0}
+
+
+def federated_w2v_checkpoint(
+    settings: Mapping[str, object],
+    stage: Mapping[str, object],
+    run_dir: Path,
+    population_dir: Path,
+    num_cpus: int = 2,
+    progress: Progress | None = None,
+) -> tuple[Path, dict[str, object]]:
+    """Run (or reuse) the federated skip-gram stage; returns (its rib-init.pt, a summary for the report).
+
+    Deployable, unlike ``pooled_w2v_checkpoint``: devices train Word2vec on their own sessions through the
+    same ClientApp, and only averaged weights reach the server.
+    """
+    from aggregator.server_app import INIT_CHECKPOINT
+    from simulations.engine import read_metrics
+
+    unknown = set(stage) - set(W2V_STAGE_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"unknown w2v stage settings {sorted(unknown)} (known: {sorted(W2V_STAGE_DEFAULTS)})"
+        )
+    chosen = {**W2V_STAGE_DEFAULTS, **stage}
+    stage_settings = {
+        **settings,
+        "rounds": int(chosen["rounds"]),
+        "fraction": float(chosen["fraction"]),
+        "local_steps": 1,
+        "learning_rate": float(chosen["local_lr"]),
+        "strategy": "fedadam",
+        "dp_epsilon": None,
+    }
+    overrides = {
+        "task": "word2vec",
+        "server_lr": float(chosen["server_lr"]),
+        "server_tau": 1e-8,  # Adam's own epsilon scale: SGNS gradients per row are small
+        "release_dir": str(run_dir),
+    }
+    summary = run_federated(stage_settings, run_dir, population_dir, overrides, num_cpus, progress)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    last = rows[-1] if rows else {}
+    report = {
+        **chosen,
+        "word2vec_recall@20": last.get("recall@20"),
+        "word2vec_mrr@20": last.get("mrr@20"),
+        "rounds_seconds_total": sum(float(r.get("seconds", 0.0)) for r in rows),
+        "devices_per_round": summary.get("participants_median", last.get("participants")),
+    }
+    path = run_dir / INIT_CHECKPOINT
+    if not path.exists():
+        raise RuntimeError(f"the skip-gram stage finished without writing {path}")
+    return path, report
+
+
 # ---- round-time breakdown ------------------------------------------------------------------------------
 
 
@@ -484,9 +543,14 @@ def bench_fl(
     from simulations.population import build_population, open_population
 
     for variant in variants:  # fail before hours of runs, not after
-        if variant.get("init") not in (None, POOLED_W2V_INIT):
+        if variant.get("init") not in (None, POOLED_W2V_INIT, FEDERATED_W2V_INIT):
             raise ValueError(
-                f"variant {variant.get('name')!r}: unknown init {variant['init']!r} (known: {POOLED_W2V_INIT!r})"
+                f"variant {variant.get('name')!r}: unknown init {variant['init']!r} "
+                f"(known: {POOLED_W2V_INIT!r}, {FEDERATED_W2V_INIT!r})"
+            )
+        if "w2v" in variant and variant.get("init") != FEDERATED_W2V_INIT:
+            raise ValueError(
+                f"variant {variant.get('name')!r}: 'w2v' settings need init {FEDERATED_W2V_INIT!r}"
             )
     wall_started = time.perf_counter()
     out = Path(out_dir)
@@ -540,11 +604,19 @@ def bench_fl(
     # 3. Federated settings.
     plan: list[tuple[str, float | None, dict[str, object], dict[str, object]]] = [("fedavg", None, {}, {})]
     plan += [("fedavg+dp", float(e), {"dp_epsilon": float(e)}, {}) for e in epsilons]
+    w2v_stages: dict[str, dict[str, object]] = {}  # variant name -> its federated skip-gram stage
     for variant in variants:
-        extra = {k: v for k, v in variant.items() if k not in ("name", "fed")}
+        extra = {k: v for k, v in variant.items() if k not in ("name", "fed", "w2v")}
         fed_over = dict(variant.get("fed", {}))  # type: ignore[call-overload]
-        if extra.get("init") is not None:
+        if extra.get("init") == POOLED_W2V_INIT:
             path = pooled_w2v_checkpoint(split.train, rib_config, work / "pooled-w2v-init.pt", seed)
+            fed_over["initial_checkpoint"] = str(path)
+        elif extra.get("init") == FEDERATED_W2V_INIT:
+            stage_dir = work / f"variant-{variant['name']}-w2v-stage"
+            _say(progress, f"{variant['name']}: federated skip-gram stage -> {stage_dir}")
+            path, w2v_stages[str(variant["name"])] = federated_w2v_checkpoint(
+                settings, dict(variant.get("w2v", {})), stage_dir, pop_dir, num_cpus, progress
+            )
             fed_over["initial_checkpoint"] = str(path)
         eps = extra.get("dp_epsilon")
         plan.append((str(variant["name"]), None if eps is None else float(eps), extra, fed_over))  # type: ignore[arg-type]
@@ -628,6 +700,8 @@ def bench_fl(
         if is_variant:
             shown = {k: v for k, v in fed_over.items() if not ("init" in extra and k == "initial_checkpoint")}
             row["overrides"] = {**extra, **({"fed": shown} if shown else {})}
+            if name in w2v_stages:
+                row["w2v_stage"] = w2v_stages[name]
             variant_rows.append(row)
         else:
             rows.append(row)
