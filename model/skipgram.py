@@ -4,8 +4,9 @@ RIB starts its item embeddings from Word2vec (Section 4.1). gensim (``model/word
 pooled corpus, which a federation never has. Here each device computes the skip-gram negative-sampling
 (SGNS) loss over its own visit sequences and takes SGD steps on the two tables (input vectors ``W_in``,
 output vectors ``W_out``); the server averages the returned weights and its optimiser (FedAdam) sets the
-real step, as gensim's SGD schedule does centrally. One local step at ``lr`` 1 makes the update the device's
-mean SGNS gradient (FedSGD), which measured closest to the pooled Word2vec.
+real step, as gensim's SGD schedule does centrally. Measured on jdata2016 (in-process probes, nearest-item
+Recall@20 of the vectors): every device for 100 rounds of one local step 0.353, 10 % of devices for 30
+rounds of five local steps 0.283, gensim on the pooled sessions 0.359.
 
 Negatives are drawn uniformly from the shared vocabulary: gensim's unigram^0.75 table needs global item
 counts, which no party holds.

@@ -115,3 +115,37 @@ def test_pooled_w2v_checkpoint_loads_as_an_initial_checkpoint_with_word2vec_item
     assert load_checkpoint(path, device="cpu").train_config.seed == 4
     with pytest.raises(ValueError, match="unknown init"):
         bench_fl("synthetic", tmp_path / "fl", variants=[{"name": "x", "init": "magic"}])
+
+
+def test_federated_w2v_stage_writes_an_initial_checkpoint_and_is_reused(tmp_path):
+    """The deployable init: a skip-gram federation on the devices' own stores, then a RIB starting point."""
+    from model.train import load_checkpoint
+    from simulations.bench_fl import base_settings, federated_w2v_checkpoint
+    from simulations.population import build_population
+
+    pop_dir = tmp_path / "population"
+    build_population("synthetic", pop_dir, partition="user", max_devices=8, seed=0, min_examples=1)
+    settings = base_settings("synthetic", 1, 1.0, 1, 8, 8, 0, 8, 0.005, 100, 8, 2)
+    stage = {"rounds": 2, "fraction": 1.0, "local_steps": 2}
+    path, report = federated_w2v_checkpoint(settings, stage, tmp_path / "stage", pop_dir)
+    loaded = load_checkpoint(path, device="cpu")
+    assert loaded.rib_config.item_dim == 8 and "skip-gram" in loaded.history["init"]
+    assert report["rounds"] == 2 and report["local_steps"] == 2 and 0 <= report["word2vec_recall@20"] <= 1
+    before = path.stat().st_mtime_ns
+    assert federated_w2v_checkpoint(settings, stage, tmp_path / "stage", pop_dir)[0] == path  # reused
+    assert path.stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="unknown w2v stage settings"):
+        federated_w2v_checkpoint(settings, {"epochs": 3}, tmp_path / "stage", pop_dir)
+
+
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        ({"name": "x", "w2v": {"rounds": 3}}, "need init"),
+        ({"name": "x", "init": "federated-w2v", "w2v": {"epochs": 3}}, "unknown w2v stage settings"),
+    ],
+)
+def test_bad_w2v_stage_variants_fail_before_any_run(tmp_path, variant, message):
+    with pytest.raises(ValueError, match=message):
+        bench_fl("synthetic", tmp_path / "fl", variants=[variant])
+    assert not (tmp_path / "fl").exists()
