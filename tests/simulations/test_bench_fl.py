@@ -149,3 +149,36 @@ def test_bad_w2v_stage_variants_fail_before_any_run(tmp_path, variant, message):
     with pytest.raises(ValueError, match=message):
         bench_fl("synthetic", tmp_path / "fl", variants=[variant])
     assert not (tmp_path / "fl").exists()
+
+
+def test_targets_never_count_the_pooled_word2vec_diagnostic_as_deployable():
+    from simulations.bench_fl import targets
+
+    rows = [{"setting": "fedavg", "ratio_to_centralized": 0.85, "epsilon": None}]
+    variants = [
+        {
+            "setting": "diag",
+            "epsilon": None,
+            "ratio_to_centralized": 0.99,
+            "overrides": {"init": "pooled-w2v"},
+        },
+        {
+            "setting": "real",
+            "epsilon": None,
+            "ratio_to_centralized": 0.96,
+            "overrides": {"init": "federated-w2v"},
+        },
+        {"setting": "dp", "epsilon": 8.0, "ratio_to_centralized": 0.97, "overrides": {"dp_epsilon": 8.0}},
+    ]
+    out = targets(rows, variants, None)
+    assert out["fedavg_recall_ratio"]["met"] is False
+    assert out["best_non_private_variant"]["name"] == "diag"
+    assert out["best_deployable_non_private_variant"] == {
+        "name": "real",
+        "ratio": 0.96,
+        "meets_fedavg_target": True,
+    }
+    variants[1]["ratio_to_centralized"] = 0.9
+    assert (
+        targets(rows, variants, None)["best_deployable_non_private_variant"]["meets_fedavg_target"] is False
+    )
