@@ -20,6 +20,14 @@ def _epsilons(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
     return values
 
 
+def _seeds(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
+    """Parse --spread-seeds: a comma list of integers (empty: none)."""
+    try:
+        return tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
 def _variants(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[dict]:
     """Parse --variants: a JSON list of {"name", settings overrides..., "fed": {...}}."""
     if not value:
@@ -72,6 +80,12 @@ def _variants(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     help='Extra federated runs as JSON, e.g. \'[{"name": "fedadam", "strategy": "fedadam", "fed": {"server_lr": 0.02}}]\'.',
 )
 @click.option("--num-cpus", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--spread-seeds",
+    default="",
+    callback=_seeds,
+    help="Also train the centralized references with these seeds (comma list) to show the seed spread.",
+)
 def bench_fl_command(
     dataset: str,
     out_dir: Path,
@@ -87,6 +101,7 @@ def bench_fl_command(
     seed: int,
     variants: list[dict],
     num_cpus: int,
+    spread_seeds: tuple[int, ...],
 ) -> None:
     """Centralized RIB vs federated RIB vs user-level DP: writes OUT/fl.json, OUT/fl.md and PNG plots."""
     from simulations.bench_fl import bench_fl
@@ -113,6 +128,7 @@ def bench_fl_command(
             learning_rate=local_lr,
             variants=variants,
             num_cpus=num_cpus,
+            spread_seeds=spread_seeds,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err

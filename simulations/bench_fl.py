@@ -533,6 +533,7 @@ def bench_fl(
     n_boot: int = 1000,
     dp_step_json: str | Path | None = None,
     measure_dp_step: bool = True,
+    spread_seeds: Sequence[int] = (),
 ) -> dict[str, object]:
     """Run every setting on one population and write fl.json, fl.md and the plots; returns fl.json's object.
 
@@ -610,6 +611,17 @@ def bench_fl(
         )  # fmt: skip
         _say(progress, f"  centralized, random item init: recall@20={like[0]['recall@20']:.4f}")
     like_hits = recall_hits(like[1]) if like is not None else None
+    # How much the centralized references move with the seed alone (the rows use ``seed``).
+    spread: dict[str, list[float]] = {}
+    for other in spread_seeds:
+        for init in (True, False) if w2v_init else (False,):
+            key = "word2vec_init" if init else "random_init"
+            sub = work / f"centralized-seed{other}{'' if init else '-random-init'}"
+            res, _ = train_centralized(
+                population, rib_config, evaluator, sub, centralized_epochs, other, init
+            )
+            spread.setdefault(key, []).append(float(res["recall@20"]))
+            _say(progress, f"  centralized, seed {other}, {key}: recall@20={res['recall@20']:.4f}")
 
     # 3. Federated settings.
     plan: list[tuple[str, float | None, dict[str, object], dict[str, object]]] = [("fedavg", None, {}, {})]
@@ -762,6 +774,13 @@ def bench_fl(
         },
         "centralized": {k: v for k, v in central.items() if k != "key"},
         "centralized_random_init": None if like is None else {k: v for k, v in like[0].items() if k != "key"},
+        "centralized_seed_spread": {
+            "seeds": [int(x) for x in spread_seeds],
+            "recall@20": spread,
+            "row_seed": seed,
+        }
+        if spread
+        else None,
         # This call's wall times: a reused setting costs only its re-scoring here (see rounds_seconds_total).
         "timings_this_invocation": {**timings, "total_seconds": time.perf_counter() - wall_started},
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
@@ -928,6 +947,19 @@ def markdown(result: Mapping[str, object]) -> str:
                 f"| {st['server_lr']:g} | {_fmt(st['word2vec_recall@20'])} | {_fmt(st['word2vec_mrr@20'])} "
                 f"| {st['rounds_seconds_total']:.0f} |"
             )
+    spread = result.get("centralized_seed_spread")
+    if spread:
+        parts = [
+            f"{key.replace('_', ' ')}: "
+            + ", ".join(f"{v:.4f}" for v in values)
+            + f" (median {np.median(values):.4f})"
+            for key, values in spread["recall@20"].items()  # type: ignore[index, union-attr]
+        ]
+        lines += [
+            "",
+            f"Centralized RIB with other seeds {spread['seeds']} (same data and recipe; the rows use seed "  # type: ignore[index]
+            f"{spread['row_seed']}), Recall@20 {'; '.join(parts)}.",  # type: ignore[index]
+        ]
     t = result["targets"]  # type: ignore[index]
     lines += ["", "## Targets (issue 6)", ""]
     lines.append(

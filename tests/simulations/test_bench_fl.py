@@ -38,8 +38,13 @@ def test_bench_fl_writes_table_targets_and_plots(tmp_path):
         n_boot=50,
         dp_step_json=dp_step,
         measure_dp_step=False,
+        spread_seeds=(1,),
     )
     written = json.loads((out / "fl.json").read_text())
+    spread = written["centralized_seed_spread"]
+    assert spread["seeds"] == [1] and spread["row_seed"] == 0
+    assert {k: len(v) for k, v in spread["recall@20"].items()} == {"word2vec_init": 1, "random_init": 1}
+    assert "with other seeds [1]" in (out / "fl.md").read_text()
     assert written["dataset"] == "synthetic" and written["rows"] == json.loads(json.dumps(result["rows"]))
     rows = written["rows"]
     assert all(ROW_KEYS <= set(row) for row in rows)
