@@ -39,12 +39,19 @@ def test_bench_fl_writes_table_targets_and_plots(tmp_path):
         dp_step_json=dp_step,
         measure_dp_step=False,
         spread_seeds=(1,),
+        variants=[{"name": "fw2v", "init": "federated-w2v", "w2v": {"rounds": 1, "fraction": 1.0}}],
     )
     written = json.loads((out / "fl.json").read_text())
     spread = written["centralized_seed_spread"]
     assert spread["seeds"] == [1] and spread["row_seed"] == 0
     assert {k: len(v) for k, v in spread["recall@20"].items()} == {"word2vec_init": 1, "random_init": 1}
     assert "with other seeds [1]" in (out / "fl.md").read_text()
+    (staged,) = written["variants"]
+    stage = staged["w2v_stage"]
+    assert stage["rounds"] == 1 and 0 <= stage["word2vec_recall@20"] <= 1
+    assert 0 < stage["pooled_word2vec_recall@20"] <= 1
+    assert "federated skip-gram run" in (out / "fl.md").read_text()
+    assert written["targets"]["best_deployable_non_private_variant"]["name"] == "fw2v"
     assert written["dataset"] == "synthetic" and written["rows"] == json.loads(json.dumps(result["rows"]))
     rows = written["rows"]
     assert all(ROW_KEYS <= set(row) for row in rows)
