@@ -972,7 +972,7 @@ def markdown(result: Mapping[str, object]) -> str:
         parts = [
             f"{key.replace('_', ' ')}: "
             + ", ".join(f"{v:.4f}" for v in values)
-            + f" (median {np.median(values):.4f})"
+            + f" (median of these {len(values)}: {np.median(values):.4f})"
             for key, values in spread["recall@20"].items()  # type: ignore[index, union-attr]
         ]
         lines += [
@@ -1076,9 +1076,11 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {label: f"C{i % 10}" for i, label in enumerate(curves)}  # one colour per run in both plots
+    # One colour per run in both plots (tab20 holds 20 distinct ones; tab10 repeated after ten runs).
+    palette = plt.get_cmap("tab20").colors
+    colors = {label: palette[i % len(palette)] for i, label in enumerate(curves)}
     paths = []
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     for label, (variant, target, rows) in curves.items():
         points = [(r["round"], r["recall@20"]) for r in rows if r.get("recall@20") is not None]
         if not points:
@@ -1106,7 +1108,7 @@ def plot_curves(
     )
     ax.set_xlabel("round")
     ax.set_ylabel("Recall@20 (held-out sessions)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, not on them
     fig.tight_layout()
     path = out / "fl_recall_vs_round.png"
     fig.savefig(path, dpi=120)
