@@ -654,6 +654,7 @@ def bench_fl(
             path, stage_report = federated_w2v_checkpoint(
                 settings, dict(variant.get("w2v", {})), stage_dir, pop_dir, num_cpus, progress
             )
+            _copy_run(stage_dir, out / "runs" / stage_dir.name.removeprefix("variant-"))
             stage_report["pooled_word2vec_recall@20"] = pooled_word2vec_recall(
                 split, item_dim, seed, eval_max_examples
             )
