@@ -5,7 +5,8 @@ Everything here is Flower's own machinery, configured:
 - ``FedAvg`` or ``FedAdam`` (``flwr.server.strategy``), central evaluation through ``evaluate_fn``, devices
   never asked to evaluate (``fraction_evaluate = 0``), failures (dropouts, refusals) accepted;
 - user-level DP: ``DifferentialPrivacyClientSideFixedClipping`` around FedAvg (devices clip their update
-  with ``fixedclipping_mod``; the server adds Gaussian noise to the average);
+  with ``fixedclipping_mod``; the server adds Gaussian noise to the average); with ``strategy = fedadam``
+  a second FedAdam then steps on the noised average (post-processing, so the DP guarantee is unchanged);
 - ``SeededClientManager``: Flower's ``SimpleClientManager`` whose sample is drawn from the sorted node ids
   with a generator keyed by (seed, round), so a resumed run samples what the uninterrupted run would.
 
@@ -116,8 +117,9 @@ def build_strategy(
         "initial_parameters": ndarrays_to_parameters(initial_weights),
         "fit_metrics_aggregation_fn": weighted_fit_metrics,
     }
-    if fed.strategy == "fedadam":
-        inner: Strategy = FedAdam(
+
+    def fedadam() -> FedAdam:
+        return FedAdam(
             **common,
             eta=fed.server_lr,
             eta_l=fed.local_lr,
@@ -125,10 +127,14 @@ def build_strategy(
             beta_2=fed.server_beta2,
             tau=fed.server_tau,
         )
-    else:
-        inner = FedAvg(**common)
+
+    # Under user-level DP the noise goes on a plain average of clipped updates (the sensitivity it is
+    # calibrated to); FedAdam then steps on that noised average: post-processing, the guarantee holds.
+    private = fed.dp == "user"
+    inner: Strategy = fedadam() if fed.strategy == "fedadam" and not private else FedAvg(**common)
     dp_wrapper = None
-    if fed.dp == "user":
+    post_adam = fedadam() if fed.strategy == "fedadam" and private else None
+    if private:
         dp_wrapper = DifferentialPrivacyClientSideFixedClipping(
             inner,
             noise_multiplier=noise_multiplier,
@@ -136,9 +142,9 @@ def build_strategy(
             num_sampled_clients=sampled_per_round(fed, population),
         )
     bound = fed.max_update_norm
-    if bound == 0 and fed.dp == "user" and not fed.secagg:
+    if bound == 0 and private and not fed.secagg:
         bound = fed.dp_clipping_norm  # honest devices clip to this already; enforce it for the others
-    return RoundRecorder(dp_wrapper or inner, dp_wrapper, max_update_norm=bound)
+    return RoundRecorder(dp_wrapper or inner, dp_wrapper, max_update_norm=bound, post_adam=post_adam)
 
 
 class RoundRecorder(Strategy):
@@ -149,9 +155,11 @@ class RoundRecorder(Strategy):
         strategy: Strategy,
         dp_wrapper: DifferentialPrivacyClientSideFixedClipping | None = None,
         max_update_norm: float = 0.0,
+        post_adam: FedAdam | None = None,
     ) -> None:
         self.strategy = strategy
         self.dp_wrapper = dp_wrapper
+        self.post_adam = post_adam  # FedAdam stepping on the DP average (see build_strategy)
         self.max_update_norm = float(
             max_update_norm
         )  # > 0: clip each update's distance from the global model
@@ -223,6 +231,10 @@ class RoundRecorder(Strategy):
                 self.dp_wrapper.noise_multiplier * self.dp_wrapper.clipping_norm / len(usable)
             )
             parameters, metrics = self.dp_wrapper.aggregate_fit(server_round, usable, [])
+            if self.post_adam is not None and parameters is not None:
+                # The noised average enters Flower's FedAdam as the one update of the round.
+                averaged = FitRes(usable[0][1].status, parameters, 1, {})
+                parameters, _ = self.post_adam.aggregate_fit(server_round, [(usable[0][0], averaged)], [])
         else:
             parameters, metrics = self.strategy.aggregate_fit(server_round, usable, [])
         record["fit_metrics"] = dict(metrics)
@@ -267,7 +279,7 @@ class RoundRecorder(Strategy):
     # ---- state for checkpoints ----------------------------------------------------------------------------
     def optimizer_state(self) -> dict[str, list[np.ndarray]]:
         """FedAdam's moments and current weights (empty for FedAvg)."""
-        base = self.base
+        base = self.post_adam or self.base
         if isinstance(base, FedAdam):
             state = {"current_weights": list(base.current_weights)}
             if base.m_t:
@@ -279,7 +291,7 @@ class RoundRecorder(Strategy):
 
     def load_optimizer_state(self, state: dict[str, list[np.ndarray]]) -> None:
         """Restore what optimizer_state returned."""
-        base = self.base
+        base = self.post_adam or self.base
         if isinstance(base, FedAdam) and state:
             base.current_weights = list(state["current_weights"])
             base.m_t = list(state.get("m_t", [])) or None

@@ -158,10 +158,6 @@ class FederationConfig:
             # SecAgg+ links each device to num_shares // 2 neighbours on each side plus itself: an even count
             # leaves one share unassigned (secaggplus_mod fails in its share-keys stage).
             raise ConfigError("secagg-num-shares must be an odd integer >= 3, or a fraction in (0, 1)")
-        if self.dp == "user" and self.strategy != "fedavg":
-            # Flower's DP wrappers add noise to the inner strategy's output: only an average of clipped
-            # updates has the sensitivity the noise is calibrated to (FedAdam's step does not).
-            raise ConfigError("dp = 'user' needs strategy = 'fedavg'")
         if self.task == "word2vec" and (self.record_dp_noise_multiplier > 0 or self.initial_checkpoint):
             # DP-SGD on the device (Opacus) and RIB checkpoints concern RIB; the skip-gram stage has neither.
             raise ConfigError(

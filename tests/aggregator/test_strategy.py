@@ -84,3 +84,34 @@ def test_under_dp_the_clipping_norm_is_enforced_without_secagg():
     assert build_strategy(fed, [np.zeros(2, np.float32)], None, population=10).max_update_norm == 0.25
     with_secagg = FederationConfig(dp="user", dp_noise_multiplier=0.5, secagg=True)
     assert build_strategy(with_secagg, [np.zeros(2, np.float32)], None, population=10).max_update_norm == 0.0
+
+
+def test_fedadam_under_dp_steps_on_the_noised_average():
+    """FedAdam after the DP wrapper: the noise is calibrated to the plain average, Adam post-processes it."""
+    from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg
+
+    start = [np.zeros(40_000, np.float32)]
+    fed = FederationConfig(
+        dp="user",
+        dp_noise_multiplier=1.0,
+        dp_clipping_norm=1.0,
+        strategy="fedadam",
+        server_lr=0.1,
+        server_tau=1e-9,
+        fraction_fit=1.0,
+    )
+    strategy = build_strategy(fed, start, None, population=4)
+    assert isinstance(strategy.dp_wrapper, DifferentialPrivacyClientSideFixedClipping)
+    assert type(strategy.dp_wrapper.strategy) is FedAvg and isinstance(strategy.post_adam, FedAdam)
+    updates = [np.full(40_000, 1e-3 * (k + 1), np.float32) for k in range(4)]  # mean 2.5e-3, noise std 0.25
+    parameters, _ = strategy.aggregate_fit(1, [_result([u]) for u in updates], [])
+    stepped = parameters_to_ndarrays(parameters)[0]
+    assert strategy.rounds[1]["dp_noise_std"] == pytest.approx(0.25)
+    # Adam's first step is eta_norm * sign(delta) wherever |delta| >> tau: every entry moves by the same
+    # amount, whatever the noise drew; the noised average itself would spread with std 0.25.
+    eta_norm = 0.1 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)
+    np.testing.assert_allclose(np.abs(stepped), eta_norm, rtol=0.02)
+    assert 0.4 < (stepped > 0).mean() < 0.6  # the noise dominates the tiny mean update, as calibrated
+    state = strategy.optimizer_state()
+    np.testing.assert_array_equal(state["current_weights"][0], stepped)
+    assert set(state) == {"current_weights", "m_t", "v_t"}

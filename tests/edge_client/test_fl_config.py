@@ -35,7 +35,6 @@ def test_strings_from_the_command_line_are_coerced():
         ({"num-server-round": 3}, "unknown run-config key"),
         ({"local-steps": 2.5}, "not a valid int"),
         ({"dp-clipping-norm": "nan"}, "not a valid float"),
-        ({"dp": "user", "dp-noise-multiplier": 1.0, "strategy": "fedadam"}, "fedavg"),
         ({"dp": "user"}, "dp-noise-multiplier or dp-epsilon"),
         ({"secagg-num-shares": 4}, "odd"),
         ({"min-fit-clients": 5, "min-available-clients": 2}, "min-available-clients"),
