@@ -7,13 +7,31 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from model.data.dataset import SessionDataset
+from model.data.dataset import Examples, SessionDataset
 from model.device import pick_device
 from model.evaluate import evaluate
 from model.local import set_weights
 from model.recommender import PrefixBatch
 from model.rib import RIB, RIBConfig
 from model.train import RIBRecommender, TrainConfig
+
+REPORTED = ("recall@10", "recall@20", "mrr@10", "mrr@20")
+
+
+def held_out_examples(test: SessionDataset, max_examples: int | None, seed: int) -> Examples:
+    """The evaluation examples: every test prefix, or a seeded sample of ``max_examples`` (kept in order)."""
+    examples = test.examples()
+    if max_examples and len(examples) > max_examples:
+        keep = np.sort(np.random.default_rng(seed).choice(len(examples), max_examples, replace=False))
+        examples = examples.subset(keep)
+    return examples
+
+
+def reported_metrics(metrics: dict[str, float], n_examples: int) -> dict[str, float]:
+    """The metrics a round reports (Recall/MRR at 10 and 20) and how many examples they cover."""
+    out = {k: float(v) for k, v in metrics.items() if k in REPORTED}
+    out["eval_examples"] = float(n_examples)
+    return out
 
 
 class _ScoringRIB(RIBRecommender):
@@ -50,11 +68,7 @@ class CentralEvaluator:
         self.test = test
         self.rib_config = rib_config
         self.device = pick_device(device or None)
-        examples = test.examples()
-        if max_examples and len(examples) > max_examples:
-            keep = np.sort(np.random.default_rng(seed).choice(len(examples), max_examples, replace=False))
-            examples = examples.subset(keep)
-        self.examples = examples
+        self.examples = held_out_examples(test, max_examples, seed)
 
     def __call__(
         self, server_round: int, weights: Sequence[np.ndarray], config: dict
@@ -67,12 +81,7 @@ class CentralEvaluator:
         scorer.targets = self.examples.targets.copy()
         result = evaluate(scorer, self.test, examples=self.examples)
         n = max(1, len(self.examples))
-        metrics = {
-            k: float(v)
-            for k, v in result.metrics.items()
-            if k in ("recall@10", "recall@20", "mrr@10", "mrr@20")
-        }
-        metrics["eval_examples"] = float(len(self.examples))
+        metrics = reported_metrics(result.metrics, len(self.examples))
         return scorer.nll_sum / n, metrics
 
 
@@ -82,11 +91,7 @@ class SkipGramEvaluator:
 
     def __init__(self, test: SessionDataset, max_examples: int | None = 5000, seed: int = 0) -> None:
         self.test = test
-        examples = test.examples()
-        if max_examples and len(examples) > max_examples:
-            keep = np.sort(np.random.default_rng(seed).choice(len(examples), max_examples, replace=False))
-            examples = examples.subset(keep)
-        self.examples = examples
+        self.examples = held_out_examples(test, max_examples, seed)
 
     def __call__(
         self, server_round: int, weights: Sequence[np.ndarray], config: dict
@@ -97,10 +102,5 @@ class SkipGramEvaluator:
 
         scorer = Word2VecRecommender.from_item_vectors(item_vectors(list(weights)))
         result = evaluate(scorer, self.test, examples=self.examples)
-        metrics = {
-            k: float(v)
-            for k, v in result.metrics.items()
-            if k in ("recall@10", "recall@20", "mrr@10", "mrr@20")
-        }
-        metrics["eval_examples"] = float(len(self.examples))
+        metrics = reported_metrics(result.metrics, len(self.examples))
         return 0.0, metrics

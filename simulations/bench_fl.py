@@ -375,7 +375,7 @@ def federated_w2v_checkpoint(
 def pooled_word2vec_recall(split, dim: int, seed: int, max_examples: int) -> float:
     """Recall@20 of the Word2vec baseline with gensim on the pooled training sessions (the centralized
     init's vectors), on the server evaluator's examples: the reference for a federated skip-gram stage."""
-    from aggregator.evaluation import SkipGramEvaluator
+    from aggregator.evaluation import held_out_examples
     from model.evaluate import evaluate
     from model.train import TrainConfig
     from model.word2vec import Word2VecConfig, Word2VecRecommender, train_item_vectors
@@ -383,7 +383,7 @@ def pooled_word2vec_recall(split, dim: int, seed: int, max_examples: int) -> flo
     tc = TrainConfig(seed=seed)
     config = Word2VecConfig(vector_size=dim, epochs=tc.w2v_epochs, window=tc.w2v_window, seed=seed)
     scorer = Word2VecRecommender.from_item_vectors(train_item_vectors(split.train, config))
-    examples = SkipGramEvaluator(split.test, max_examples, seed).examples
+    examples = held_out_examples(split.test, max_examples, seed)
     return float(evaluate(scorer, split.test, examples=examples).metrics["recall@20"])
 
 
