@@ -190,6 +190,12 @@ def test_targets_never_count_the_pooled_word2vec_diagnostic_as_deployable():
         "ratio": 0.96,
         "meets_fedavg_target": True,
     }
+    assert out["best_dp_variant_at_epsilon_le_8"] == {
+        "name": "dp",
+        "epsilon": 8.0,
+        "ratio": 0.97,
+        "meets_dp_target": True,
+    }
     variants[1]["ratio_to_centralized"] = 0.9
     assert (
         targets(rows, variants, None)["best_deployable_non_private_variant"]["meets_fedavg_target"] is False
