@@ -356,7 +356,7 @@ def federated_w2v_checkpoint(
         "server_tau": 1e-8,  # Adam's own epsilon scale: SGNS gradients per row are small
         "release_dir": str(run_dir),
     }
-    summary = run_federated(stage_settings, run_dir, population_dir, overrides, num_cpus, progress)
+    run_federated(stage_settings, run_dir, population_dir, overrides, num_cpus, progress)
     rows = read_metrics(run_dir / "metrics.jsonl")
     last = rows[-1] if rows else {}
     report = {
@@ -364,7 +364,7 @@ def federated_w2v_checkpoint(
         "word2vec_recall@20": last.get("recall@20"),
         "word2vec_mrr@20": last.get("mrr@20"),
         "rounds_seconds_total": sum(float(r.get("seconds", 0.0)) for r in rows),
-        "devices_per_round": summary.get("participants_median", last.get("participants")),
+        "devices_per_round": last.get("participants"),
     }
     path = run_dir / INIT_CHECKPOINT
     if not path.exists():
