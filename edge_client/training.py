@@ -81,6 +81,12 @@ class LocalUpdate:
     metrics: dict[str, float]
 
 
+def _require_finite(weights: list[np.ndarray]) -> None:
+    """Withhold an update with non-finite values (it would poison the average)."""
+    if not all(np.isfinite(w).all() for w in weights):
+        raise TrainingRefused("diverged", "local training produced non-finite weights; update withheld")
+
+
 class DeviceTrainer:
     """Trains the global RIB on one device's encrypted store."""
 
@@ -155,8 +161,7 @@ class DeviceTrainer:
         else:
             result = train_local(model, data, config.local)
         weights = get_weights(model)
-        if not all(np.isfinite(w).all() for w in weights):
-            raise TrainingRefused("diverged", "local training produced non-finite weights; update withheld")
+        _require_finite(weights)
         metrics.update(
             {
                 "train_loss": float(result["loss"]),
@@ -185,8 +190,7 @@ class DeviceTrainer:
                 "no_data", "no session on this device has two visits in the shared vocabulary"
             )
         weights, stats = train_local_skipgram(global_weights, sequences, config.skipgram)
-        if not all(np.isfinite(w).all() for w in weights):
-            raise TrainingRefused("diverged", "local training produced non-finite weights; update withheld")
+        _require_finite(weights)
         metrics = {
             "record_dp": 0.0,
             "train_loss": float(stats["loss"]),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,10 +43,6 @@ class SkipGramConfig:
             raise ValueError(f"window, negatives, steps and max_pairs must be >= 1 in {self}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return asdict(self)
 
 
 def initial_weights(n_items: int, dim: int, seed: int = 0) -> list[np.ndarray]:

@@ -301,12 +301,15 @@ def init_from_item_vectors(model: RIB, vectors: ItemVectors, unit_rms: bool = Tr
     return int(vectors.present.sum())
 
 
+def init_word2vec_config(item_dim: int, tc: TrainConfig) -> Word2VecConfig:
+    """The gensim settings of RIB's Word2vec item init (vector size = the item embedding's)."""
+    return Word2VecConfig(vector_size=item_dim, epochs=tc.w2v_epochs, window=tc.w2v_window, seed=tc.seed)
+
+
 def init_from_word2vec(model: RIB, sessions: SessionDataset, tc: TrainConfig) -> int:
     """Initialise ``model``'s item embeddings from Word2vec on ``sessions``; returns how many items it covered."""
-    w2v = Word2VecConfig(
-        vector_size=model.config.item_dim, epochs=tc.w2v_epochs, window=tc.w2v_window, seed=tc.seed
-    )
-    return init_from_item_vectors(model, train_item_vectors(sessions, w2v), tc.w2v_unit_rms)
+    vectors = train_item_vectors(sessions, init_word2vec_config(model.config.item_dim, tc))
+    return init_from_item_vectors(model, vectors, tc.w2v_unit_rms)
 
 
 def save_init_checkpoint(

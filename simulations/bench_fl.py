@@ -288,22 +288,15 @@ def pooled_w2v_checkpoint(train, rib_config, path: Path, seed: int) -> Path:
     A diagnostic, not a deployable setting: no federation holds the pooled raw sessions. It tells how much of
     the federated gap the centralized recipe's Word2vec init would close if devices had it.
     """
-    import torch
+    from model.train import TrainConfig, init_word2vec_config, load_checkpoint, save_init_checkpoint
+    from model.word2vec import train_item_vectors
 
-    from model.rib import RIB
-    from model.train import RIBRecommender, TrainConfig, init_from_word2vec, load_checkpoint
-
-    tc = TrainConfig(seed=seed)
     if path.exists():  # reuse only what this run would build (a work dir may outlive a change of settings)
         stored = load_checkpoint(path, device="cpu")
         if stored.rib_config == rib_config and stored.train_config.seed == seed:
             return path
-    torch.manual_seed(seed)
-    rec = RIBRecommender(rib_config, tc)
-    rec.model = RIB(rib_config)
-    covered = init_from_word2vec(rec.model, train, tc)
-    rec.history = {"init": POOLED_W2V_INIT, "items_covered": covered}
-    return rec.save(path)
+    vectors = train_item_vectors(train, init_word2vec_config(rib_config.item_dim, TrainConfig(seed=seed)))
+    return save_init_checkpoint(rib_config, vectors, path, seed, POOLED_W2V_INIT)
 
 
 FEDERATED_W2V_INIT = "federated-w2v"  # variant "init": start from a federated skip-gram run's item vectors
@@ -317,6 +310,16 @@ W2V_STAGE_DEFAULTS: dict[str, float] = {
     "local_lr": 1.0,
     "server_lr": 0.1,
 }
+
+
+def w2v_stage_settings(stage: Mapping[str, object]) -> dict[str, object]:
+    """A variant's "w2v" mapping over ``W2V_STAGE_DEFAULTS``; ValueError on a key the stage does not know."""
+    unknown = set(stage) - set(W2V_STAGE_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"unknown w2v stage settings {sorted(unknown)} (known: {sorted(W2V_STAGE_DEFAULTS)})"
+        )
+    return {**W2V_STAGE_DEFAULTS, **stage}
 
 
 def federated_w2v_checkpoint(
@@ -335,12 +338,7 @@ def federated_w2v_checkpoint(
     from aggregator.server_app import INIT_CHECKPOINT
     from simulations.engine import read_metrics
 
-    unknown = set(stage) - set(W2V_STAGE_DEFAULTS)
-    if unknown:
-        raise ValueError(
-            f"unknown w2v stage settings {sorted(unknown)} (known: {sorted(W2V_STAGE_DEFAULTS)})"
-        )
-    chosen = {**W2V_STAGE_DEFAULTS, **stage}
+    chosen = w2v_stage_settings(stage)
     stage_settings = {
         **settings,
         "rounds": int(chosen["rounds"]),
@@ -377,11 +375,10 @@ def pooled_word2vec_recall(split, dim: int, seed: int, max_examples: int) -> flo
     init's vectors), on the server evaluator's examples: the reference for a federated skip-gram stage."""
     from aggregator.evaluation import held_out_examples
     from model.evaluate import evaluate
-    from model.train import TrainConfig
-    from model.word2vec import Word2VecConfig, Word2VecRecommender, train_item_vectors
+    from model.train import TrainConfig, init_word2vec_config
+    from model.word2vec import Word2VecRecommender, train_item_vectors
 
-    tc = TrainConfig(seed=seed)
-    config = Word2VecConfig(vector_size=dim, epochs=tc.w2v_epochs, window=tc.w2v_window, seed=seed)
+    config = init_word2vec_config(dim, TrainConfig(seed=seed))
     scorer = Word2VecRecommender.from_item_vectors(train_item_vectors(split.train, config))
     examples = held_out_examples(split.test, max_examples, seed)
     return float(evaluate(scorer, split.test, examples=examples).metrics["recall@20"])
@@ -571,9 +568,10 @@ def bench_fl(
                 f"variant {variant.get('name')!r}: unknown init {variant['init']!r} "
                 f"(known: {POOLED_W2V_INIT!r}, {FEDERATED_W2V_INIT!r})"
             )
-        unknown = set(variant.get("w2v", {})) - set(W2V_STAGE_DEFAULTS)  # type: ignore[arg-type]
-        if unknown:
-            raise ValueError(f"variant {variant.get('name')!r}: unknown w2v stage settings {sorted(unknown)}")
+        try:
+            w2v_stage_settings(variant.get("w2v", {}))  # type: ignore[arg-type]
+        except ValueError as err:
+            raise ValueError(f"variant {variant.get('name')!r}: {err}") from None
         if "w2v" in variant and variant.get("init") != FEDERATED_W2V_INIT:
             raise ValueError(
                 f"variant {variant.get('name')!r}: 'w2v' settings need init {FEDERATED_W2V_INIT!r}"
@@ -870,11 +868,11 @@ def targets(rows: list[dict], variant_rows: list[dict], dp_ratio: float | None) 
             "met": dp_ratio is not None and dp_ratio <= DP_STEP_TARGET,
         },
     }
-    best_variant = max(
-        (r for r in variant_rows if r.get("epsilon") is None),
-        key=lambda r: r["ratio_to_centralized"],
-        default=None,
-    )
+
+    def best(keep: Callable[[dict], bool]) -> dict | None:
+        return max(filter(keep, variant_rows), key=lambda r: r["ratio_to_centralized"], default=None)
+
+    best_variant = best(lambda r: r.get("epsilon") is None)
     if best_variant is not None:
         out["best_non_private_variant"] = {
             "name": best_variant["setting"],
@@ -882,23 +880,11 @@ def targets(rows: list[dict], variant_rows: list[dict], dp_ratio: float | None) 
             "meets_fedavg_target": best_variant["ratio_to_centralized"] >= FEDAVG_TARGET,
         }
     # Deployable: no variant that starts from word2vec on the pooled raw sessions (a diagnostic).
-    best_deployable = max(
-        (
-            r
-            for r in variant_rows
-            if r.get("epsilon") is None and (r.get("overrides") or {}).get("init") != POOLED_W2V_INIT
-        ),
-        key=lambda r: r["ratio_to_centralized"],
-        default=None,
+    best_deployable = best(
+        lambda r: r.get("epsilon") is None and (r.get("overrides") or {}).get("init") != POOLED_W2V_INIT
     )
-    best_dp_variant = max(
-        (
-            r
-            for r in variant_rows
-            if r.get("epsilon") is not None and r["epsilon"] <= DP_TARGET_MAX_EPSILON + 1e-9
-        ),
-        key=lambda r: r["ratio_to_centralized"],
-        default=None,
+    best_dp_variant = best(
+        lambda r: r.get("epsilon") is not None and r["epsilon"] <= DP_TARGET_MAX_EPSILON + 1e-9
     )
     if best_dp_variant is not None:
         out["best_dp_variant_at_epsilon_le_8"] = {
