@@ -32,7 +32,7 @@ from model.data.dataset import SplitData
 from model.device import pick_device
 from model.local import get_weights
 from model.rib import RIB
-from model.train import save_init_checkpoint
+from model.train import init_from_catalog, save_init_checkpoint
 from privacy.accountant import FederatedAccountant, noise_for_epsilon
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ def fingerprint(fed: FederationConfig, population: int) -> str:
     settings["population"] = population
     if fed.task != "rib":  # RIB runs keep the fingerprints their checkpoints were written with
         settings.update(task=fed.task, w2v_window=fed.w2v_window, w2v_negatives=fed.w2v_negatives)
+    if fed.item_catalog:
+        settings.update(item_catalog=fed.item_catalog)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -66,10 +68,23 @@ def population_size(fed: FederationConfig, grid: Grid | None) -> int:
     raise ConfigError("cannot tell the population size: give population-dir")
 
 
-def initial_weights(fed: FederationConfig, rib_config) -> list[np.ndarray]:
-    """A seeded random RIB, or the state of ``initial-checkpoint`` (e.g. a model pre-trained on public data)."""
+def initial_weights(fed: FederationConfig, rib_config, vocab=None) -> list[np.ndarray]:
+    """A seeded random RIB (item embeddings from ``item-catalog`` if set), or ``initial-checkpoint``'s state."""
     torch.manual_seed(fed.seed)
     model = RIB(rib_config)
+    if fed.item_catalog:
+        if vocab is None:
+            raise ConfigError("item-catalog needs the shared vocabulary")
+        try:
+            covered = init_from_catalog(model, vocab.item_ids, fed.item_catalog, fed.seed)
+        except ValueError as err:  # CatalogError: a missing, unreadable or unrelated catalog file
+            raise ConfigError(f"item-catalog: {err}") from None
+        log.info(
+            "item-catalog %s: %d of %d items start from catalog vectors",
+            fed.item_catalog,
+            covered,
+            vocab.n_items,
+        )
     if fed.initial_checkpoint:
         from model.train import load_checkpoint
 
@@ -100,7 +115,7 @@ def make_run(
         evaluator = CentralEvaluator(
             split.test, rib_config, fed.eval_max_examples, fed.seed, device=str(device)
         )
-        first_weights = initial_weights(fed, rib_config)
+        first_weights = initial_weights(fed, rib_config, vocab)
 
     def evaluate_fn(server_round, weights, config):
         return evaluator(server_round, weights, config)

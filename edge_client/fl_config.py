@@ -53,6 +53,9 @@ class FederationConfig:
     hidden_dim: int = 100
     max_len: int = 50
     initial_checkpoint: str = ""  # a rib.pt to start from instead of a seeded random init
+    # A catalog CSV (item_id + attribute columns such as category, brand): the server starts the item
+    # embeddings from catalog vectors (model/catalog.py). Public product facts, so no privacy cost.
+    item_catalog: str = ""
     # Local training on each device.
     local_steps: int = 20
     local_batch_size: int = 32
@@ -162,6 +165,10 @@ class FederationConfig:
             # DP-SGD on the device (Opacus) and RIB checkpoints concern RIB; the skip-gram stage has neither.
             raise ConfigError(
                 "task = 'word2vec' takes no record-dp-noise-multiplier and no initial-checkpoint"
+            )
+        if self.item_catalog and (self.initial_checkpoint or self.task != "rib"):
+            raise ConfigError(
+                "item-catalog initialises a RIB run; it excludes initial-checkpoint and task = 'word2vec'"
             )
         if self.dp == "user" and self.dp_noise_multiplier == 0 and self.dp_epsilon == 0:
             raise ConfigError("dp = 'user' needs dp-noise-multiplier or dp-epsilon")

@@ -196,9 +196,12 @@ class RIBRecommender:
         train_config: TrainConfig | None = None,
         data_type: str = "SKU+Micro",
         progress: bool = False,
+        item_vectors: ItemVectors | None = None,
         **rib_overrides: object,
     ) -> None:
         self.rib_config = rib_config
+        # Item init from elsewhere (e.g. model.catalog's vectors) instead of Word2vec on the training sessions.
+        self.item_vectors = item_vectors
         self.train_config = train_config or TrainConfig()
         self.data_type = rib_config.data_type if rib_config is not None else data_type
         self.rib_overrides = rib_overrides
@@ -301,6 +304,17 @@ def init_from_item_vectors(model: RIB, vectors: ItemVectors, unit_rms: bool = Tr
     return int(vectors.present.sum())
 
 
+def init_from_catalog(model: RIB, item_ids, catalog: str | Path, seed: int = 0) -> int:
+    """Initialise ``model``'s item embeddings from a catalog file's vectors (model/catalog.py); items covered."""
+    from model.catalog import CatalogError, CatalogInitConfig, catalog_item_vectors, read_catalog
+
+    catalog_data = read_catalog(catalog)
+    vectors = catalog_item_vectors(item_ids, catalog_data, model.config.item_dim, CatalogInitConfig(seed=seed))
+    if not vectors.present.any():
+        raise CatalogError(f"{catalog} describes none of the model's {len(item_ids)} items (are the item ids the same?)")
+    return init_from_item_vectors(model, vectors)
+
+
 def init_word2vec_config(item_dim: int, tc: TrainConfig) -> Word2VecConfig:
     """The gensim settings of RIB's Word2vec item init (vector size = the item embedding's)."""
     return Word2VecConfig(vector_size=item_dim, epochs=tc.w2v_epochs, window=tc.w2v_window, seed=tc.seed)
@@ -330,9 +344,10 @@ def train_rib(
     rib_config: RIBConfig | None = None,
     train_config: TrainConfig | None = None,
     progress: bool = True,
+    item_vectors: ItemVectors | None = None,
 ) -> tuple[RIBRecommender, dict[str, object]]:
-    """Train RIB on a training dataset; returns the fitted recommender and its training history."""
-    rec = RIBRecommender(rib_config, train_config, progress=progress)
+    """Train RIB on a training dataset (item init: ``item_vectors`` if given, else the config's); fitted model, history."""
+    rec = RIBRecommender(rib_config, train_config, progress=progress, item_vectors=item_vectors)
     rec.fit(split_train)
     return rec, rec.history
 
@@ -402,7 +417,12 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
     fit, val = time_validation_split(train, tc.val_fraction)
     model = RIB(config)
     w2v_seconds = 0.0
-    if tc.w2v_init:
+    item_init = "random"
+    if rec.item_vectors is not None:
+        init_from_item_vectors(model, rec.item_vectors, tc.w2v_unit_rms)
+        item_init = "item vectors"
+    elif tc.w2v_init:
+        item_init = "word2vec"
         t0 = time.perf_counter()
         # Only the fit part: validation sessions must not shape what early stopping measures.
         init_from_word2vec(model, fit, tc)
@@ -511,6 +531,7 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
         "n_windows": len(windows),
         "steps": steps,
         "stopped_by_time_budget": out_of_time,
+        "item_init": item_init,
         "w2v_seconds": w2v_seconds,
         "train_seconds": train_seconds,
         "total_seconds": total_seconds,

@@ -8,6 +8,8 @@ setting:
   sessions pooled; time-based validation and early stopping as the project trains everywhere);
 - ``centralized_random_init`` (beside the rows): the same recipe without the word2vec item init, which needs
   the pooled raw sessions; federated runs start from a random init, so this is their like-for-like reference;
+- ``centralized_catalog_init`` (when a variant has ``"init": "catalog"``): the same recipe from the item
+  vectors of the dataset's public catalog (``model/catalog.py``), the init those variants start from;
 - ``fedavg``: the real Flower apps in the simulation engine (``simulations.engine.simulate``), no DP;
 - ``fedavg+dp``: the same with user-level DP (client-side fixed clipping, server Gaussian noise) at every
   target epsilon, delta = 1 / N, the noise multiplier set by the accountant for the planned rounds.
@@ -24,6 +26,7 @@ Outputs in ``out_dir``: ``fl.json`` (``rows``, ``dp_step_ratio``, ``targets``, `
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -238,13 +241,20 @@ def train_centralized(
     seed: int,
     w2v_init: bool,
     progress: Progress | None = None,
+    catalog: Path | None = None,
 ) -> tuple[dict[str, object], np.ndarray]:
-    """Train RIB on the pooled training sessions, score it with ``evaluator``; (result, per-example ranks)."""
+    """Train RIB on the pooled training sessions, score it with ``evaluator``; (result, per-example ranks).
+
+    ``catalog``: item embeddings start from that catalog file's vectors (the vectors a federated run with
+    ``item-catalog`` starts from, same seed) instead of Word2vec or a random init.
+    """
     from model.local import get_weights
     from model.train import TrainConfig, train_rib
 
-    train_config = TrainConfig(epochs=epochs, seed=seed, num_threads=1, w2v_init=w2v_init)
+    train_config = TrainConfig(epochs=epochs, seed=seed, num_threads=1, w2v_init=w2v_init and catalog is None)
     key = _normalized({"rib_config": rib_config.to_dict(), "train_config": train_config.to_dict()})
+    if catalog is not None:
+        key["item_catalog"] = hashlib.sha256(Path(catalog).read_bytes()).hexdigest()
     result_path, ranks_path = run_dir / "result.json", run_dir / "ranks.npy"
     if result_path.exists() and ranks_path.exists():
         stored = json.loads(result_path.read_text())
@@ -253,7 +263,14 @@ def train_centralized(
             return stored, np.load(ranks_path)
     split = population.split()
     started = time.perf_counter()
-    rec, history = train_rib(split.train, rib_config, train_config, progress=False)
+    item_vectors = None
+    if catalog is not None:
+        from model.catalog import CatalogInitConfig, catalog_item_vectors, read_catalog
+
+        item_vectors = catalog_item_vectors(
+            split.vocab.item_ids, read_catalog(catalog), rib_config.item_dim, CatalogInitConfig(seed=seed)
+        )
+    rec, history = train_rib(split.train, rib_config, train_config, progress=False, item_vectors=item_vectors)
     train_seconds = time.perf_counter() - started
     weights = get_weights(rec.model)
     loss, metrics = evaluator(0, weights, {})
@@ -269,7 +286,8 @@ def train_centralized(
         "best_epoch": history.get("best_epoch"),
         "steps": history.get("steps"),
         "best_val_recall@20": history.get("best_val_recall@20"),
-        "w2v_init": w2v_init,
+        "w2v_init": train_config.w2v_init,
+        "item_init": history.get("item_init"),
         "train_seconds": train_seconds,
         "ranks_match_evaluator": bool(abs(recall_hits(ranks).mean() - metrics["recall@20"]) < 1e-9),
     }
@@ -299,6 +317,7 @@ def pooled_w2v_checkpoint(train, rib_config, path: Path, seed: int) -> Path:
     return save_init_checkpoint(rib_config, vectors, path, seed, POOLED_W2V_INIT)
 
 
+CATALOG_INIT = "catalog"  # variant "init": item embeddings from the dataset's public catalog (item-catalog)
 FEDERATED_W2V_INIT = "federated-w2v"  # variant "init": start from a federated skip-gram run's item vectors
 # The skip-gram stage's defaults (a variant's "w2v" mapping overrides them), chosen by in-process probes on
 # jdata2016: 10 % of devices, 30 rounds, 5 local SGD steps at lr 1, FedAdam at 0.1 reach a nearest-item
@@ -563,10 +582,10 @@ def bench_fl(
     from simulations.population import build_population, open_population
 
     for variant in variants:  # fail before hours of runs, not after
-        if variant.get("init") not in (None, POOLED_W2V_INIT, FEDERATED_W2V_INIT):
+        if variant.get("init") not in (None, POOLED_W2V_INIT, FEDERATED_W2V_INIT, CATALOG_INIT):
             raise ValueError(
                 f"variant {variant.get('name')!r}: unknown init {variant['init']!r} "
-                f"(known: {POOLED_W2V_INIT!r}, {FEDERATED_W2V_INIT!r})"
+                f"(known: {POOLED_W2V_INIT!r}, {FEDERATED_W2V_INIT!r}, {CATALOG_INIT!r})"
             )
         try:
             w2v_stage_settings(variant.get("w2v", {}))  # type: ignore[arg-type]
@@ -636,6 +655,26 @@ def bench_fl(
             spread.setdefault(key, []).append(float(res["recall@20"]))
             _say(progress, f"  centralized, seed {other}, {key}: recall@20={res['recall@20']:.4f}")
 
+    # The catalog reference: what the centralized recipe reaches from the catalog init federated variants use.
+    catalog_path: Path | None = None
+    central_catalog: dict[str, object] | None = None
+    if any(v.get("init") == CATALOG_INIT for v in variants):
+        from model.catalog import dataset_catalog
+
+        catalog_path = dataset_catalog(dataset).write_csv(work / "item-catalog.csv")
+        central_catalog, _ = train_centralized(
+            population, rib_config, evaluator, work / "centralized-catalog-init", centralized_epochs, seed,
+            False, progress, catalog_path,
+        )  # fmt: skip
+        _say(progress, f"  centralized, catalog item init: recall@20={central_catalog['recall@20']:.4f}")
+        for other in spread_seeds:
+            res, _ = train_centralized(
+                population, rib_config, evaluator, work / f"centralized-seed{other}-catalog-init",
+                centralized_epochs, other, False, None, catalog_path,
+            )  # fmt: skip
+            spread.setdefault("catalog_init", []).append(float(res["recall@20"]))
+            _say(progress, f"  centralized, seed {other}, catalog_init: recall@20={res['recall@20']:.4f}")
+
     # 3. Federated settings.
     plan: list[tuple[str, float | None, dict[str, object], dict[str, object]]] = [("fedavg", None, {}, {})]
     plan += [("fedavg+dp", float(e), {"dp_epsilon": float(e)}, {}) for e in epsilons]
@@ -658,6 +697,8 @@ def bench_fl(
             )
             w2v_stages[str(variant["name"])] = stage_report
             fed_over["initial_checkpoint"] = str(path)
+        elif extra.get("init") == CATALOG_INIT:
+            fed_over["item_catalog"] = str(catalog_path)
         eps = extra.get("dp_epsilon")
         plan.append((str(variant["name"]), None if eps is None else float(eps), extra, fed_over))  # type: ignore[arg-type]
     rows: list[dict[str, object]] = [
@@ -738,7 +779,11 @@ def bench_fl(
             "run_dir": label,
         }
         if is_variant:
-            shown = {k: v for k, v in fed_over.items() if not ("init" in extra and k == "initial_checkpoint")}
+            shown = {
+                k: v
+                for k, v in fed_over.items()
+                if not ("init" in extra and k in ("initial_checkpoint", "item_catalog"))
+            }
             row["overrides"] = {**extra, **({"fed": shown} if shown else {})}
             if name in w2v_stages:
                 row["w2v_stage"] = w2v_stages[name]
@@ -792,6 +837,9 @@ def bench_fl(
         },
         "centralized": {k: v for k, v in central.items() if k != "key"},
         "centralized_random_init": None if like is None else {k: v for k, v in like[0].items() if k != "key"},
+        "centralized_catalog_init": None
+        if central_catalog is None
+        else {k: v for k, v in central_catalog.items() if k != "key"},
         "centralized_seed_spread": {
             "seeds": [int(x) for x in spread_seeds],
             "recall@20": spread,
@@ -982,6 +1030,13 @@ def markdown(result: Mapping[str, object]) -> str:
             "",
             f"Centralized RIB with other seeds {spread['seeds']} (same data and recipe; the rows use seed "  # type: ignore[index]
             f"{spread['row_seed']}), Recall@20 {'; '.join(parts)}.",  # type: ignore[index]
+        ]
+    catalog = result.get("centralized_catalog_init")
+    if catalog:
+        lines += [
+            "",
+            f'Centralized RIB from the catalog item init (`"init": "catalog"` variants start there; seed '
+            f"{result['config']['seed']}): Recall@20 {_fmt(catalog['recall@20'])}, MRR@20 {_fmt(catalog['mrr@20'])}.",  # type: ignore[index]
         ]
     t = result["targets"]  # type: ignore[index]
     lines += ["", "## Targets (issue 6)", ""]

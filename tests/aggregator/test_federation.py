@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,39 @@ def test_a_federated_word2vec_stage_seeds_the_rib_run_after_it(population, tmp_p
     start = CheckpointStore(rib.checkpoint_dir).load(0).weights
     np.testing.assert_array_equal(start[0], table)
     assert rows(tmp_path / "rib.jsonl")[-1]["round"] == 1
+
+
+def test_item_catalog_sets_the_starting_item_embeddings(population, tmp_path):
+    from aggregator.server_app import initial_weights
+    from edge_client.fl_config import ConfigError
+    from edge_client.training import federated_rib_config
+    from model.catalog import catalog_from_rows
+    from model.data.dataset import SplitData
+
+    vocab = SplitData.load(population / "server" / "split.npz").vocab
+    items = [str(i) for i in vocab.item_ids]
+    catalog = catalog_from_rows([[item, f"brand{k % 3}"] for k, item in enumerate(items)], ("brand",))
+    path = catalog.write_csv(tmp_path / "catalog.csv")
+    base = FederationConfig(population_dir=str(population), **SMALL)
+    rib_config = federated_rib_config(vocab, base.data_type, base.item_dim, base.hidden_dim, base.max_len)
+    random_start = initial_weights(base, rib_config, vocab)
+    catalog_start = initial_weights(replace(base, item_catalog=str(path)), rib_config, vocab)
+    changed = [
+        i
+        for i, (a, b) in enumerate(zip(random_start, catalog_start, strict=True))
+        if not np.array_equal(a, b)
+    ]
+    assert len(changed) == 1  # only the item embedding table
+    table = catalog_start[changed[0]]
+    assert table.shape == (vocab.n_items + 1, SMALL["item_dim"])
+    unit = table[1:] / np.linalg.norm(table[1:], axis=1, keepdims=True)
+    cosine = unit @ unit.T
+    brand = np.arange(len(items)) % 3
+    same = brand[:, None] == brand[None, :]
+    off_diagonal = ~np.eye(len(items), dtype=bool)
+    assert cosine[same & off_diagonal].mean() > cosine[~same].mean() + 0.3
+    (tmp_path / "unrelated.csv").write_text("item_id,brand\nnot-an-item,b\n")
+    with pytest.raises(ConfigError, match="describes none"):
+        initial_weights(replace(base, item_catalog=str(tmp_path / "unrelated.csv")), rib_config, vocab)
+    with pytest.raises(ConfigError, match="not found"):
+        initial_weights(replace(base, item_catalog=str(tmp_path / "missing.csv")), rib_config, vocab)

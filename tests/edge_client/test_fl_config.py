@@ -42,6 +42,8 @@ def test_strings_from_the_command_line_are_coerced():
         ({"task": "word2vec", "w2v-window": 0}, "w2v-window"),
         ({"task": "word2vec", "record-dp-noise-multiplier": 1.0}, "word2vec"),
         ({"task": "word2vec", "initial-checkpoint": "rib.pt"}, "word2vec"),
+        ({"item-catalog": "c.csv", "initial-checkpoint": "rib.pt"}, "item-catalog"),
+        ({"item-catalog": "c.csv", "task": "word2vec"}, "item-catalog"),
     ],
 )
 def test_bad_values_name_the_key(config, message):
