@@ -124,6 +124,21 @@ def data_extract(events: Path, out_path: Path) -> None:
         click.echo(f"  skipped: {example}", err=True)
 
 
+@data.command("catalog")
+@click.argument("dataset")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Catalog CSV (item_id + attribute columns).")
+def data_catalog(dataset: str, out_path: Path) -> None:
+    """Write a shared dataset's item catalog (category, brand, ...) as CSV, for `fl run -c item-catalog=...`."""
+    from model.catalog import CatalogError, dataset_catalog
+
+    try:
+        catalog = dataset_catalog(dataset)
+    except CatalogError as err:
+        raise click.ClickException(str(err)) from err
+    catalog.write_csv(out_path)
+    click.echo(f"wrote {len(catalog)} items ({', '.join(catalog.fields)}) to {out_path}")
+
+
 # ------------------------------------------------------------------------------------------------
 @main.group()
 def bench() -> None:

@@ -39,6 +39,8 @@ def _metric_lines(result) -> list[str]:
 @click.option("--lr", default=5e-3, show_default=True)
 @click.option("--threads", default=1, show_default=True, help="torch CPU threads.")
 @click.option("--device", default=None, help="auto, cpu or cuda (env RIB_EDGE_DEVICE overrides).")
+@click.option("--item-catalog", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Catalog CSV (item_id + category/brand columns; `rib-edge data catalog`): item init from it instead of Word2vec.")
 def train_command(
     dataset: str,
     mapping: Path | None,
@@ -55,8 +57,10 @@ def train_command(
     lr: float,
     threads: int,
     device: str | None,
+    item_catalog: Path | None,
 ) -> None:
     """Train RIB on a dataset's training split (validation = end of the training period)."""
+    from model.catalog import CatalogError, CatalogInitConfig, catalog_item_vectors, read_catalog
     from model.train import TrainConfig, rib_config_for, train_rib
 
     split = open_or_fail(dataset, mapping)
@@ -69,9 +73,20 @@ def train_command(
     train_config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_threads=threads, checkpoint_dir=str(out_dir), device=device
     )
+    item_vectors = None
+    if item_catalog is not None:
+        try:
+            catalog = read_catalog(item_catalog)
+        except CatalogError as err:
+            raise click.ClickException(str(err)) from err
+        item_vectors = catalog_item_vectors(train.vocab.item_ids, catalog, item_dim, CatalogInitConfig(seed=seed))
+        covered = int(item_vectors.present[1:].sum())
+        if covered == 0:
+            raise click.ClickException(f"{item_catalog} describes none of the {train.n_items} training items")
+        echo_step(f"item init from {item_catalog}: {covered} of {train.n_items} items")
     echo_step(f"training {'RIB-Attention' if no_attention else 'RIB'} ({data_type}, {loss} loss) on {train.n_sessions} sessions")
     try:
-        rec, history = train_rib(train, rib_config, train_config, progress=True)
+        rec, history = train_rib(train, rib_config, train_config, progress=True, item_vectors=item_vectors)
     except (ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
     (out_dir / "history.json").write_text(json.dumps(rec.checkpoint()["history"], indent=2))

@@ -73,3 +73,35 @@ def test_quickstart_end_to_end(runner, tmp_path):
     assert manifest.model_version == summary["package"]["model_version"] == 1
     assert (tmp_path / "stats" / "stats.json").exists()
     assert any(p.suffix == ".png" for p in (tmp_path / "stats").iterdir())
+
+
+def test_data_catalog_writes_a_catalog_or_says_why_not(runner, tmp_path, shared_data, monkeypatch):
+    monkeypatch.setenv("RIB_EDGE_DATA", str(shared_data))
+    out = tmp_path / "catalog.csv"
+    result = runner.invoke(main, ["data", "catalog", "jdata2016_sample", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    from model.catalog import read_catalog
+
+    catalog = read_catalog(out)
+    assert catalog.fields == ("category", "brand") and len(catalog) > 1000
+    result = runner.invoke(main, ["data", "catalog", "yoochoose_100k", "--out", str(tmp_path / "y.csv")])
+    assert result.exit_code != 0 and "ships no item catalog" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "y.csv").exists()
+
+
+def test_train_from_a_catalog_item_init(runner, tmp_path):
+    from model.catalog import catalog_from_rows
+    from model.data.open import open_dataset
+
+    items = [str(i) for i in open_dataset("synthetic").vocab.item_ids]
+    catalog = catalog_from_rows([[item, f"b{k % 7}"] for k, item in enumerate(items)], ("brand",))
+    path = catalog.write_csv(tmp_path / "catalog.csv")
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "synthetic", "--epochs", "1", "--item-dim", "8", "--hidden-dim", "8"]
+    result = runner.invoke(main, [*args, "--out", str(out), "--item-catalog", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"item init from {path}: {len(items)} of {len(items)} items" in result.output
+    assert json.loads((out / "history.json").read_text())["item_init"] == "item vectors"
+    (tmp_path / "other.csv").write_text("item_id,brand\nnot-an-item,b\n")
+    result = runner.invoke(main, [*args, "--out", str(tmp_path / "x"), "--item-catalog", str(tmp_path / "other.csv")])
+    assert result.exit_code != 0 and "describes none" in result.output and "Traceback" not in result.output
