@@ -68,13 +68,11 @@ def population_size(fed: FederationConfig, grid: Grid | None) -> int:
     raise ConfigError("cannot tell the population size: give population-dir")
 
 
-def initial_weights(fed: FederationConfig, rib_config, vocab=None) -> list[np.ndarray]:
+def initial_weights(fed: FederationConfig, rib_config, vocab) -> list[np.ndarray]:
     """A seeded random RIB (item embeddings from ``item-catalog`` if set), or ``initial-checkpoint``'s state."""
     torch.manual_seed(fed.seed)
     model = RIB(rib_config)
     if fed.item_catalog:
-        if vocab is None:
-            raise ConfigError("item-catalog needs the shared vocabulary")
         try:
             covered = init_from_catalog(model, vocab.item_ids, fed.item_catalog, fed.seed)
         except ValueError as err:  # CatalogError: a missing, unreadable or unrelated catalog file

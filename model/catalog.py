@@ -228,10 +228,15 @@ DATASET_CATALOGS = {
 }
 
 
-def dataset_catalog(name: str, data_dir: str | Path | None = None) -> ItemCatalog:
-    """The catalog a shared dataset ships (see ``DATASET_CATALOGS``); CatalogError if it has none."""
+def dataset_catalog(name: str, data_dir: str | Path | None = None, seed: int = 0) -> ItemCatalog:
+    """The catalog a shared dataset ships (see ``DATASET_CATALOGS``), or the synthetic population's (its seed)."""
     from model.data.loaders import default_data_dir
 
+    if name == "synthetic":
+        from model.data.synthetic import item_categories
+
+        categories = item_categories(seed=seed)
+        return catalog_from_rows([[item, f"c{c}"] for item, c in categories.items()], ("category",), "synthetic")
     if name not in DATASET_CATALOGS:
         raise CatalogError(
             f"{name!r} ships no item catalog; datasets with one: {', '.join(DATASET_CATALOGS)}"

@@ -417,7 +417,7 @@ def aggregation_seconds(fed, population: int, participants: int, reps: int = 3) 
 
     vocab = SplitData.load(fed.eval_split_path()).vocab
     weights = initial_weights(
-        fed, federated_rib_config(vocab, fed.data_type, fed.item_dim, fed.hidden_dim, fed.max_len)
+        fed, federated_rib_config(vocab, fed.data_type, fed.item_dim, fed.hidden_dim, fed.max_len), vocab
     )
     rng = np.random.default_rng(0)
     m = max(1, participants)
@@ -661,7 +661,7 @@ def bench_fl(
     if any(v.get("init") == CATALOG_INIT for v in variants):
         from model.catalog import dataset_catalog
 
-        catalog_path = dataset_catalog(dataset).write_csv(work / "item-catalog.csv")
+        catalog_path = dataset_catalog(dataset, seed=seed).write_csv(work / "item-catalog.csv")
         central_catalog, _ = train_centralized(
             population, rib_config, evaluator, work / "centralized-catalog-init", centralized_epochs, seed,
             False, progress, catalog_path,

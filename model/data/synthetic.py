@@ -40,6 +40,12 @@ def _category_chains(config: SyntheticConfig, rng: np.random.Generator) -> list[
     return [chunk for chunk in np.array_split(items, config.n_categories) if len(chunk)]
 
 
+def item_categories(config: SyntheticConfig | None = None, seed: int = 0) -> dict[str, int]:
+    """Each item's category (its chain) in the population ``generate_population(config, seed)`` writes."""
+    chains = _category_chains(config or SyntheticConfig(), np.random.default_rng(seed))
+    return {str(item): index for index, chain in enumerate(chains) for item in chain}
+
+
 def generate_population(config: SyntheticConfig | None = None, seed: int = 0) -> Iterator[RawEvent]:
     """Yield raw UI events device by device, session by session, in time order within a session."""
     config = config or SyntheticConfig()

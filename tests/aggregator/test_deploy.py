@@ -39,7 +39,12 @@ def test_superlink_and_three_supernodes_run_two_rounds(population: Path, tmp_pat
     private, public = generate_keypair(tmp_path / "keys")
     # Devices take the shared vocabulary from their installed, signed release (not from the server's files).
     package = publish_release(
-        initial_weights(fed, rib_config), rib_config, split.vocab, tmp_path / "releases", private, 1
+        initial_weights(fed, rib_config, split.vocab),
+        rib_config,
+        split.vocab,
+        tmp_path / "releases",
+        private,
+        1,
     )
     metrics = tmp_path / "metrics.jsonl"
     with Deployment(tmp_path / "deployment") as deployment:
@@ -86,7 +91,7 @@ def test_superlink_and_three_supernodes_run_two_rounds(population: Path, tmp_pat
             secrets.update({record.session_id, record.item_id})
             timestamps.add(int(record.timestamp_ms))
         store.close()
-    shapes = {tuple(w.shape) for w in initial_weights(fed, rib_config)}
+    shapes = {tuple(w.shape) for w in initial_weights(fed, rib_config, split.vocab)}
     sent = [
         json.loads(line)
         for i in range(3)

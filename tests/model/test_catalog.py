@@ -131,3 +131,15 @@ def test_shared_datasets_catalogs_cover_their_vocabularies(shared_data, name):
     coverage = catalog.coverage(list(split.vocab.item_ids))
     # Every product in these logs has its catalog row (the action rows or side files carry it).
     assert coverage == 1.0, f"{name}: {coverage:.3f}"
+
+
+def test_the_synthetic_population_has_a_catalog_of_its_categories():
+    from model.data.open import synthetic_split
+    from model.data.synthetic import SyntheticConfig, item_categories
+
+    split = synthetic_split(SyntheticConfig(), seed=3)
+    catalog = dataset_catalog("synthetic", seed=3)
+    assert catalog.coverage(list(split.vocab.item_ids)) == 1.0
+    categories = item_categories(seed=3)
+    assert {catalog.attributes[item][0] for item in catalog.attributes} == {f"c{c}" for c in set(categories.values())}
+    assert dataset_catalog("synthetic", seed=4).attributes != catalog.attributes

@@ -39,14 +39,26 @@ def test_bench_fl_writes_table_targets_and_plots(tmp_path):
         dp_step_json=dp_step,
         measure_dp_step=False,
         spread_seeds=(1,),
-        variants=[{"name": "fw2v", "init": "federated-w2v", "w2v": {"rounds": 1, "fraction": 1.0}}],
+        variants=[
+            {"name": "fw2v", "init": "federated-w2v", "w2v": {"rounds": 1, "fraction": 1.0}},
+            {"name": "cat", "init": "catalog", "dp_epsilon": 8.0},
+        ],
     )
     written = json.loads((out / "fl.json").read_text())
     spread = written["centralized_seed_spread"]
     assert spread["seeds"] == [1] and spread["row_seed"] == 0
-    assert {k: len(v) for k, v in spread["recall@20"].items()} == {"word2vec_init": 1, "random_init": 1}
+    assert {k: len(v) for k, v in spread["recall@20"].items()} == {
+        "word2vec_init": 1,
+        "random_init": 1,
+        "catalog_init": 1,
+    }
     assert "with other seeds [1]" in (out / "fl.md").read_text()
-    (staged,) = written["variants"]
+    staged, cat = written["variants"]
+    # The catalog variant starts from the synthetic population's catalog; its centralized reference too.
+    assert cat["overrides"] == {"init": "catalog", "dp_epsilon": 8.0} and 0 < cat["epsilon"] <= 8.0 + 1e-6
+    assert written["centralized_catalog_init"]["item_init"] == "item vectors"
+    assert written["centralized_catalog_init"]["ranks_match_evaluator"]
+    assert "catalog item init" in (out / "fl.md").read_text()
     stage = staged["w2v_stage"]
     assert stage["rounds"] == 1 and 0 <= stage["word2vec_recall@20"] <= 1
     assert 0 < stage["pooled_word2vec_recall@20"] <= 1
