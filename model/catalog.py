@@ -236,7 +236,9 @@ def dataset_catalog(name: str, data_dir: str | Path | None = None, seed: int = 0
         from model.data.synthetic import item_categories
 
         categories = item_categories(seed=seed)
-        return catalog_from_rows([[item, f"c{c}"] for item, c in categories.items()], ("category",), "synthetic")
+        return catalog_from_rows(
+            [[item, f"c{c}"] for item, c in categories.items()], ("category",), "synthetic"
+        )
     if name not in DATASET_CATALOGS:
         raise CatalogError(
             f"{name!r} ships no item catalog; datasets with one: {', '.join(DATASET_CATALOGS)}"

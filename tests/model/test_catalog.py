@@ -141,5 +141,7 @@ def test_the_synthetic_population_has_a_catalog_of_its_categories():
     catalog = dataset_catalog("synthetic", seed=3)
     assert catalog.coverage(list(split.vocab.item_ids)) == 1.0
     categories = item_categories(seed=3)
-    assert {catalog.attributes[item][0] for item in catalog.attributes} == {f"c{c}" for c in set(categories.values())}
+    assert {catalog.attributes[item][0] for item in catalog.attributes} == {
+        f"c{c}" for c in set(categories.values())
+    }
     assert dataset_catalog("synthetic", seed=4).attributes != catalog.attributes
