@@ -26,11 +26,11 @@ from aggregator.release import publish_release
 from aggregator.strategy import SeededClientManager, build_strategy, sampled_per_round
 from aggregator.workflow import FederatedRun
 from edge_client.fl_config import ConfigError, FederationConfig
-from edge_client.training import federated_rib_config
+from edge_client.training import run_rib_config
 from model import skipgram
 from model.data.dataset import SplitData
 from model.device import pick_device
-from model.local import get_weights
+from model.local import frozen_indices, get_weights
 from model.rib import RIB
 from model.train import init_from_catalog, save_init_checkpoint
 from privacy.accountant import FederatedAccountant, noise_for_epsilon
@@ -104,7 +104,7 @@ def make_run(
         raise ConfigError(f"eval split not found: {split_path} (set eval-split or population-dir)")
     split = SplitData.load(split_path)
     vocab = split.vocab
-    rib_config = federated_rib_config(vocab, fed.data_type, fed.item_dim, fed.hidden_dim, fed.max_len)
+    rib_config = run_rib_config(vocab, fed)
     device = pick_device(fed.device or None)  # the one place that decides CPU or CUDA
     if fed.task == "word2vec":
         evaluator = SkipGramEvaluator(split.test, fed.eval_max_examples, fed.seed)
@@ -135,6 +135,9 @@ def make_run(
             fed.num_server_rounds,
         )
     strategy = build_strategy(fed, first_weights, evaluate_fn, population, noise)
+    if fed.task == "rib" and rib_config.freeze_items:
+        # Devices never change the public item table; the server keeps it out of the DP noise and FedAdam.
+        strategy.frozen = {i: first_weights[i].copy() for i in frozen_indices(RIB(rib_config))}
     fit_workflow = None
     if fed.secagg:
         shares = fed.secagg_num_shares if fed.secagg_num_shares < 1 else int(fed.secagg_num_shares)

@@ -165,6 +165,9 @@ class RoundRecorder(Strategy):
         )  # > 0: clip each update's distance from the global model
         self._global: dict[int, list[np.ndarray]] = {}
         self.rounds: dict[int, dict[str, object]] = {}
+        # Weight positions held at fixed values (a frozen public table, see RIBConfig.freeze_items): the DP
+        # wrapper noises every array and FedAdam would walk on that noise, so each round restores them.
+        self.frozen: dict[int, np.ndarray] = {}
 
     def __repr__(self) -> str:
         return f"RoundRecorder({self.strategy!r})"
@@ -237,8 +240,20 @@ class RoundRecorder(Strategy):
                 parameters, _ = self.post_adam.aggregate_fit(server_round, [(usable[0][0], averaged)], [])
         else:
             parameters, metrics = self.strategy.aggregate_fit(server_round, usable, [])
+        if self.frozen and parameters is not None:
+            parameters = self._restore_frozen(parameters)
         record["fit_metrics"] = dict(metrics)
         return parameters, metrics
+
+    def _restore_frozen(self, parameters: Parameters) -> Parameters:
+        """Put the frozen arrays back (in the result and in FedAdam's own copy of the weights)."""
+        arrays = parameters_to_ndarrays(parameters)
+        adam = self.post_adam or self.base
+        for index, value in self.frozen.items():
+            arrays[index] = value.copy()
+            if isinstance(adam, FedAdam) and adam.current_weights:
+                adam.current_weights[index] = value.copy()
+        return ndarrays_to_parameters(arrays)
 
     def _clip_updates(self, global_weights: list[np.ndarray], results: list) -> tuple[list, int]:
         """Scale each update (its weights minus the global weights) down to ``max_update_norm``; count clips.

@@ -46,7 +46,7 @@ from edge_client.training import (
     DeviceTrainer,
     DeviceTrainingConfig,
     TrainingRefused,
-    federated_rib_config,
+    run_rib_config,
     set_torch_threads,
 )
 from model.data.dataset import SplitData, Vocabulary
@@ -171,7 +171,7 @@ def client_fn(context: Context, fed: FederationConfig | None = None) -> Client:
     if "device-dir" not in context.node_config and not device_dir.exists():
         # A simulated slot whose sessions all fell in the test period has no store: nothing to train on.
         raise TrainingRefused("no_data", f"simulated device {device_dir.name} has no store")
-    rib_config = federated_rib_config(vocab, fed.data_type, fed.item_dim, fed.hidden_dim, fed.max_len)
+    rib_config = run_rib_config(vocab, fed)
     return RIBClient(DeviceTrainer(device_dir, vocab, rib_config), fed).to_client()
 
 

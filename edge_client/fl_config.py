@@ -56,6 +56,10 @@ class FederationConfig:
     # A catalog CSV (item_id + attribute columns such as category, brand): the server starts the item
     # embeddings from catalog vectors (model/catalog.py). Public product facts, so no privacy cost.
     item_catalog: str = ""
+    # Score items against the item embeddings (RIBConfig.tie_output) and keep that table fixed (freeze_items):
+    # with item-catalog the item table is public, and under DP neither clip budget nor noise goes to it.
+    tie_output: bool = False
+    freeze_item_embeddings: bool = False
     # Local training on each device.
     local_steps: int = 20
     local_batch_size: int = 32
@@ -169,6 +173,10 @@ class FederationConfig:
         if self.item_catalog and (self.initial_checkpoint or self.task != "rib"):
             raise ConfigError(
                 "item-catalog initialises a RIB run; it excludes initial-checkpoint and task = 'word2vec'"
+            )
+        if self.freeze_item_embeddings and not (self.item_catalog or self.initial_checkpoint):
+            raise ConfigError(
+                "freeze-item-embeddings keeps the starting item table: give item-catalog or initial-checkpoint"
             )
         if self.dp == "user" and self.dp_noise_multiplier == 0 and self.dp_epsilon == 0:
             raise ConfigError("dp = 'user' needs dp-noise-multiplier or dp-epsilon")

@@ -212,7 +212,13 @@ def set_torch_threads(n: int = 1) -> None:
 
 
 def federated_rib_config(
-    vocab: Vocabulary, data_type: str, item_dim: int, hidden_dim: int, max_len: int
+    vocab: Vocabulary,
+    data_type: str,
+    item_dim: int,
+    hidden_dim: int,
+    max_len: int,
+    tie_output: bool = False,
+    freeze_items: bool = False,
 ) -> RIBConfig:
     """The RIB every party of a federation builds: sizes from the shared vocabulary, full softmax (DP-SGD-ready)."""
     from model.rib import data_type_flags
@@ -225,5 +231,20 @@ def federated_rib_config(
         hidden_dim=hidden_dim,
         max_len=max_len,
         loss="softmax",
+        tie_output=tie_output,
+        freeze_items=freeze_items,
         **data_type_flags(data_type),
+    )
+
+
+def run_rib_config(vocab: Vocabulary, fed) -> RIBConfig:
+    """``federated_rib_config`` with a run config's model keys (``fed``: a FederationConfig)."""
+    return federated_rib_config(
+        vocab,
+        fed.data_type,
+        fed.item_dim,
+        fed.hidden_dim,
+        fed.max_len,
+        tie_output=fed.tie_output,
+        freeze_items=fed.freeze_item_embeddings,
     )

@@ -51,7 +51,7 @@ import json
 import os
 import tempfile
 import warnings
-from dataclasses import MISSING, dataclass
+from dataclasses import MISSING, dataclass, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
@@ -102,6 +102,26 @@ def check_exportable(config: RIBConfig) -> None:
             raise ExportError(f"RIBConfig.{f.name}={getattr(config, f.name)!r} is unknown to the ONNX exporter (only its default is supported)")
     if config.loss not in ("softmax", "sampled"):
         raise ExportError(f"RIBConfig.loss={config.loss!r} is not supported by the ONNX export (softmax/sampled only)")
+
+
+def folded_for_export(model: RIB) -> RIB:
+    """``model`` in the layout the graphs know: a tied output folded into one ``nn.Linear`` (weight E W_b,
+    bias b: the same scores, one matrix product less per step) and the training-only ``freeze_items`` reset.
+    Returns ``model`` itself when there is nothing to fold."""
+    config = model.config
+    if not (config.tie_output or config.freeze_items):
+        return model
+    if config.cosine_scale > 0:
+        raise ExportError("a cosine-scaled tied output (RIBConfig.cosine_scale > 0) has no linear form to export")
+    plain = RIB(replace(config, tie_output=False, freeze_items=False))
+    state = model.state_dict()
+    if config.tie_output:
+        state = {k: v for k, v in state.items() if not k.startswith("out.")}
+        with torch.no_grad():
+            state["out.weight"] = model.item_emb.weight.detach() @ model.out.proj.weight.detach()
+            state["out.bias"] = model.out.scores.bias.detach().clone()
+    plain.load_state_dict(state)
+    return plain.eval()
 
 
 def _check_module(model: RIB) -> None:
@@ -381,7 +401,7 @@ def link_to_full(step_src: str | Path, full_path: str | Path, step_dst: str | Pa
 def export_onnx(model: RIB, out_dir: str | Path, check: bool = True, tol: float = PARITY_TOL) -> ExportResult:
     """Write ``full.onnx`` and ``step.onnx`` (fp32; step's weights live in full) to ``out_dir``; with
     ``check``, verify both against torch."""
-    model = model.eval().cpu()
+    model = folded_for_export(model.eval().cpu())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     full_path, step_path = out_dir / "full.onnx", out_dir / "step.onnx"
@@ -705,6 +725,7 @@ def build_package(
     """
     from edge_client.package import sign_package, write_payload
 
+    model = folded_for_export(model)
     config = model.config
     check_exportable(config)
     if vocab.n_items != config.n_items:

@@ -92,6 +92,12 @@ def get_weights(model: RIB) -> list[np.ndarray]:
     return [v.detach().cpu().numpy().astype(np.float32, copy=True) for v in model.state_dict().values()]
 
 
+def frozen_indices(model: RIB) -> list[int]:
+    """Positions in ``get_weights``' list that training never changes (frozen parameters, tied copies included)."""
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    return [i for i, value in enumerate(model.state_dict(keep_vars=True).values()) if id(value) in frozen]
+
+
 def set_weights(model: RIB, weights: list[np.ndarray]) -> None:
     """Load arrays in ``get_weights`` order into ``model``; ValueError on count, shape or non-finite values."""
     _require_plain_gru(model)

@@ -110,6 +110,9 @@ class RIBConfig:
     # With attention: the output sees [attention-pooled; h_t], the pooled summary beside the last hidden state
     # (NARM's global + local encoders, STAMP's last click). Off = the paper's RIB.
     last_state: bool = False
+    # The item embeddings stay as initialised: a public table (model/catalog.py's vectors) that training never
+    # moves. Under user-level DP no clip budget and no noise go to it; with tie_output it scores items too.
+    freeze_items: bool = False
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -207,6 +210,8 @@ class RIB(nn.Module):
             self.target_emb = nn.Embedding(c.n_items + 1, c.item_dim)  # frozen target table (see docstring)
             self.target_emb.weight.requires_grad_(False)
             self.target_emb.weight.data.copy_(self.item_emb.weight.data)
+        if c.freeze_items:
+            self.item_emb.weight.requires_grad_(False)
 
     # ---- initialisation ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -412,13 +412,11 @@ def aggregation_seconds(fed, population: int, participants: int, reps: int = 3) 
 
     from aggregator.server_app import initial_weights
     from aggregator.strategy import build_strategy
-    from edge_client.training import federated_rib_config
+    from edge_client.training import run_rib_config
     from model.data.dataset import SplitData
 
     vocab = SplitData.load(fed.eval_split_path()).vocab
-    weights = initial_weights(
-        fed, federated_rib_config(vocab, fed.data_type, fed.item_dim, fed.hidden_dim, fed.max_len), vocab
-    )
+    weights = initial_weights(fed, run_rib_config(vocab, fed), vocab)
     rng = np.random.default_rng(0)
     m = max(1, participants)
     results = []
@@ -576,7 +574,7 @@ def bench_fl(
     from aggregator.checkpoint import CheckpointStore
     from aggregator.evaluation import CentralEvaluator
     from aggregator.strategy import sampled_per_round
-    from edge_client.training import federated_rib_config
+    from edge_client.training import federated_rib_config, run_rib_config
     from model.evaluate import paired_bootstrap_diff
     from simulations.engine import federation_from, read_metrics
     from simulations.population import build_population, open_population
@@ -736,7 +734,15 @@ def bench_fl(
         last = metrics_rows[-1] if metrics_rows else {}
         final_round = int(last.get("round", 0))
         weights = CheckpointStore(run_dir / "checkpoints").load(final_round).weights
-        ranks = evaluator_ranks(evaluator, weights)
+        fed = federation_from(run_settings, pop_dir, run_dir, n)
+        if fed_over:
+            fed = replace(fed, **fed_over)
+        run_config = run_rib_config(split.vocab, fed)
+        # Same examples (same seeded sample), the run's own model layout (e.g. a tied output).
+        scorer = evaluator
+        if run_config != rib_config:
+            scorer = CentralEvaluator(split.test, run_config, fed0.eval_max_examples, fed0.seed)
+        ranks = evaluator_ranks(scorer, weights)
         hits = recall_hits(ranks)
         diff, low, high = paired_bootstrap_diff(hits, central_hits, n_boot=n_boot, seed=seed)
         ratio, r_low, r_high = paired_ratio_ci(hits, central_hits, n_boot=n_boot, seed=seed)
@@ -754,9 +760,6 @@ def bench_fl(
             like_ratio, like_low, like_high = paired_ratio_ci(hits, like_hits, n_boot=n_boot, seed=seed)
             bootstrap[label]["ratio_to_centralized_random_init"] = like_ratio
             bootstrap[label]["ratio_to_centralized_random_init_ci95"] = [like_low, like_high]
-        fed = federation_from(run_settings, pop_dir, run_dir, n)
-        if fed_over:
-            fed = replace(fed, **fed_over)
         m = sampled_per_round(fed, n)
         agg_s = aggregation_seconds(fed, n, m)
         breakdown[label] = round_time_breakdown(metrics_rows, num_cpus, agg_s)

@@ -254,3 +254,55 @@ def test_item_catalog_sets_the_starting_item_embeddings(population, tmp_path):
         initial_weights(replace(base, item_catalog=str(tmp_path / "unrelated.csv")), rib_config, vocab)
     with pytest.raises(ConfigError, match="not found"):
         initial_weights(replace(base, item_catalog=str(tmp_path / "missing.csv")), rib_config, vocab)
+
+
+def test_a_frozen_public_item_table_stays_fixed_through_dp_rounds_and_ships(population, tmp_path):
+    """item-catalog + tie-output + freeze-item-embeddings under user-level DP with FedAdam: the catalog table
+    reaches the release unchanged, the rest of the model trains, devices send zero change for the table."""
+    from model.catalog import catalog_from_rows
+    from model.data.dataset import SplitData
+
+    vocab = SplitData.load(population / "server" / "split.npz").vocab
+    items = [str(i) for i in vocab.item_ids]
+    catalog = catalog_from_rows([[item, f"b{k % 4}"] for k, item in enumerate(items)], ("brand",))
+    private, public = generate_keypair(tmp_path / "keys")
+    fed = FederationConfig(
+        population_dir=str(population),
+        num_server_rounds=2,
+        fraction_fit=1.0,
+        min_fit_clients=N_DEVICES,
+        min_available_clients=N_DEVICES,
+        strategy="fedadam",
+        dp="user",
+        dp_noise_multiplier=0.8,
+        item_catalog=str(catalog.write_csv(tmp_path / "catalog.csv")),
+        tie_output=True,
+        freeze_item_embeddings=True,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        release_dir=str(tmp_path / "releases"),
+        signing_key=str(private),
+        metrics_path=str(tmp_path / "metrics.jsonl"),
+        **{**SMALL, "local_steps": 1},
+    )
+    simulate(fed)
+    store = CheckpointStore(fed.checkpoint_dir)
+    first, last = store.load(0).weights, store.load(2).weights
+    from aggregator.server_app import initial_weights
+    from edge_client.training import run_rib_config
+    from model.local import frozen_indices
+    from model.rib import RIB
+
+    rib_config = run_rib_config(vocab, fed)
+    frozen = frozen_indices(RIB(rib_config))
+    assert len(frozen) == 2  # the item table and its tied copy in the output
+    start = initial_weights(fed, rib_config, vocab)
+    for i in frozen:
+        np.testing.assert_array_equal(first[i], start[i])
+        np.testing.assert_array_equal(last[i], start[i])
+    assert any(
+        not np.array_equal(a, b) for i, (a, b) in enumerate(zip(first, last, strict=True)) if i not in frozen
+    )
+    history = rows(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in history] == [0, 1, 2] and history[2]["epsilon"] > 0
+    manifest = verify_package(Path(history[-1]["release"]), public)
+    assert manifest.model_version == 2

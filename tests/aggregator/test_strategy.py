@@ -115,3 +115,22 @@ def test_fedadam_under_dp_steps_on_the_noised_average():
     state = strategy.optimizer_state()
     np.testing.assert_array_equal(state["current_weights"][0], stepped)
     assert set(state) == {"current_weights", "m_t", "v_t"}
+
+
+def test_frozen_arrays_leave_a_dp_fedadam_round_exactly_as_they_came():
+    """A frozen public table: the DP wrapper noises every array and FedAdam would walk on it; it must not move."""
+    table = np.arange(12, dtype=np.float32).reshape(3, 4)
+    start = [table, np.zeros(5, np.float32), table]  # a tied copy of the table appears twice
+    fed = FederationConfig(
+        dp="user", dp_noise_multiplier=1.0, dp_clipping_norm=1.0, strategy="fedadam", fraction_fit=1.0
+    )
+    strategy = build_strategy(fed, start, None, population=3)
+    strategy.frozen = {0: table.copy(), 2: table.copy()}
+    for server_round in (1, 2):
+        updates = [[table, np.full(5, 0.01 * k, np.float32), table] for k in range(3)]
+        parameters, _ = strategy.aggregate_fit(server_round, [_result(u) for u in updates], [])
+        arrays = parameters_to_ndarrays(parameters)
+        np.testing.assert_array_equal(arrays[0], table)
+        np.testing.assert_array_equal(arrays[2], table)
+        assert np.abs(arrays[1]).max() > 0  # the trainable array did move
+        np.testing.assert_array_equal(strategy.post_adam.current_weights[0], table)

@@ -44,6 +44,7 @@ def test_strings_from_the_command_line_are_coerced():
         ({"task": "word2vec", "initial-checkpoint": "rib.pt"}, "word2vec"),
         ({"item-catalog": "c.csv", "initial-checkpoint": "rib.pt"}, "item-catalog"),
         ({"item-catalog": "c.csv", "task": "word2vec"}, "item-catalog"),
+        ({"freeze-item-embeddings": True}, "freeze-item-embeddings"),
     ],
 )
 def test_bad_values_name_the_key(config, message):

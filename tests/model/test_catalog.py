@@ -145,3 +145,27 @@ def test_the_synthetic_population_has_a_catalog_of_its_categories():
         f"c{c}" for c in set(categories.values())
     }
     assert dataset_catalog("synthetic", seed=4).attributes != catalog.attributes
+
+
+def test_frozen_items_are_never_trained_and_are_listed_as_frozen(tmp_path):
+    from edge_client.training import federated_rib_config
+    from model.data.open import synthetic_split
+    from model.data.synthetic import SyntheticConfig
+    from model.local import LocalTrainConfig, frozen_indices, get_weights, train_local
+
+    split = synthetic_split(SyntheticConfig(n_devices=30, n_items=40, n_categories=4, days=5), seed=0)
+    config = federated_rib_config(split.vocab, "SKU+Micro", 8, 8, 20, tie_output=True, freeze_items=True)
+    torch.manual_seed(0)
+    model = RIB(config)
+    catalog = dataset_catalog("synthetic")  # another config's categories: any public table will do here
+    assert init_from_catalog(model, list(split.vocab.item_ids), catalog.write_csv(tmp_path / "c.csv")) > 0
+    names = list(model.state_dict().keys())
+    assert [names[i] for i in frozen_indices(model)] == ["item_emb.weight", "out.scores.weight"]
+    before = get_weights(model)
+    train_local(model, split.train, LocalTrainConfig(steps=3, batch_size=16, lr=0.05, max_len=20))
+    after = get_weights(model)
+    for i, (a, b) in enumerate(zip(before, after, strict=True)):
+        if i in frozen_indices(model):
+            np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert frozen_indices(RIB(federated_rib_config(split.vocab, "SKU+Micro", 8, 8, 20))) == []

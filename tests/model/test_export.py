@@ -14,6 +14,7 @@ from model.export import (
     check_exportable,
     export_onnx,
     feed_for,
+    folded_for_export,
     full_advance,
     initial_step_state,
     link_to_full,
@@ -230,6 +231,28 @@ def test_parity_other_exportable_configs(overrides, tmp_path):
     advanced = run_steps(session_for(full8), config.hidden_dim, *seq, chunks=(2,))[0]
     assert np.abs(stepped[1:] - advanced).max() < 1e-3
     assert np.abs(advanced - reference[1:]).max() < 0.05
+
+
+@pytest.mark.parametrize("freeze_items", [False, True])
+def test_a_tied_output_is_folded_into_one_linear_and_exported(freeze_items, tmp_path):
+    torch.manual_seed(0)
+    config = RIBConfig(n_items=40, hidden_dim=16, item_dim=8, tie_output=True, freeze_items=freeze_items)
+    model = RIB(config).eval()
+    with torch.no_grad():
+        model.out.scores.bias.normal_()  # a bias that matters
+    folded = folded_for_export(model)
+    assert not folded.config.tie_output and not folded.config.freeze_items
+    assert isinstance(folded.out, torch.nn.Linear) and folded.out.weight.shape == (41, 16)
+    batch = tuple(torch.from_numpy(x) for x in _example_full_numpy(config))
+    mask = torch.ones_like(batch[0], dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(*batch, mask), model(*batch, mask), atol=1e-5, rtol=1e-5)
+    result = export_onnx(model, tmp_path)  # the parity check runs against the folded model
+    assert result.full_max_abs_diff < 1e-4 and result.step_max_abs_diff < 1e-4
+    untied = RIB(RIBConfig(n_items=40, hidden_dim=16, item_dim=8))
+    assert folded_for_export(untied) is untied
+    with pytest.raises(ExportError, match="cosine"):
+        folded_for_export(RIB(RIBConfig(n_items=10, item_dim=8, tie_output=True, cosine_scale=8.0)))
 
 
 def _example_full_numpy(config):
