@@ -48,7 +48,8 @@ from model.data.dataset import SessionDataset, SplitData
 from model.evaluate import evaluate
 from model.local import IGNORE, LocalTrainConfig, WindowDataset, train_local, window_losses
 from model.rib import RIB, RIBConfig
-from model.train import RIBRecommender, TrainConfig
+from model.train import RIBRecommender, TrainConfig, init_from_item_vectors
+from model.word2vec import ItemVectors
 from privacy.dp_sgd import DPSGDConfig, train_local_private
 
 EPSILONS: tuple[float, ...] = (1.0, 4.0, 8.0, math.inf)
@@ -72,8 +73,16 @@ class AuditConfig:
     target_fraction: float = 0.5  # of the eligible training sessions: the target pool (rest: shadow pool)
     n_boot: int = 1000
     seed: int = 0
+    # Public item table (model/catalog.py): every model of the audit (targets, shadows, null control) starts
+    # its item embeddings from this catalog file's vectors (seeded by ``seed``: the attacker knows them too);
+    # ``freeze_items`` keeps them fixed and ``tie_output`` scores items against them.
+    item_catalog: str = ""
+    tie_output: bool = False
+    freeze_items: bool = False
 
     def __post_init__(self) -> None:
+        if self.freeze_items and not self.item_catalog:
+            raise ValueError("freeze_items keeps a public item table fixed: give item_catalog")
         if self.n_shadows < 2:
             raise ValueError(
                 f"n_shadows must be >= 2 (the LiRA variance is pooled over shadows), got {self.n_shadows}"
@@ -353,8 +362,43 @@ def rib_config_for_audit(data: SessionDataset, config: AuditConfig) -> RIBConfig
     from edge_client.training import federated_rib_config
 
     return federated_rib_config(
-        data.vocab, config.data_type, config.item_dim, config.hidden_dim, config.max_len
+        data.vocab,
+        config.data_type,
+        config.item_dim,
+        config.hidden_dim,
+        config.max_len,
+        tie_output=config.tie_output,
+        freeze_items=config.freeze_items,
     )
+
+
+def target_met(rows: Sequence[dict]) -> bool:
+    """Issue 8's target over an audit's rows: both attacks' AUC <= AUC_TARGET at every audited epsilon <= 8."""
+    audited = [r for r in rows if r["epsilon"] <= 8]
+    return bool(audited) and all(max(r["auc_loss"], r["auc_shadow"]) <= AUC_TARGET for r in audited)
+
+
+def item_vectors_for_audit(data: SessionDataset, config: AuditConfig) -> ItemVectors | None:
+    """The catalog vectors every model of the audit starts from (None: a random item init)."""
+    if not config.item_catalog:
+        return None
+    from model.catalog import CatalogInitConfig, catalog_item_vectors, read_catalog
+
+    vectors = catalog_item_vectors(
+        list(data.vocab.item_ids), read_catalog(config.item_catalog), config.item_dim, CatalogInitConfig(seed=config.seed)
+    )
+    if not vectors.present.any():
+        raise ValueError(f"{config.item_catalog} describes none of the dataset's items")
+    return vectors
+
+
+def fresh_model(rib_config: RIBConfig, seed: int, item_vectors: ItemVectors | None) -> RIB:
+    """A seeded RIB, its item embeddings from ``item_vectors`` when given."""
+    torch.manual_seed(seed)
+    model = RIB(rib_config)
+    if item_vectors is not None:
+        init_from_item_vectors(model, item_vectors)
+    return model
 
 
 def local_config(n_members: int, config: AuditConfig, seed: int) -> LocalTrainConfig:
@@ -366,11 +410,15 @@ def local_config(n_members: int, config: AuditConfig, seed: int) -> LocalTrainCo
 
 
 def train_model(
-    rib_config: RIBConfig, data: SessionDataset, local: LocalTrainConfig, epsilon: float, max_grad_norm: float
+    rib_config: RIBConfig,
+    data: SessionDataset,
+    local: LocalTrainConfig,
+    epsilon: float,
+    max_grad_norm: float,
+    item_vectors: ItemVectors | None = None,
 ) -> tuple[RIB, dict[str, object]]:
     """A fresh RIB (seeded by ``local.seed``) trained on ``data``: DP-SGD at ``epsilon``, plain for inf."""
-    torch.manual_seed(local.seed)
-    model = RIB(rib_config)
+    model = fresh_model(rib_config, local.seed, item_vectors)
     if math.isinf(epsilon):
         result: dict[str, object] = dict(train_local(model, data, local))
         result.update(epsilon=math.inf, noise_multiplier=0.0, sample_rate=None, delta=None)
@@ -437,8 +485,8 @@ def audit(
     # Null control: an untrained model never saw the split. On ONE target its AUC measures how much the
     # random split alone separates the halves (the bias the swapped target cancels); on the swapped pair it
     # is exactly 0.5.
-    torch.manual_seed(config.seed)
-    untrained = -per_record_losses(RIB(rib_config), candidates, config.max_len)
+    item_vectors = item_vectors_for_audit(split.train, config)
+    untrained = -per_record_losses(fresh_model(rib_config, config.seed, item_vectors), candidates, config.max_len)
     null_auc = auc(untrained[first], untrained[~first])
     say(f"  null control (untrained model, one split): AUC loss {null_auc:.3f}")
     rows = []
@@ -449,7 +497,7 @@ def audit(
         for k, half in enumerate(shadow_halves):
             local = local_config(len(half), config, config.seed + 1 + k)
             shadow, _ = train_model(
-                rib_config, pool.select_sessions(half), local, epsilon, config.max_grad_norm
+                rib_config, pool.select_sessions(half), local, epsilon, config.max_grad_norm, item_vectors
             )
             shadow_out[k] = per_record_losses(shadow, candidates, config.max_len)
             own = per_record_losses(shadow, shadow_pool, config.max_len)
@@ -460,7 +508,7 @@ def audit(
         masks, loss_scores, lira_scores, infos, recalls, losses_m, losses_n, accs = ([] for _ in range(8))
         for data, member, seed in targets:
             local = dataclasses.replace(target_local, seed=seed)
-            target, info = train_model(rib_config, data, local, epsilon, config.max_grad_norm)
+            target, info = train_model(rib_config, data, local, epsilon, config.max_grad_norm, item_vectors)
             losses = per_record_losses(target, candidates, config.max_len)
             masks.append(member)
             loss_scores.append(loss_attack_scores(losses))
@@ -524,7 +572,6 @@ def audit(
             f"(per target: {[round(t['auc_loss'], 3) for t in row['per_target']]} / "
             f"{[round(t['auc_shadow'], 3) for t in row['per_target']]}; {row['seconds']:.0f} s)"
         )
-    audited = [r for r in rows if r["epsilon"] <= 8]
     return {
         "dataset": split.train.name.split("/")[0],
         "config": config.to_dict(),
@@ -546,7 +593,6 @@ def audit(
         ),
         "rows": rows,
         "auc_target": AUC_TARGET,
-        "target_met": bool(audited)
-        and all(max(r["auc_loss"], r["auc_shadow"]) <= AUC_TARGET for r in audited),
+        "target_met": target_met(rows),
         "seconds": time.perf_counter() - started,
     }

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from model.data.open import synthetic_split
 from model.data.synthetic import SyntheticConfig
@@ -29,6 +30,7 @@ from privacy.audit import (
     mean_auc_ci,
     one_window_sessions,
     split_members,
+    target_met,
     tpr_at_fpr,
 )
 
@@ -101,6 +103,8 @@ def test_audit_config_is_checked():
         AuditConfig(n_shadows=1)
     with pytest.raises(ValueError):
         AuditConfig(epochs=0)
+    with pytest.raises(ValueError, match="item_catalog"):
+        AuditConfig(freeze_items=True)
 
 
 def test_tpr_at_fpr():
@@ -207,6 +211,38 @@ def test_tiny_audit_end_to_end(split):
         assert 0.0 <= row["test_recall@20"] <= 1.0
 
 
+def test_audit_with_a_frozen_public_item_table(split, tmp_path):
+    """Every model of the audit starts from the same catalog table and never moves it, DP or not."""
+    from model.catalog import dataset_catalog
+    from privacy import audit as audit_module
+
+    catalog = dataset_catalog("synthetic").write_csv(tmp_path / "catalog.csv")
+    config = AuditConfig(
+        item_dim=16, hidden_dim=16, epochs=4, batch_size=8, lr=1e-2, n_shadows=2, n_boot=50,
+        item_catalog=str(catalog), tie_output=True, freeze_items=True,
+    )  # fmt: skip
+    tables = []
+    original = audit_module.train_model
+
+    def spy(*args, **kwargs):
+        model, info = original(*args, **kwargs)
+        tables.append(model.item_emb.weight.detach().clone())
+        return model, info
+
+    audit_module.train_model = spy
+    try:
+        result = audit_module.audit(split, epsilons=(math.inf, 4.0), config=config)
+    finally:
+        audit_module.train_model = original
+    assert len(tables) == 2 * (2 + 2)  # per epsilon: two shadows, two targets
+    start = audit_module.fresh_model(
+        audit_module.rib_config_for_audit(split.train, config), 0, audit_module.item_vectors_for_audit(split.train, config)
+    ).item_emb.weight.detach()
+    for table in tables:
+        torch.testing.assert_close(table, start, rtol=0, atol=0)
+    assert result["config"]["item_catalog"] == str(catalog) and len(result["rows"]) == 2
+
+
 def _frontier_module():
     import importlib.util
     from pathlib import Path
@@ -253,3 +289,13 @@ def test_dp_frontier_orders_points_and_flags_the_target(tmp_path):
     frontier.main([*map(str, paths), "--out", str(tmp_path / "out")])
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "frontier.json").read_text())[-1]["epsilon"] == "inf"
+
+
+def test_target_is_judged_over_every_audited_epsilon_and_only_those():
+    def row(eps, loss, shadow):
+        return {"epsilon": eps, "auc_loss": loss, "auc_shadow": shadow}
+
+    assert not target_met([row(math.inf, 0.52, 0.52)])  # nothing at eps <= 8 audited
+    assert target_met([row(8.0, 0.52, 0.53), row(math.inf, 0.95, 0.95)])  # eps = inf does not count
+    assert not target_met([row(1.0, 0.50, 0.50), row(8.0, 0.52, 0.56)])  # either attack over 0.55 fails it
+    assert not target_met([row(4.0, 0.551, 0.50)])
