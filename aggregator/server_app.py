@@ -52,8 +52,12 @@ def fingerprint(fed: FederationConfig, population: int) -> str:
     settings["population"] = population
     if fed.task != "rib":  # RIB runs keep the fingerprints their checkpoints were written with
         settings.update(task=fed.task, w2v_window=fed.w2v_window, w2v_negatives=fed.w2v_negatives)
-    if fed.item_catalog:
-        settings.update(item_catalog=fed.item_catalog)
+    if fed.item_catalog or fed.tie_output or fed.freeze_item_embeddings:
+        settings.update(
+            item_catalog=fed.item_catalog,
+            tie_output=fed.tie_output,
+            freeze_item_embeddings=fed.freeze_item_embeddings,
+        )
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_client.fl_config import FederationConfig
 from edge_client.keys import KeyProvider, default_key_provider
 from edge_client.store import TupleStore
 from model.data.dataset import SessionDataset, Vocabulary
@@ -237,7 +238,7 @@ def federated_rib_config(
     )
 
 
-def run_rib_config(vocab: Vocabulary, fed) -> RIBConfig:
+def run_rib_config(vocab: Vocabulary, fed: FederationConfig) -> RIBConfig:
     """``federated_rib_config`` with a run config's model keys (``fed``: a FederationConfig)."""
     return federated_rib_config(
         vocab,

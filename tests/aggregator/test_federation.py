@@ -306,3 +306,17 @@ def test_a_frozen_public_item_table_stays_fixed_through_dp_rounds_and_ships(popu
     assert [r["round"] for r in history] == [0, 1, 2] and history[2]["epsilon"] > 0
     manifest = verify_package(Path(history[-1]["release"]), public)
     assert manifest.model_version == 2
+
+
+def test_fingerprint_tells_model_layouts_apart_and_ignores_the_round_count():
+    from aggregator.server_app import fingerprint
+
+    base = FederationConfig()
+    assert fingerprint(base, 10) == fingerprint(replace(base, num_server_rounds=9), 10)
+    layouts = [
+        base,
+        replace(base, tie_output=True),
+        replace(base, item_catalog="c.csv"),
+        replace(base, item_catalog="c.csv", tie_output=True, freeze_item_embeddings=True),
+    ]
+    assert len({fingerprint(f, 10) for f in layouts}) == len(layouts)
