@@ -302,3 +302,11 @@ def catalog_item_vectors(
     own = rng.standard_normal((len(item_ids) + 1, dim))
     vectors[present] += config.item_weight * own[present]
     return ItemVectors(vectors, present)
+
+
+def catalog_file_vectors(path: str | Path, item_ids: Sequence[str], dim: int, seed: int = 0) -> ItemVectors:
+    """``catalog_item_vectors`` of a catalog file with the default weights; CatalogError if it covers no item."""
+    vectors = catalog_item_vectors(item_ids, read_catalog(path), dim, CatalogInitConfig(seed=seed))
+    if not vectors.present.any():
+        raise CatalogError(f"{path} describes none of the {len(item_ids)} items (are the item ids the same?)")
+    return vectors

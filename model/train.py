@@ -306,13 +306,9 @@ def init_from_item_vectors(model: RIB, vectors: ItemVectors, unit_rms: bool = Tr
 
 def init_from_catalog(model: RIB, item_ids, catalog: str | Path, seed: int = 0) -> int:
     """Initialise ``model``'s item embeddings from a catalog file's vectors (model/catalog.py); items covered."""
-    from model.catalog import CatalogError, CatalogInitConfig, catalog_item_vectors, read_catalog
+    from model.catalog import catalog_file_vectors
 
-    catalog_data = read_catalog(catalog)
-    vectors = catalog_item_vectors(item_ids, catalog_data, model.config.item_dim, CatalogInitConfig(seed=seed))
-    if not vectors.present.any():
-        raise CatalogError(f"{catalog} describes none of the model's {len(item_ids)} items (are the item ids the same?)")
-    return init_from_item_vectors(model, vectors)
+    return init_from_item_vectors(model, catalog_file_vectors(catalog, item_ids, model.config.item_dim, seed))
 
 
 def init_word2vec_config(item_dim: int, tc: TrainConfig) -> Word2VecConfig:

@@ -382,14 +382,9 @@ def item_vectors_for_audit(data: SessionDataset, config: AuditConfig) -> ItemVec
     """The catalog vectors every model of the audit starts from (None: a random item init)."""
     if not config.item_catalog:
         return None
-    from model.catalog import CatalogInitConfig, catalog_item_vectors, read_catalog
+    from model.catalog import catalog_file_vectors
 
-    vectors = catalog_item_vectors(
-        list(data.vocab.item_ids), read_catalog(config.item_catalog), config.item_dim, CatalogInitConfig(seed=config.seed)
-    )
-    if not vectors.present.any():
-        raise ValueError(f"{config.item_catalog} describes none of the dataset's items")
-    return vectors
+    return catalog_file_vectors(config.item_catalog, list(data.vocab.item_ids), config.item_dim, config.seed)
 
 
 def fresh_model(rib_config: RIBConfig, seed: int, item_vectors: ItemVectors | None) -> RIB:
@@ -486,7 +481,9 @@ def audit(
     # random split alone separates the halves (the bias the swapped target cancels); on the swapped pair it
     # is exactly 0.5.
     item_vectors = item_vectors_for_audit(split.train, config)
-    untrained = -per_record_losses(fresh_model(rib_config, config.seed, item_vectors), candidates, config.max_len)
+    untrained = -per_record_losses(
+        fresh_model(rib_config, config.seed, item_vectors), candidates, config.max_len
+    )
     null_auc = auc(untrained[first], untrained[~first])
     say(f"  null control (untrained model, one split): AUC loss {null_auc:.3f}")
     rows = []

@@ -60,7 +60,7 @@ def train_command(
     item_catalog: Path | None,
 ) -> None:
     """Train RIB on a dataset's training split (validation = end of the training period)."""
-    from model.catalog import CatalogError, CatalogInitConfig, catalog_item_vectors, read_catalog
+    from model.catalog import CatalogError, catalog_file_vectors
     from model.train import TrainConfig, rib_config_for, train_rib
 
     split = open_or_fail(dataset, mapping)
@@ -76,13 +76,10 @@ def train_command(
     item_vectors = None
     if item_catalog is not None:
         try:
-            catalog = read_catalog(item_catalog)
+            item_vectors = catalog_file_vectors(item_catalog, train.vocab.item_ids, item_dim, seed)
         except CatalogError as err:
             raise click.ClickException(str(err)) from err
-        item_vectors = catalog_item_vectors(train.vocab.item_ids, catalog, item_dim, CatalogInitConfig(seed=seed))
         covered = int(item_vectors.present[1:].sum())
-        if covered == 0:
-            raise click.ClickException(f"{item_catalog} describes none of the {train.n_items} training items")
         echo_step(f"item init from {item_catalog}: {covered} of {train.n_items} items")
     echo_step(f"training {'RIB-Attention' if no_attention else 'RIB'} ({data_type}, {loss} loss) on {train.n_sessions} sessions")
     try:

@@ -265,11 +265,9 @@ def train_centralized(
     started = time.perf_counter()
     item_vectors = None
     if catalog is not None:
-        from model.catalog import CatalogInitConfig, catalog_item_vectors, read_catalog
+        from model.catalog import catalog_file_vectors
 
-        item_vectors = catalog_item_vectors(
-            split.vocab.item_ids, read_catalog(catalog), rib_config.item_dim, CatalogInitConfig(seed=seed)
-        )
+        item_vectors = catalog_file_vectors(catalog, split.vocab.item_ids, rib_config.item_dim, seed)
     rec, history = train_rib(split.train, rib_config, train_config, progress=False, item_vectors=item_vectors)
     train_seconds = time.perf_counter() - started
     weights = get_weights(rec.model)
