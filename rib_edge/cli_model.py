@@ -41,6 +41,9 @@ def _metric_lines(result) -> list[str]:
 @click.option("--device", default=None, help="auto, cpu or cuda (env RIB_EDGE_DEVICE overrides).")
 @click.option("--item-catalog", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Catalog CSV (item_id + category/brand columns; `rib-edge data catalog`): item init from it instead of Word2vec.")
+@click.option("--tie-output", is_flag=True, help="Score items against the item embeddings (one nn.Module, no separate output table).")
+@click.option("--freeze-items", is_flag=True, help="Keep the item embeddings at their init (Word2vec or catalog); with --tie-output "
+              "this is what bench accuracy chose on validation for catalogues up to 10k items.")
 def train_command(
     dataset: str,
     mapping: Path | None,
@@ -58,6 +61,8 @@ def train_command(
     threads: int,
     device: str | None,
     item_catalog: Path | None,
+    tie_output: bool,
+    freeze_items: bool,
 ) -> None:
     """Train RIB on a dataset's training split (validation = end of the training period)."""
     from model.catalog import CatalogError, catalog_file_vectors
@@ -69,7 +74,13 @@ def train_command(
         click.echo(f"note: {dataset} has no activity field; the activity embedding sees one constant value")
     if data_type in ("SKU+Dwell", "SKU+Micro") and not train.has_dwell:
         click.echo(f"note: {dataset} has no dwell time; the dwell embedding sees only 'unknown'")
-    rib_config = rib_config_for(train, data_type, item_dim=item_dim, hidden_dim=hidden_dim, loss=loss, use_attention=not no_attention, copy=copy_term)
+    try:
+        rib_config = rib_config_for(
+            train, data_type, item_dim=item_dim, hidden_dim=hidden_dim, loss=loss, use_attention=not no_attention, copy=copy_term,
+            tie_output=tie_output, freeze_items=freeze_items,
+        )
+    except ValueError as err:  # e.g. --tie-output with the paper loss
+        raise click.ClickException(str(err)) from err
     train_config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_threads=threads, checkpoint_dir=str(out_dir), device=device
     )
@@ -135,11 +146,14 @@ def _split_csv(value: str | None) -> list[str] | None:
 @click.option("--quick", is_flag=True, help="CI-sized run: tiny RIB, 2 epochs, 100 bootstrap resamples.")
 @click.option("--threads", default=1, show_default=True, help="torch CPU threads for RIB.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--item-catalog", default=None, metavar="FILE|shipped",
+              help="RIB's item table from a catalog CSV (`rib-edge data catalog`), or 'shipped' for the shared dataset's own, "
+                   "instead of Word2vec: side information the baselines lack (an extension beyond the paper).")
 @click.option("--merge", "merge_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Instead of running: merge accuracy runs (dirs with accuracy.json + ranks.npz) of this dataset into --out.")
 def bench_accuracy_command(
     dataset: str, mapping: Path | None, out_dir: Path | None, models: str | None, data_types: str | None,
-    epochs: int | None, quick: bool, threads: int, seed: int, merge_dirs: tuple[Path, ...],
+    epochs: int | None, quick: bool, threads: int, seed: int, item_catalog: str | None, merge_dirs: tuple[Path, ...],
 ) -> None:
     """Paper Table 3 for one dataset: baselines, then RIB-Attention and RIB per data type (JSON + markdown)."""
     from model.accuracy import DATA_TYPE_NAMES as TYPES
@@ -157,13 +171,20 @@ def bench_accuracy_command(
     try:
         settings = AccuracySettings(
             models=_split_csv(models) or MODEL_NAMES, data_types=_split_csv(data_types) or TYPES,
-            epochs=epochs, quick=quick, threads=threads, seed=seed,
+            epochs=epochs, quick=quick, threads=threads, seed=seed, item_catalog=item_catalog,
         )
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     split = open_or_fail(dataset, mapping)
     out_dir = out_dir or Path("benchmarks/results/accuracy") / Path(dataset).name
-    payload = run_accuracy(split, dataset, out_dir, settings, progress=echo_step)
+    from model.catalog import CatalogError
+
+    if item_catalog is not None and item_catalog != "shipped" and not Path(item_catalog).is_file():
+        raise click.ClickException(f"--item-catalog: {item_catalog} is not a file (or 'shipped')")
+    try:
+        payload = run_accuracy(split, dataset, out_dir, settings, progress=echo_step)
+    except CatalogError as err:
+        raise click.ClickException(str(err)) from err
     for row in payload["rows"]:
         if row.get("skipped"):
             click.echo(f"{row['model']:14s} {row['data_type']:13s} skipped: {row['skipped']}")

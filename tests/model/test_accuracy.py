@@ -115,3 +115,43 @@ def test_last_state_goes_to_rib_only(small_split, tmp_path):
     configs = {name: load_checkpoint(tmp_path / "checkpoints" / f"{name}_SKU" / "rib.pt").rib_config for name in RIB_NAMES}
     assert configs["RIB"].last_state and configs["RIB"].use_attention
     assert not configs["RIB-Attention"].last_state and not configs["RIB-Attention"].use_attention
+
+
+def _write_catalog(path, item_ids, categories: int = 4) -> None:
+    lines = ["item_id,category"] + [f"{item},c{i % categories}" for i, item in enumerate(item_ids)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_item_catalog_replaces_word2vec_init(small_split, tmp_path):
+    """--item-catalog: RIB's item table starts from the catalog's vectors and the run records where it came from."""
+    from model.train import load_checkpoint
+
+    catalog = tmp_path / "catalog.csv"
+    _write_catalog(catalog, small_split.vocab.item_ids)
+    settings = quick_settings(epochs=1, models=("RIB",), data_types=("SKU",), item_catalog=str(catalog))
+    payload = run_accuracy(small_split, "synthetic-small", tmp_path / "run", settings)
+    (row,) = payload["rows"]
+    assert row["item_init"] == "item vectors" and row["recall@20"] is not None
+    assert payload["settings"]["item_catalog"] == str(catalog)
+    assert f"catalog `{catalog}`" in (tmp_path / "run" / "accuracy.md").read_text()
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "RIB_SKU" / "rib.pt").history["item_init"] == "item vectors"
+    default = run_accuracy(small_split, "synthetic-small", None, quick_settings(epochs=1, models=("RIB",), data_types=("SKU",)))
+    assert default["rows"][0]["item_init"] == "word2vec"
+
+
+def test_item_catalog_that_covers_no_item_fails_before_training(small_split, tmp_path):
+    from model.catalog import CatalogError
+
+    catalog = tmp_path / "other_shop.csv"
+    _write_catalog(catalog, [f"elsewhere-{i}" for i in range(10)])
+    with pytest.raises(CatalogError, match="none of the"):
+        run_accuracy(small_split, "synthetic-small", tmp_path / "run", quick_settings(epochs=1, item_catalog=str(catalog)))
+    assert not (tmp_path / "run").exists()  # nothing fitted, no checkpoint written
+    result = CliRunner().invoke(
+        bench_accuracy_command, ["--dataset", "synthetic", "--quick", "--item-catalog", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]
+    )
+    assert result.exit_code != 0 and "is not a file" in result.output
+    result = CliRunner().invoke(
+        bench_accuracy_command, ["--dataset", "synthetic", "--quick", "--models", "RIB", "--data-types", "SKU", "--item-catalog", str(catalog), "--out", str(tmp_path)]
+    )
+    assert result.exit_code != 0 and "none of the" in result.output

@@ -105,3 +105,18 @@ def test_train_from_a_catalog_item_init(runner, tmp_path):
     (tmp_path / "other.csv").write_text("item_id,brand\nnot-an-item,b\n")
     result = runner.invoke(main, [*args, "--out", str(tmp_path / "x"), "--item-catalog", str(tmp_path / "other.csv")])
     assert result.exit_code != 0 and "describes none" in result.output and "Traceback" not in result.output
+
+
+def test_train_with_a_frozen_tied_item_table(runner, tmp_path):
+    """--tie-output --freeze-items: the checkpoint scores with the item table, which training left at its init."""
+    from model.train import load_checkpoint
+
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "synthetic", "--epochs", "1", "--item-dim", "8", "--hidden-dim", "8"]
+    result = runner.invoke(main, [*args, "--out", str(out), "--tie-output", "--freeze-items"])
+    assert result.exit_code == 0, result.output
+    rec = load_checkpoint(out / "rib.pt")
+    assert rec.rib_config.tie_output and rec.rib_config.freeze_items
+    assert not rec.model.item_emb.weight.requires_grad
+    result = runner.invoke(main, [*args, "--out", str(tmp_path / "x"), "--tie-output", "--loss", "paper"])
+    assert result.exit_code != 0 and "tie_output" in result.output and "Traceback" not in result.output
