@@ -382,7 +382,39 @@ def write_accuracy(out_dir: Path, payload: dict[str, object], results: dict[tupl
     md_path.write_text(accuracy_markdown(payload))
     if results:
         np.savez_compressed(out_dir / "ranks.npz", **{f"{m}|{d}": r.ranks.astype(np.int32) for (m, d), r in results.items()})
+    plot_accuracy(payload, out_dir / "accuracy.png")
     return json_path, md_path
+
+
+def plot_accuracy(payload: dict[str, object], path: Path) -> Path | None:
+    """Table 3 as bars: Recall@20 and MRR@20 per row with 95% bootstrap whiskers, baselines grey (None: no rows)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in payload["rows"] if not r.get("skipped") and r.get("recall@20") is not None]
+    if not rows:
+        return None
+    labels = [r["model"] if r["model"] in BASELINE_NAMES else f"{r['model']} {r['data_type']}" for r in rows]
+    colors = ["#9e9e9e" if r["model"] in BASELINE_NAMES else ("#1f77b4" if r["model"] == "RIB" else "#7fb3e0") for r in rows]
+    fig = Figure(figsize=(11, 0.32 * len(rows) + 1.6), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    y = np.arange(len(rows))[::-1]
+    for ax, metric in zip(axes, METRICS, strict=True):
+        values = np.array([float(r[metric]) for r in rows])
+        ci = np.array([r.get(f"{metric}_ci95") or [v, v] for r, v in zip(rows, values, strict=True)], dtype=float)
+        ax.barh(y, values, color=colors, xerr=np.abs(np.vstack([values - ci[:, 0], ci[:, 1] - values])), capsize=2)
+        best = (payload.get("best_baseline") or {}).get(metric)
+        if best:
+            ax.axvline(best["value"], color="#d62728", lw=1, ls="--", label=f"best baseline ({best['model']})")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xlabel(f"{metric} (95% bootstrap CI)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, labels, fontsize=8)
+    test = payload.get("test") or {}
+    fig.suptitle(f"{payload['dataset']}: {test.get('examples', '?')} test prefixes, {payload.get('n_items')} items")
+    fig.savefig(path)
+    return path
 
 
 def quick_settings(**changes: object) -> AccuracySettings:

@@ -55,6 +55,7 @@ def test_json_contract_names_and_improvements(small_split, tmp_path):
     markdown = (tmp_path / "accuracy.md").read_text()
     assert "| RIB | SKU+Micro |" in markdown and "%)" in markdown
     assert (tmp_path / "checkpoints").is_dir()
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_item_only_split_skips_micro_variants(small_split, tmp_path):
