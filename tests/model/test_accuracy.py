@@ -156,3 +156,27 @@ def test_item_catalog_that_covers_no_item_fails_before_training(small_split, tmp
         bench_accuracy_command, ["--dataset", "synthetic", "--quick", "--models", "RIB", "--data-types", "SKU", "--item-catalog", str(catalog), "--out", str(tmp_path)]
     )
     assert result.exit_code != 0 and "none of the" in result.output
+
+
+def test_item_table_is_chosen_on_validation_and_applied_to_every_rib_row(small_split, tmp_path):
+    from model.accuracy import ITEM_TABLES
+    from model.train import load_checkpoint
+
+    settings = quick_settings(epochs=2, models=RIB_NAMES, data_types=("SKU", "SKU+Micro"))
+    payload = run_accuracy(small_split, "synthetic-small", tmp_path, settings)
+    selection = payload["item_table_selection"]
+    assert selection["data_type"] == "SKU+Micro" and set(selection["val_recall@20"]) == set(ITEM_TABLES)
+    best = max(selection["val_recall@20"].values())
+    assert selection["val_recall@20"][selection["chosen"]] == best
+    chosen = ITEM_TABLES[selection["chosen"]]
+    for name in RIB_NAMES:
+        for data_type in ("SKU", "SKU_Micro"):
+            config = load_checkpoint(tmp_path / "checkpoints" / f"{name}_{data_type}" / "rib.pt").rib_config
+            assert config.freeze_items == chosen.get("freeze_items", False)
+            assert config.tie_output == chosen.get("tie_output", False)
+    assert "Item table chosen on validation" in (tmp_path / "accuracy.md").read_text()
+    # Item-only data: the selection runs on SKU; switched off, there is none.
+    only = run_accuracy(_item_only(small_split), "s", None, quick_settings(epochs=1, models=("RIB",), data_types=("SKU",)))
+    assert only["item_table_selection"]["data_type"] == "SKU"
+    off = run_accuracy(small_split, "s", None, quick_settings(epochs=1, models=("RIB",), data_types=("SKU",), select_item_table=False))
+    assert off["item_table_selection"] is None and "freeze_items" not in off["settings"]["rib_overrides"]
