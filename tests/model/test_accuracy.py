@@ -175,6 +175,8 @@ def test_item_table_is_chosen_on_validation_and_applied_to_every_rib_row(small_s
             assert config.freeze_items == chosen.get("freeze_items", False)
             assert config.tie_output == chosen.get("tie_output", False)
     assert "Item table chosen on validation" in (tmp_path / "accuracy.md").read_text()
+    # Small catalogue: each reported model is retrained on all training sessions for its best epoch count.
+    assert all(r["refit_epochs"] == r["best_epoch"] for r in payload["rows"])
     # Item-only data: the selection runs on SKU; switched off, there is none.
     only = run_accuracy(_item_only(small_split), "s", None, quick_settings(epochs=1, models=("RIB",), data_types=("SKU",)))
     assert only["item_table_selection"]["data_type"] == "SKU"

@@ -253,3 +253,24 @@ def test_lr_decay_multiplies_the_learning_rate_every_epoch(split):
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="lr_decay"):
             train_rib(split.train, config, replace(FAST, lr_decay=bad), progress=False)
+
+
+def test_refit_on_all_trains_the_selected_epochs_on_every_training_session(split, tmp_path):
+    """refit_on_all: early stopping picks the epochs, then a fresh model trains that long on fit + validation."""
+    tc = replace(FAST, epochs=3, patience=5, refit_on_all=True, checkpoint_dir=str(tmp_path))
+    config = rib_config_for(split.train, "SKU+Micro", **TINY)
+    rec = RIBRecommender(config, tc).fit(split.train)
+    history = rec.history
+    best_epoch = history["best_epoch"]
+    assert history["n_fit_sessions"] < split.train.n_sessions  # the selection run held validation out
+    assert history["refit"]["n_fit_sessions"] == split.train.n_sessions and history["refit"]["epochs"] == best_epoch
+    # The same as training best_epoch epochs on everything with the same seed, and that is what was saved.
+    direct = RIBRecommender(config, replace(FAST, epochs=best_epoch, val_fraction=0.0)).fit(split.train)
+    for name, value in direct.model.state_dict().items():
+        torch.testing.assert_close(rec.model.state_dict()[name], value, rtol=0, atol=0)
+    selected = RIBRecommender(config, replace(tc, refit_on_all=False, checkpoint_dir=None)).fit(split.train)
+    assert any(not torch.equal(selected.model.state_dict()[n], v) for n, v in rec.model.state_dict().items())
+    saved = load_checkpoint(tmp_path / "rib.pt")
+    assert saved.history["refit"]["epochs"] == best_epoch
+    for name, value in rec.model.state_dict().items():
+        torch.testing.assert_close(saved.model.state_dict()[name], value, rtol=0, atol=0)
