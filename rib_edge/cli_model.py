@@ -44,6 +44,8 @@ def _metric_lines(result) -> list[str]:
 @click.option("--tie-output", is_flag=True, help="Score items against the item embeddings (one nn.Module, no separate output table).")
 @click.option("--freeze-items", is_flag=True, help="Keep the item embeddings at their init (Word2vec or catalog); with --tie-output "
               "this is what bench accuracy chose on validation for catalogues up to 10k items.")
+@click.option("--refit-on-all", is_flag=True, help="After early stopping, retrain the best epoch count on every training session "
+              "(validation included: the most recent sessions).")
 def train_command(
     dataset: str,
     mapping: Path | None,
@@ -63,6 +65,7 @@ def train_command(
     item_catalog: Path | None,
     tie_output: bool,
     freeze_items: bool,
+    refit_on_all: bool,
 ) -> None:
     """Train RIB on a dataset's training split (validation = end of the training period)."""
     from model.catalog import CatalogError, catalog_file_vectors
@@ -82,7 +85,8 @@ def train_command(
     except ValueError as err:  # e.g. --tie-output with the paper loss
         raise click.ClickException(str(err)) from err
     train_config = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_threads=threads, checkpoint_dir=str(out_dir), device=device
+        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_threads=threads, checkpoint_dir=str(out_dir), device=device,
+        refit_on_all=refit_on_all,
     )
     item_vectors = None
     if item_catalog is not None:
@@ -99,8 +103,10 @@ def train_command(
         raise click.ClickException(str(err)) from err
     (out_dir / "history.json").write_text(json.dumps(rec.checkpoint()["history"], indent=2))
     best = history.get("best_val_recall@20")
+    refit = history.get("refit")
     echo_step(
         f"best epoch {history['best_epoch']}"
+        + (f" (refit {refit['epochs']} epochs on all {refit['n_fit_sessions']} training sessions)" if refit else "")
         + (f", validation recall@20 {best:.4f}" if best is not None else "")
         + f"; {history['sessions_per_s']:.0f} sessions/s, {history['total_seconds']:.1f}s, peak RSS {history['peak_rss_mb']:.0f} MB"
     )

@@ -113,10 +113,12 @@ def test_train_with_a_frozen_tied_item_table(runner, tmp_path):
 
     out = tmp_path / "run"
     args = ["train", "--dataset", "synthetic", "--epochs", "1", "--item-dim", "8", "--hidden-dim", "8"]
-    result = runner.invoke(main, [*args, "--out", str(out), "--tie-output", "--freeze-items"])
+    result = runner.invoke(main, [*args, "--out", str(out), "--tie-output", "--freeze-items", "--refit-on-all"])
     assert result.exit_code == 0, result.output
     rec = load_checkpoint(out / "rib.pt")
     assert rec.rib_config.tie_output and rec.rib_config.freeze_items
     assert not rec.model.item_emb.weight.requires_grad
+    refit = json.loads((out / "history.json").read_text())["refit"]
+    assert refit["epochs"] == rec.history["best_epoch"] and f"refit {refit['epochs']} epochs on all" in result.output
     result = runner.invoke(main, [*args, "--out", str(tmp_path / "x"), "--tie-output", "--loss", "paper"])
     assert result.exit_code != 0 and "tie_output" in result.output and "Traceback" not in result.output
