@@ -181,12 +181,12 @@ def bench_accuracy_command(
         )
     except ValueError as err:
         raise click.ClickException(str(err)) from err
-    split = open_or_fail(dataset, mapping)
-    out_dir = out_dir or Path("benchmarks/results/accuracy") / Path(dataset).name
     from model.catalog import CatalogError
 
     if item_catalog is not None and item_catalog != "shipped" and not Path(item_catalog).is_file():
         raise click.ClickException(f"--item-catalog: {item_catalog} is not a file (or 'shipped')")
+    split = open_or_fail(dataset, mapping)
+    out_dir = out_dir or Path("benchmarks/results/accuracy") / Path(dataset).name
     try:
         payload = run_accuracy(split, dataset, out_dir, settings, progress=echo_step)
     except CatalogError as err:
