@@ -293,11 +293,10 @@ def select_item_table(
 def _catalog(source: str, dataset: str, train: SessionDataset):
     """The item catalog named by ``AccuracySettings.item_catalog`` ("shipped": the shared dataset's own);
     CatalogError when it describes none of ``train``'s items."""
-    from model.catalog import CatalogError, dataset_catalog, read_catalog
+    from model.catalog import check_covers, dataset_catalog, read_catalog
 
     catalog = dataset_catalog(dataset) if source == "shipped" else read_catalog(source)
-    if not any(str(item) in catalog.attributes for item in train.vocab.item_ids):
-        raise CatalogError(f"{source}: the catalog describes none of the {train.n_items} items (are the item ids the same?)")
+    check_covers(catalog, train.vocab.item_ids, f"the {dataset} catalog" if source == "shipped" else source)
     return catalog
 
 

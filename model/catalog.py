@@ -304,9 +304,18 @@ def catalog_item_vectors(
     return ItemVectors(vectors, present)
 
 
+def check_covers(catalog: ItemCatalog, item_ids: Sequence[str], source: str) -> None:
+    """CatalogError when ``catalog`` gives no attribute to any of ``item_ids`` (another shop's, other ids)."""
+    if not any(
+        any(value is not None for value in catalog.attributes.get(str(item), ())) for item in item_ids
+    ):
+        raise CatalogError(
+            f"{source} describes none of the {len(item_ids)} items (are the item ids the same?)"
+        )
+
+
 def catalog_file_vectors(path: str | Path, item_ids: Sequence[str], dim: int, seed: int = 0) -> ItemVectors:
     """``catalog_item_vectors`` of a catalog file with the default weights; CatalogError if it covers no item."""
-    vectors = catalog_item_vectors(item_ids, read_catalog(path), dim, CatalogInitConfig(seed=seed))
-    if not vectors.present.any():
-        raise CatalogError(f"{path} describes none of the {len(item_ids)} items (are the item ids the same?)")
-    return vectors
+    catalog = read_catalog(path)
+    check_covers(catalog, item_ids, str(path))
+    return catalog_item_vectors(item_ids, catalog, dim, CatalogInitConfig(seed=seed))
