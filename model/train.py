@@ -234,8 +234,21 @@ class RIBRecommender:
     def _refit_on_all(self, train: SessionDataset) -> None:
         """Replace the early-stopped model by a fresh one trained best_epoch epochs on all of ``train``."""
         selected = self.history
+        budget = self.train_config.max_train_seconds
+        remaining = None if budget is None else budget - float(selected["train_seconds"])
+        if remaining is not None:
+            # The budget covers selection and refit together. Skip a refit the budget cannot finish: one
+            # cut short would stop at a higher learning rate than the epoch validation chose.
+            epochs_done = [e for e in selected["epochs"] if float(e["train_seconds"]) > 0]
+            per_epoch = float(np.median([float(e["train_seconds"]) for e in epochs_done])) if epochs_done else 0.0
+            n_all = selected["n_fit_sessions"] + selected["n_val_sessions"]
+            needed = per_epoch * int(selected["best_epoch"]) * n_all / max(1, selected["n_fit_sessions"])
+            if needed > remaining:
+                self.history = {**selected, "refit": {"skipped": f"needs ~{needed:.0f} s of the {remaining:.0f} s the "
+                                                                 f"{budget:.0f} s budget leaves"}}
+                return
         refit_tc = replace(self.train_config, epochs=int(selected["best_epoch"]), val_fraction=0.0, refit_on_all=False,
-                           checkpoint_dir=None)
+                           checkpoint_dir=None, max_train_seconds=remaining)
         refit = RIBRecommender(self.rib_config, refit_tc, progress=self.progress, item_vectors=self.item_vectors)
         _train(refit, train, self.progress)
         self.model = refit.model
@@ -243,7 +256,8 @@ class RIBRecommender:
         self.history = {
             **selected,
             "refit": {key: done[key] for key in ("n_fit_sessions", "steps", "item_init", "w2v_seconds", "train_seconds", "total_seconds")}
-            | {"epochs": len(done["epochs"]), "train_loss": done["epochs"][-1]["train_loss"] if done["epochs"] else None},
+            | {"epochs": len(done["epochs"]), "train_loss": done["epochs"][-1]["train_loss"] if done["epochs"] else None,
+               "budget_seconds": remaining},
             "peak_rss_mb": max(float(selected["peak_rss_mb"]), float(done["peak_rss_mb"])),
         }
         if self.train_config.checkpoint_dir:

@@ -106,7 +106,8 @@ def train_command(
     refit = history.get("refit")
     echo_step(
         f"best epoch {history['best_epoch']}"
-        + (f" (refit {refit['epochs']} epochs on all {refit['n_fit_sessions']} training sessions)" if refit else "")
+        + (f" (refit skipped: {refit['skipped']})" if refit and "skipped" in refit
+           else f" (refit {refit['epochs']} epochs on all {refit['n_fit_sessions']} training sessions)" if refit else "")
         + (f", validation recall@20 {best:.4f}" if best is not None else "")
         + f"; {history['sessions_per_s']:.0f} sessions/s, {history['total_seconds']:.1f}s, peak RSS {history['peak_rss_mb']:.0f} MB"
     )

@@ -255,6 +255,22 @@ def test_lr_decay_multiplies_the_learning_rate_every_epoch(split):
             train_rib(split.train, config, replace(FAST, lr_decay=bad), progress=False)
 
 
+def test_refit_shares_the_time_budget_and_is_skipped_when_it_cannot_finish(split):
+    """With max_train_seconds, the refit gets what the selection run left, and none when that is too little."""
+    config = rib_config_for(split.train, "SKU+Micro", **TINY)
+    tc = replace(FAST, epochs=2, patience=5, refit_on_all=True, max_train_seconds=10_000.0)
+    history = RIBRecommender(config, tc).fit(split.train).history
+    assert history["refit"]["epochs"] == history["best_epoch"]
+    assert history["refit"]["budget_seconds"] == pytest.approx(10_000.0 - history["train_seconds"])
+    # A budget the selection run already spent: the early-stopped model stays, and the history says why.
+    spent = replace(tc, max_train_seconds=0.0)
+    rec = RIBRecommender(config, spent).fit(split.train)
+    assert "budget" in rec.history["refit"]["skipped"] and "epochs" not in rec.history["refit"]
+    selected = RIBRecommender(config, replace(spent, refit_on_all=False)).fit(split.train)
+    for name, value in selected.model.state_dict().items():
+        torch.testing.assert_close(rec.model.state_dict()[name], value, rtol=0, atol=0)
+
+
 def test_refit_on_all_trains_the_selected_epochs_on_every_training_session(split, tmp_path):
     """refit_on_all: early stopping picks the epochs, then a fresh model trains that long on fit + validation."""
     tc = replace(FAST, epochs=3, patience=5, refit_on_all=True, checkpoint_dir=str(tmp_path))
