@@ -125,6 +125,18 @@ def rib_settings(train: SessionDataset, settings: AccuracySettings) -> tuple[dic
     return rib, tc
 
 
+def _epoch_reporter(label: str, say: Progress) -> Callable[[dict[str, object]], None]:
+    """A RIBRecommender.on_epoch that reports each epoch through ``say`` (a RIB run can take an hour)."""
+
+    def report(row: dict[str, object]) -> None:
+        phase = "refit epoch" if row.get("refit") else "epoch"
+        val = row.get("val_recall@20")
+        say(f"{label}: {phase} {row['epoch']} loss {float(row['train_loss']):.4f} in {float(row['train_seconds']):.0f}s"
+            + ("" if val is None else f", val recall@20 {float(val):.4f}"))
+
+    return report
+
+
 def _baseline(name: str):
     from model.baselines import make_baseline
     from model.word2vec import Word2VecAvgRecommender, Word2VecRecommender
@@ -210,7 +222,8 @@ def run_accuracy(
                 item_vectors = _catalog_vectors(catalog, train, config.item_dim, settings.seed)
             say(f"{name} {data_type}: training ({config.loss} loss, {tc.epochs} epochs max)")
             t0 = time.perf_counter()
-            rec = RIBRecommender(config, tc, item_vectors=item_vectors).fit(train)
+            rec = RIBRecommender(config, tc, item_vectors=item_vectors, on_epoch=_epoch_reporter(f"{name} {data_type}", say))
+            rec.fit(train)
             fit_seconds = time.perf_counter() - t0
             history = rec.history
             t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -203,9 +204,13 @@ class RIBRecommender:
         data_type: str = "SKU+Micro",
         progress: bool = False,
         item_vectors: ItemVectors | None = None,
+        on_epoch: Callable[[dict[str, object]], None] | None = None,
         **rib_overrides: object,
     ) -> None:
         self.rib_config = rib_config
+        # Called with each finished epoch's row (the refit's rows carry "refit": True): progress for callers
+        # that show their own, such as an hour-long `bench accuracy`.
+        self.on_epoch = on_epoch
         # Item init from elsewhere (e.g. model.catalog's vectors) instead of Word2vec on the training sessions.
         self.item_vectors = item_vectors
         self.train_config = train_config or TrainConfig()
@@ -249,7 +254,9 @@ class RIBRecommender:
                 return
         refit_tc = replace(self.train_config, epochs=int(selected["best_epoch"]), val_fraction=0.0, refit_on_all=False,
                            checkpoint_dir=None, max_train_seconds=remaining)
-        refit = RIBRecommender(self.rib_config, refit_tc, progress=self.progress, item_vectors=self.item_vectors)
+        on_epoch = self.on_epoch
+        refit = RIBRecommender(self.rib_config, refit_tc, progress=self.progress, item_vectors=self.item_vectors,
+                               on_epoch=None if on_epoch is None else lambda row: on_epoch({**row, "refit": True}))
         _train(refit, train, self.progress)
         self.model = refit.model
         done = refit.history
@@ -536,6 +543,8 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
             if improved:
                 best_recall = result.metrics["recall@20"]
         epochs.append(row)
+        if rec.on_epoch is not None:
+            rec.on_epoch(row)
         if progress:
             shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             tqdm.write(shown)

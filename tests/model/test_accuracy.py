@@ -182,3 +182,15 @@ def test_item_table_is_chosen_on_validation_and_applied_to_every_rib_row(small_s
     assert only["item_table_selection"]["data_type"] == "SKU"
     off = run_accuracy(small_split, "s", None, quick_settings(epochs=1, models=("RIB",), data_types=("SKU",), select_item_table=False))
     assert off["item_table_selection"] is None and "freeze_items" not in off["settings"]["rib_overrides"]
+
+
+def test_rib_training_reports_every_epoch_and_the_refit(small_split):
+    """A RIB run reports each epoch through the progress callback, the selection run's and then the refit's."""
+    messages: list[str] = []
+    settings = quick_settings(epochs=2, models=("RIB",), data_types=("SKU",), select_item_table=False)
+    payload = run_accuracy(small_split, "s", None, settings, progress=messages.append)
+    row = next(r for r in payload["rows"] if r["model"] == "RIB")
+    selection = [m for m in messages if m.startswith("RIB SKU: epoch ")]
+    refit = [m for m in messages if m.startswith("RIB SKU: refit epoch ")]
+    assert len(selection) == row["epochs_run"] and all("val recall@20" in m for m in selection)
+    assert len(refit) == row["refit_epochs"] and not any("val recall@20" in m for m in refit)
