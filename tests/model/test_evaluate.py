@@ -19,6 +19,21 @@ def test_target_ranks_ignore_padding_and_break_ties_against_target():
     np.testing.assert_array_equal(top_k(scores, 2), [[2, 3], [1, 2]])
 
 
+def test_top_k_matches_a_stable_sort_with_and_without_ties():
+    """top_k = the first k real items of a stable descending sort (ties, none, NaN), never the padding column."""
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        n_items, k = int(rng.integers(2, 60)), int(rng.integers(1, 25))
+        coarse = rng.integers(0, 4, size=(7, n_items + 1)).astype(np.float32)  # heavy ties
+        fine = rng.standard_normal((7, n_items + 1)).astype(np.float32)  # none
+        fine[0, 1:] = 1.0  # one row all tied
+        fine[1, 3] = np.nan  # NaN ranks last
+        for scores in (coarse, fine):
+            real = np.where(np.isnan(scores), -np.inf, scores)[:, 1:]  # padding (column 0) is never returned
+            expected = 1 + np.argsort(-real, axis=1, kind="stable")[:, : min(k, n_items)]
+            np.testing.assert_array_equal(top_k(scores, k), expected, err_msg=f"trial {trial}")
+
+
 class Oracle:
     """Cheats if it can: ranks the item right after the prefix first. Records what it was shown."""
 
