@@ -112,8 +112,9 @@ def rib_settings(train: SessionDataset, settings: AccuracySettings) -> tuple[dic
         )
         tc.update(epochs=20, batch_size=256, lr=3e-3, lr_decay=0.8, patience=2, min_steps=0, negative_sampler="popularity", max_train_seconds=3600.0)
     # Validation picks the epochs, then RIB retrains on every training session (TrainConfig.refit_on_all:
-    # measured +.017 / +.065 val Recall@20 on jdata2016). On large catalogues the refit shares the one-hour
-    # budget with the selection run and is skipped when it would not finish inside it.
+    # measured +.017 / +.065 val Recall@20 on jdata2016, nested). On large catalogues the refit shares the
+    # one-hour budget with the selection run and is skipped when it would not finish inside it (diginetica
+    # with 2 threads: 1,072 s + 909 s of optimisation).
     tc.update(refit_on_all=True)
     if settings.quick:
         rib.update(item_dim=16, hidden_dim=24, activity_dim=4, dwell_dim=4)
