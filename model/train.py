@@ -66,7 +66,8 @@ class TrainConfig:
     val_max_examples: int | None = 20_000  # early stopping on a fixed seeded sample of validation examples (speed)
     negative_sampler: str = "uniform"
     # Wall-clock budget for the optimisation (seconds, Word2vec and validation excluded): the epoch that
-    # crosses it ends early, is validated, and training stops. None = no budget.
+    # crosses it ends early, is validated, and training stops. With refit_on_all it covers the selection run
+    # and the refit together. None = no budget.
     max_train_seconds: float | None = None
     # After early stopping picks the epoch count on validation, train a fresh model for that many epochs on
     # every training session, the validation ones too: they are the most recent, the closest to what
