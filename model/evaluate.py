@@ -61,7 +61,8 @@ def paired_bootstrap_diff(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed
 def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """1-based rank of each target among items 1..N (column 0 is padding and never ranked)."""
     scores = np.asarray(scores, dtype=np.float32)
-    scores = np.where(np.isnan(scores), -np.inf, scores)
+    if np.isnan(scores).any():  # copy a catalogue-wide matrix only when there is something to replace
+        scores = np.where(np.isnan(scores), -np.inf, scores)
     rows = np.arange(len(targets))
     target_score = scores[rows, targets][:, None]
     item_index = np.arange(scores.shape[1])[None, :]

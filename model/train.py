@@ -245,8 +245,7 @@ class RIBRecommender:
         if remaining is not None:
             # The budget covers selection and refit together. Skip a refit the budget cannot finish: one
             # cut short would stop at a higher learning rate than the epoch validation chose.
-            epochs_done = [e for e in selected["epochs"] if float(e["train_seconds"]) > 0]
-            per_epoch = float(np.median([float(e["train_seconds"]) for e in epochs_done])) if epochs_done else 0.0
+            per_epoch = float(np.median([float(e["train_seconds"]) for e in selected["epochs"]]))
             n_all = selected["n_fit_sessions"] + selected["n_val_sessions"]
             needed = per_epoch * int(selected["best_epoch"]) * n_all / max(1, selected["n_fit_sessions"])
             if needed > remaining:
