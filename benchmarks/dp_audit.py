@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         catalog_path = dataset_catalog(dataset, seed=args.seed).write_csv(
             Path(tempfile.mkdtemp(prefix="rib-edge-audit-")) / "item-catalog.csv"
         )
-        config = dataclasses.replace(config, item_catalog=str(catalog_path), tie_output=True, freeze_items=True)
+        config = dataclasses.replace(
+            config, item_catalog=str(catalog_path), tie_output=True, freeze_items=True
+        )
     started = time.perf_counter()
     split = open_dataset(dataset)
     args.out.mkdir(parents=True, exist_ok=True)

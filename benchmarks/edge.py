@@ -49,7 +49,9 @@ def _session(path: Path, threads: int = 1):
     return session_for(path, threads)
 
 
-def _random_session(config, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _random_session(
+    config, length: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (
         rng.integers(1, config.n_items + 1, length).astype(np.int64),
         rng.integers(0, config.n_activities, length).astype(np.int64),
@@ -65,14 +67,38 @@ def _graph_runners(full_path: Path, config, seq_len: int, threads: int, seed: in
     rng = np.random.default_rng(seed)
     full = _session(full_path, threads)
     items, acts, dwell = _random_session(config, seq_len, rng)
-    full_feed = feed_for(full, {"items": items[None], "activities": acts[None], "dwell": dwell[None], "lengths": np.array([seq_len], np.int64)})
+    full_feed = feed_for(
+        full,
+        {
+            "items": items[None],
+            "activities": acts[None],
+            "dwell": dwell[None],
+            "lengths": np.array([seq_len], np.int64),
+        },
+    )
     state, _ = full_advance(full, initial_step_state(config.hidden_dim), items[:-1], acts[:-1], dwell[:-1])
-    step_feed = feed_for(full, {"items": items[None, -1:], "activities": acts[None, -1:], "dwell": dwell[None, -1:],
-                                "lengths": np.array([1], np.int64), **state})
+    step_feed = feed_for(
+        full,
+        {
+            "items": items[None, -1:],
+            "activities": acts[None, -1:],
+            "dwell": dwell[None, -1:],
+            "lengths": np.array([1], np.int64),
+            **state,
+        },
+    )
     return (lambda: full.run(None, full_feed)), (lambda: full.run(None, step_feed))
 
 
-def latency(graphs: dict[str, Path], config, seq_len: int, repeats: int, threads: int = 1, seed: int = 0, rounds: int = 10) -> dict[str, object]:
+def latency(
+    graphs: dict[str, Path],
+    config,
+    seq_len: int,
+    repeats: int,
+    threads: int = 1,
+    seed: int = 0,
+    rounds: int = 10,
+) -> dict[str, object]:
     """Full-session (seq_len tuples, batch 1) and one-step latencies of several full graphs (e.g. fp32, int8).
 
     The runs are interleaved in ``rounds`` (each round times every graph for repeats/rounds calls, in a
@@ -109,7 +135,10 @@ def latency(graphs: dict[str, Path], config, seq_len: int, repeats: int, threads
         out[name] = figures
     if "fp32" in graphs and "int8" in graphs:
         for part in ("full", "step"):
-            ratios = [np.median(a) / np.median(b) for a, b in zip(times[f"fp32/{part}"], times[f"int8/{part}"], strict=True)]
+            ratios = [
+                np.median(a) / np.median(b)
+                for a, b in zip(times[f"fp32/{part}"], times[f"int8/{part}"], strict=True)
+            ]
             out[f"speedup_{part}"] = float(np.median(ratios))
     return out
 
@@ -118,7 +147,9 @@ def _graph_bytes(directory: Path) -> int:
     return (directory / "full.onnx").stat().st_size + (directory / "step.onnx").stat().st_size
 
 
-def repeated_latency(graphs: dict[str, Path], config, seq_len: int, repeats: int, threads: int = 1, runs: int = 3) -> dict[str, object]:
+def repeated_latency(
+    graphs: dict[str, Path], config, seq_len: int, repeats: int, threads: int = 1, runs: int = 3
+) -> dict[str, object]:
     """``latency`` ``runs`` times (``repeats`` calls per figure each): every figure is the median over the runs,
     ``runs`` keeps each run's figures."""
     each = [latency(graphs, config, seq_len, repeats, threads, seed=run) for run in range(runs)]
@@ -132,7 +163,17 @@ def repeated_latency(graphs: dict[str, Path], config, seq_len: int, repeats: int
     return out
 
 
-def measure_model(name: str, model, prefixes, work: Path, seq_len: int, repeats: int, threads: int, targets=None, runs: int = 3) -> dict[str, object]:
+def measure_model(
+    name: str,
+    model,
+    prefixes,
+    work: Path,
+    seq_len: int,
+    repeats: int,
+    threads: int,
+    targets=None,
+    runs: int = 3,
+) -> dict[str, object]:
     """Export fp32 + int8 (per-channel output scales, the package default, and per-tensor) and measure one model."""
     from model.export import export_onnx, link_to_full, quantize_int8, recall_mrr, topk_agreement
 
@@ -146,7 +187,11 @@ def measure_model(name: str, model, prefixes, work: Path, seq_len: int, repeats:
         t0 = time.perf_counter()
         out = work / variant
         quantize_int8(fp32.full, out / "full.onnx", per_channel=per_channel)
-        link_to_full(quantize_int8(fp32.step, work / f"{variant}_step_inline.onnx", per_channel=per_channel), out / "full.onnx", out / "step.onnx")
+        link_to_full(
+            quantize_int8(fp32.step, work / f"{variant}_step_inline.onnx", per_channel=per_channel),
+            out / "full.onnx",
+            out / "step.onnx",
+        )
         quant_s = quant_s or time.perf_counter() - t0
         dirs[variant] = out
     sizes = {variant: _graph_bytes(d) for variant, d in dirs.items()}
@@ -161,8 +206,12 @@ def measure_model(name: str, model, prefixes, work: Path, seq_len: int, repeats:
         "step_graph_kb": (dirs["int8"] / "step.onnx").stat().st_size / 1024,
         "size_ratio": sizes["int8"] / sizes["fp32"],
         "top20_agreement": topk_agreement(fp32.full, dirs["int8"] / "full.onnx", prefixes, k=20),
-        "top20_agreement_per_tensor": topk_agreement(fp32.full, dirs["int8_per_tensor"] / "full.onnx", prefixes, k=20),
-        "top20_agreement_step_int8_vs_full_fp32": _step_agreement(fp32.full, dirs["int8"] / "step.onnx", model.config.hidden_dim, prefixes[:50]),
+        "top20_agreement_per_tensor": topk_agreement(
+            fp32.full, dirs["int8_per_tensor"] / "full.onnx", prefixes, k=20
+        ),
+        "top20_agreement_step_int8_vs_full_fp32": _step_agreement(
+            fp32.full, dirs["int8"] / "step.onnx", model.config.hidden_dim, prefixes[:50]
+        ),
         "n_prefixes": len(prefixes),
         "export_s": export_s,
         "quantize_s": quant_s,
@@ -171,8 +220,19 @@ def measure_model(name: str, model, prefixes, work: Path, seq_len: int, repeats:
         for variant in VARIANTS:
             recall, mrr = recall_mrr(_session(dirs[variant] / "full.onnx"), prefixes, targets, k=20)
             result[f"{variant}_recall@20"], result[f"{variant}_mrr@20"] = recall, mrr
-        result["recall@20_rel_change"] = result["int8_recall@20"] / result["fp32_recall@20"] - 1.0 if result["fp32_recall@20"] else float("nan")
-    timing = repeated_latency({variant: d / "full.onnx" for variant, d in dirs.items()}, model.config, seq_len, repeats, threads, runs)
+        result["recall@20_rel_change"] = (
+            result["int8_recall@20"] / result["fp32_recall@20"] - 1.0
+            if result["fp32_recall@20"]
+            else float("nan")
+        )
+    timing = repeated_latency(
+        {variant: d / "full.onnx" for variant, d in dirs.items()},
+        model.config,
+        seq_len,
+        repeats,
+        threads,
+        runs,
+    )
     result.update(timing)
     return result
 
@@ -184,7 +244,18 @@ def _step_agreement(full_path: Path, step_path: Path, hidden_dim: int, prefixes,
     full, step = _session(full_path), _session(step_path)
     overlaps = []
     for items, acts, dwell in prefixes:
-        ref = full.run(None, feed_for(full, {"items": items[None], "activities": acts[None], "dwell": dwell[None], "lengths": np.array([len(items)])}))[0][0]
+        ref = full.run(
+            None,
+            feed_for(
+                full,
+                {
+                    "items": items[None],
+                    "activities": acts[None],
+                    "dwell": dwell[None],
+                    "lengths": np.array([len(items)]),
+                },
+            ),
+        )[0][0]
         got = run_steps(step, hidden_dim, items, acts, dwell)[0][-1]
         tops = []
         for scores in (ref.copy(), got.copy()):
@@ -262,7 +333,9 @@ def device_rss(model, work: Path, runs: int = 3) -> dict[str, object]:
     from model.export import build_package
 
     config = model.config
-    vocab = Vocabulary(np.array([f"item{i}" for i in range(1, config.n_items + 1)]), RIB_ACTIVITY_VOCAB, DwellBuckets())
+    vocab = Vocabulary(
+        np.array([f"item{i}" for i in range(1, config.n_items + 1)]), RIB_ACTIVITY_VOCAB, DwellBuckets()
+    )
     private, public = generate_keypair(work / "keys")
     popular = ([f"item{i}" for i in range(1, 101)], [float(100 - i) for i in range(100)])
     packages = {"int8": work / "package", "fp32": work / "package_fp32"}
@@ -277,7 +350,9 @@ def device_rss(model, work: Path, runs: int = 3) -> dict[str, object]:
     def med(mode: str, key: str) -> float:
         return float(np.median([p[key] for p in probes[mode]]))
 
-    info: dict[str, object] = {key: med("strict", key) for key, value in probes["strict"][0].items() if isinstance(value, float)}
+    info: dict[str, object] = {
+        key: med("strict", key) for key, value in probes["strict"][0].items() if isinstance(value, float)
+    }
     info["n_recs"] = probes["strict"][0]["n_recs"]
     info["torch_loaded"] = any(p["torch_loaded"] for ps in probes.values() for p in ps)
     info["rss_mb_path_load"] = med("path", "rss_mb")
@@ -301,7 +376,9 @@ def _trained_synthetic(epochs: int):
     split = open_dataset("synthetic")
     tc = TrainConfig(epochs=epochs, min_steps=0, patience=epochs, w2v_init=False)
     rec, history = train_rib(split.train, rib_config_for(split.train), tc, progress=False)
-    prefixes, targets = real_examples(split.test, rec.model.config.max_len, n=5000)  # every test example (822)
+    prefixes, targets = real_examples(
+        split.test, rec.model.config.max_len, n=5000
+    )  # every test example (822)
     return rec.model.eval(), prefixes, targets, history
 
 
@@ -317,8 +394,21 @@ def _trained_shared(dataset: str, train_seconds: float):
         split = load_dataset(dataset)
     except (SchemaError, FileNotFoundError):
         return None
-    config = rib_config_for(split.train, "SKU+Micro" if split.train.has_activity and split.train.has_dwell else "SKU", loss="sampled")
-    tc = TrainConfig(epochs=20, batch_size=256, lr=3e-3, min_steps=0, patience=2, w2v_init=False, max_train_seconds=train_seconds, val_max_examples=5000)
+    config = rib_config_for(
+        split.train,
+        "SKU+Micro" if split.train.has_activity and split.train.has_dwell else "SKU",
+        loss="sampled",
+    )
+    tc = TrainConfig(
+        epochs=20,
+        batch_size=256,
+        lr=3e-3,
+        min_steps=0,
+        patience=2,
+        w2v_init=False,
+        max_train_seconds=train_seconds,
+        val_max_examples=5000,
+    )
     rec, history = train_rib(split.train, config, tc, progress=False)
     prefixes, targets = real_examples(split.test, rec.model.config.max_len, n=2000)
     return rec.model.eval(), prefixes, targets, history
@@ -358,9 +448,15 @@ def markdown(result: dict[str, object]) -> str:
             t = m[precision]
             size = m[f"{precision}_mb"]
             ratio = f"{size / m['fp32_mb']:.3f}" if precision != "fp32" else "1"
-            agree = {"fp32": "-", "int8": f"{m['top20_agreement']:.4f}", "int8_per_tensor": f"{m.get('top20_agreement_per_tensor', float('nan')):.4f}"}[precision]
+            agree = {
+                "fp32": "-",
+                "int8": f"{m['top20_agreement']:.4f}",
+                "int8_per_tensor": f"{m.get('top20_agreement_per_tensor', float('nan')):.4f}",
+            }[precision]
             recall = m.get(f"{precision}_recall@20")
-            label = {"int8": "int8 (per-channel, default)", "int8_per_tensor": "int8 per-tensor"}.get(precision, precision)
+            label = {"int8": "int8 (per-channel, default)", "int8_per_tensor": "int8 per-tensor"}.get(
+                precision, precision
+            )
             lines.append(
                 f"| {m['model']} | {label} | {t['full_p50_ms']:.3f} | {t['full_p95_ms']:.3f} | {t['step_p50_ms']:.3f} | "
                 f"{t['step_p95_ms']:.3f} | {size:.2f} | {ratio} | {agree} | {'-' if recall is None else f'{recall:.4f}'} |"
@@ -377,17 +473,23 @@ def markdown(result: dict[str, object]) -> str:
         "real test prefixes); Recall@20 on the same prefixes' next items.",
     ]
     for m in result["models"].values():
-        line = (f"- {m['model']}: int8 speed-up full {m['speedup_full']:.1f}x, step {m['speedup_step']:.1f}x; int8 one-tuple step graph vs fp32 "
-                f"full {m['top20_agreement_step_int8_vs_full_fp32']:.4f}; fp32 parity max abs diff full {m['parity_fp32_full_max_abs_diff']:.2e}, "
-                f"step {m['parity_fp32_step_max_abs_diff']:.2e}")
+        line = (
+            f"- {m['model']}: int8 speed-up full {m['speedup_full']:.1f}x, step {m['speedup_step']:.1f}x; int8 one-tuple step graph vs fp32 "
+            f"full {m['top20_agreement_step_int8_vs_full_fp32']:.4f}; fp32 parity max abs diff full {m['parity_fp32_full_max_abs_diff']:.2e}, "
+            f"step {m['parity_fp32_step_max_abs_diff']:.2e}"
+        )
         if "int8_recall@20" in m:
-            line += (f"; on {m['n_prefixes']} test prefixes Recall@20 fp32 {m['fp32_recall@20']:.4f}, int8 {m['int8_recall@20']:.4f} "
-                     f"({100 * m['recall@20_rel_change']:+.2f}%; per-tensor {m['int8_per_tensor_recall@20']:.4f}), "
-                     f"MRR@20 fp32 {m['fp32_mrr@20']:.4f}, int8 {m['int8_mrr@20']:.4f}")
+            line += (
+                f"; on {m['n_prefixes']} test prefixes Recall@20 fp32 {m['fp32_recall@20']:.4f}, int8 {m['int8_recall@20']:.4f} "
+                f"({100 * m['recall@20_rel_change']:+.2f}%; per-tensor {m['int8_per_tensor_recall@20']:.4f}), "
+                f"MRR@20 fp32 {m['fp32_mrr@20']:.4f}, int8 {m['int8_mrr@20']:.4f}"
+            )
         notes.append(line + ".")
     ext, rss = result.get("extract"), result.get("rss")
     if ext:
-        notes.append(f"- extraction: {result['extract_events_per_s']:,.0f} events/s ({ext['events']} events -> {ext['tuples']} tuples).")
+        notes.append(
+            f"- extraction: {result['extract_events_per_s']:,.0f} events/s ({ext['events']} events -> {ext['tuples']} tuples)."
+        )
     if rss:
         notes.append(
             f"- device process ({rss['n_items']:,}-item int8 package of {rss['package_mb']:.1f} MB; fp32 {rss['fp32_package_mb']:.1f} MB), "
@@ -399,8 +501,10 @@ def markdown(result: dict[str, object]) -> str:
             f"(fp32 {rss['fp32_e2e_recommend_p50_ms']:.3f}), live step p50 {rss['e2e_step_p50_ms']:.3f} ms (fp32 {rss['fp32_e2e_step_p50_ms']:.3f}); "
             f"torch loaded: {rss['torch_loaded']}."
         )
-    notes.append(f"- load average (1/5/15 min) before {result['load_average']['before']}, after {result['load_average']['after']}; "
-                 f"machine: {result['environment']}; timings on shared CPUs are noisy, compare ratios within one run.")
+    notes.append(
+        f"- load average (1/5/15 min) before {result['load_average']['before']}, after {result['load_average']['after']}; "
+        f"machine: {result['environment']}; timings on shared CPUs are noisy, compare ratios within one run."
+    )
     return "\n".join(lines + notes) + "\n"
 
 
@@ -434,17 +538,36 @@ def run_edge_bench(
         torch.manual_seed(0)
         big = RIB(RIBConfig(n_items=n_items)).eval()
         rng = np.random.default_rng(1)
-        random_prefixes = [_random_session(big.config, int(rng.integers(1, seq_len + 1)), rng) for _ in range(200)]
+        random_prefixes = [
+            _random_session(big.config, int(rng.integers(1, seq_len + 1)), rng) for _ in range(200)
+        ]
         progress(f"random-weight model, {n_items} items")
-        models["random_100k"] = measure_model(f"random {n_items // 1000}k items", big, random_prefixes, work / "big", seq_len, repeats, threads,
-                                              runs=latency_runs)
+        models["random_100k"] = measure_model(
+            f"random {n_items // 1000}k items",
+            big,
+            random_prefixes,
+            work / "big",
+            seq_len,
+            repeats,
+            threads,
+            runs=latency_runs,
+        )
         progress("device RSS / cold start probe")
         rss = device_rss(big, work / "rss")
         if trained:
             progress("training RIB on the synthetic population")
             model, prefixes, targets, history = _trained_synthetic(epochs)
-            models["synthetic_trained"] = measure_model("trained synthetic", model, prefixes, work / "synthetic", seq_len, repeats, threads, targets,
-                                                        runs=latency_runs)
+            models["synthetic_trained"] = measure_model(
+                "trained synthetic",
+                model,
+                prefixes,
+                work / "synthetic",
+                seq_len,
+                repeats,
+                threads,
+                targets,
+                runs=latency_runs,
+            )
             models["synthetic_trained"]["val_recall@20"] = history.get("best_val_recall@20")
         if shared_dataset:
             # The largest shared vocabulary (SR-GNN nowplaying, 60k items), trained weights, real prefixes.
@@ -455,7 +578,17 @@ def run_edge_bench(
             else:
                 model, prefixes, targets, history = shared
                 label = f"trained {shared_dataset} ({model.config.n_items // 1000}k items)"
-                models["shared_trained"] = measure_model(label, model, prefixes, work / "shared", seq_len, repeats, threads, targets, runs=latency_runs)
+                models["shared_trained"] = measure_model(
+                    label,
+                    model,
+                    prefixes,
+                    work / "shared",
+                    seq_len,
+                    repeats,
+                    threads,
+                    targets,
+                    runs=latency_runs,
+                )
                 models["shared_trained"]["val_recall@20"] = history.get("best_val_recall@20")
     progress("extraction throughput")
     extract = extraction_throughput()
@@ -483,9 +616,14 @@ def run_edge_bench(
         "latency_runs": latency_runs,
         "models": models,
         "load_average": {"before": load_before, "after": load_average(), "cpus": os.cpu_count()},
-        "environment": {"python": platform.python_version(), "machine": platform.machine(), "platform": platform.platform(),
-                        "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
-                        "cpu": cpu_features()},
+        "environment": {
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "platform": platform.platform(),
+            "onnxruntime": __import__("onnxruntime").__version__,
+            "torch": torch.__version__,
+            "cpu": cpu_features(),
+        },
     }
     (out_dir / "edge.json").write_text(json.dumps(result, indent=2))
     (out_dir / "edge.md").write_text("# bench edge\n\n" + markdown(result))

@@ -82,7 +82,9 @@ def interleaved(repeats: int, cases: dict[str, Callable[[], object]]) -> dict[st
     }
 
 
-def stream(by_device: dict[str, list], config: ExtractorConfig, cues: bool, extractor_cls=TupleExtractor) -> int:
+def stream(
+    by_device: dict[str, list], config: ExtractorConfig, cues: bool, extractor_cls=TupleExtractor
+) -> int:
     n = 0
     sink: list = []
     for device_events in by_device.values():
@@ -155,7 +157,9 @@ def markdown(result: dict[str, object]) -> str:
             f"| {what} | {n / t['wall_median_s']:,.0f} | {n / t['wall_best_s']:,.0f} | {n / t['cpu_median_s']:,.0f} | {target} |"
         )
 
-    rate_row("batch", "batch `extract_population`, parsed events (events/s)", f">= {BATCH_TARGET_EVENTS_PER_S:,}")
+    rate_row(
+        "batch", "batch `extract_population`, parsed events (events/s)", f">= {BATCH_TARGET_EVENTS_PER_S:,}"
+    )
     if "baseline_batch" in timings:
         rate_row("baseline_batch", f"batch, baseline `{result['baseline']}` (events/s)", "")
     rate_row("batch_push", "batch, sorted events through `push` one at a time (events/s)", "")
@@ -165,7 +169,10 @@ def markdown(result: dict[str, object]) -> str:
         ("stream", "streaming `push`, no window"),
         ("stream_window2s", "streaming `push`, 2 s reorder window (device)"),
         ("stream_window2s_cues", "streaming `push`, 2 s window + micro-intent cues"),
-        ("baseline_stream_window2s_cues", f"streaming, 2 s window + cues, baseline `{result.get('baseline')}`"),
+        (
+            "baseline_stream_window2s_cues",
+            f"streaming, 2 s window + cues, baseline `{result.get('baseline')}`",
+        ),
     ):
         if name in timings:
             t = timings[name]
@@ -200,7 +207,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--baseline", default=None, help="git revision whose edge_client/extract.py to time alongside")
+    parser.add_argument(
+        "--baseline", default=None, help="git revision whose edge_client/extract.py to time alongside"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
@@ -210,7 +219,8 @@ def main() -> None:
     for event in events:
         by_device.setdefault(event.device_id, []).append(event)
     by_device_sorted = {
-        device_id: sorted(by_device[device_id], key=lambda e: (e.session_id, e.timestamp_ms)) for device_id in sorted(by_device)
+        device_id: sorted(by_device[device_id], key=lambda e: (e.session_id, e.timestamp_ms))
+        for device_id in sorted(by_device)
     }
     lines = [event.to_json().encode() + b"\n" for event in events]
     n_events = len(events)
@@ -230,7 +240,11 @@ def main() -> None:
     }
     if args.baseline:
         args.baseline = subprocess.run(
-            ["git", "rev-parse", "--short", args.baseline], cwd=ROOT, check=True, capture_output=True, text=True
+            ["git", "rev-parse", "--short", args.baseline],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         baseline = load_baseline(args.baseline)
         assert baseline.extract_population(events) == population

@@ -26,7 +26,9 @@ from model.train import TrainConfig, rib_config_for, train_rib  # noqa: E402
 
 def main() -> None:
     """Parse arguments, train, print (and optionally write) the per-epoch validation figures."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--data-type", default="SKU")
@@ -36,7 +38,9 @@ def main() -> None:
     args = parser.parse_args()
     split = load_dataset(args.dataset)
     rib, tc = rib_settings(split.train, AccuracySettings())
-    tc.update(w2v_init=False, val_max_examples=5000, max_train_seconds=args.minutes * 60, epochs=30, patience=3)
+    tc.update(
+        w2v_init=False, val_max_examples=5000, max_train_seconds=args.minutes * 60, epochs=30, patience=3
+    )
     tc.update(json.loads(args.train))
     rib.update(json.loads(args.rib))
     config = rib_config_for(split.train, args.data_type, **rib)

@@ -63,11 +63,16 @@ def stats_summary(results: Path = RESULTS) -> str:
         counts = stats["counts"]
         total = {k: counts["train"][k] + counts["test"][k] for k in ("sessions", "visits", "tuples")}
         items = counts.get("n_items_vocab", counts["train"]["items"])
-        activities = len(stats["activity"]["by_activity"]) if isinstance(stats.get("activity"), dict) else "n/a"
+        activities = (
+            len(stats["activity"]["by_activity"]) if isinstance(stats.get("activity"), dict) else "n/a"
+        )
         dwell = stats.get("dwell") or {}
         edges = ", ".join(f"{e:g}" for e in dwell.get("edges_s", [])) or "n/a"
         by_dwell = ((stats.get("conversion") or {}).get("by_dwell")) or {}
-        rates = " / ".join("-" if v["rate"] is None else f"{100 * v['rate']:.1f}%" for v in by_dwell.values()) or "n/a"
+        rates = (
+            " / ".join("-" if v["rate"] is None else f"{100 * v['rate']:.1f}%" for v in by_dwell.values())
+            or "n/a"
+        )
         lines.append(
             f"| {path.parent.name} | {total['sessions']:,} | {total['visits']:,} | {total['tuples']:,} | {items:,} | {activities} | {edges} | {rates} |"
         )

@@ -84,7 +84,9 @@ def read_installed_version(store: TupleStore) -> int | None:
         raw = None
     version = raw.get("model_version") if isinstance(raw, dict) and set(raw) == {"model_version"} else None
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise StoreTamperError(Path(store.directory) / f"blob-{VERSION_BLOB}.rblob", "not a model-version record")
+        raise StoreTamperError(
+            Path(store.directory) / f"blob-{VERSION_BLOB}.rblob", "not a model-version record"
+        )
     return version
 
 
@@ -146,7 +148,9 @@ class EdgeClient:
         self._key_provider = key_provider
         self._lock = threading.Lock()
         self._clock = clock if clock is not None else time.monotonic
-        self._anchor: tuple[int, float] | None = None  # (timestamp of the last event taken, clock() at arrival)
+        self._anchor: tuple[int, float] | None = (
+            None  # (timestamp of the last event taken, clock() at arrival)
+        )
         self._timer: tuple[threading.Thread, threading.Event] | None = None
         self._closed = False
         self.stats: Counter = Counter()
@@ -154,7 +158,10 @@ class EdgeClient:
         try:
             self._installed_version = read_installed_version(self._store)
             self.recommender = Recommender(
-                package_dir, public_key, installed_version=self._installed_version, allow_reinstall=True,
+                package_dir,
+                public_key,
+                installed_version=self._installed_version,
+                allow_reinstall=True,
                 on_install=self._remember_install,
             )
             self._extractor = self._new_extractor()
@@ -185,7 +192,9 @@ class EdgeClient:
             except Exception as err:  # noqa: BLE001
                 return self._drop_locked("internal_error", f"{type(err).__name__}")
 
-    def record_many(self, events: Iterable[RawEvent | Mapping[str, object] | str | bytes]) -> list[RecordResult]:
+    def record_many(
+        self, events: Iterable[RawEvent | Mapping[str, object] | str | bytes]
+    ) -> list[RecordResult]:
         """``record`` for each event, in order."""
         return [self.record(event) for event in events]
 
@@ -193,7 +202,9 @@ class EdgeClient:
         if isinstance(event, RawEvent):
             # A RawEvent built directly (not by from_dict) was never validated, and one bad event in the
             # extractor would break recommend() and close() for its session: check it like any input.
-            parsed = RawEvent.from_dict({f.name: getattr(event, f.name) for f in dataclasses.fields(RawEvent)})
+            parsed = RawEvent.from_dict(
+                {f.name: getattr(event, f.name) for f in dataclasses.fields(RawEvent)}
+            )
         elif isinstance(event, (str, bytes, bytearray)):
             parsed = parse_event_line(bytes(event) if isinstance(event, bytearray) else event)
         elif isinstance(event, Mapping):
@@ -210,7 +221,9 @@ class EdgeClient:
                 except UnicodeEncodeError:  # a lone surrogate from a JSON escape: the store could not hold it
                     raise SchemaError("bad_value", f"'{name}' is not valid Unicode") from None
         if parsed.device_id != self.device_id:
-            raise SchemaError("wrong_device", f"event of device {parsed.device_id[:40]!r}, this is {self.device_id[:40]!r}")
+            raise SchemaError(
+                "wrong_device", f"event of device {parsed.device_id[:40]!r}, this is {self.device_id[:40]!r}"
+            )
         return parsed
 
     def _record_locked(self, event: RawEvent) -> RecordResult:
@@ -234,7 +247,10 @@ class EdgeClient:
         if extractor.too_late > late:
             self._persist(records)
             return self._drop_locked("too_late", "the event is older than the reorder window allows")
-        self._anchor = (event.timestamp_ms, self._clock())  # event time <-> device monotonic time (close_idle)
+        self._anchor = (
+            event.timestamp_ms,
+            self._clock(),
+        )  # event time <-> device monotonic time (close_idle)
         try:
             stored = self._persist(records)
         except StoreError as err:
@@ -267,7 +283,7 @@ class EdgeClient:
     # -- idle sessions -------------------------------------------------------------------------------------
 
     def event_time_now(self) -> int | None:
-        """"Now" on the events' clock: the last event's timestamp plus the device's monotonic time since it
+        """ "Now" on the events' clock: the last event's timestamp plus the device's monotonic time since it
         arrived (None before the first event). Never compares the device's wall clock with a page's."""
         with self._lock:
             return self._event_time_now_locked()
@@ -367,7 +383,9 @@ class EdgeClient:
         live = copy.deepcopy(self._extractor).flush() if self._extractor.open_sessions else []
         return latest_session([*self._recent, *live])
 
-    def recommend(self, k: int = 10, exclude: Iterable[str] = (), exclude_seen: bool = True) -> list[Recommendation]:
+    def recommend(
+        self, k: int = 10, exclude: Iterable[str] = (), exclude_seen: bool = True
+    ) -> list[Recommendation]:
         """Top ``k`` items for the current session (popularity when it has no known tuple yet)."""
         with self._lock:
             session = self._current_locked()

@@ -237,7 +237,9 @@ class TupleExtractor:
         """Apply held events with timestamp <= limit_ms (all when None) in (timestamp, arrival) order."""
         pending = state.pending
         released: list[RawEvent] = []
-        while pending and (limit_ms is None or pending[0][0] <= limit_ms or len(pending) > MAX_PENDING_PER_SESSION):
+        while pending and (
+            limit_ms is None or pending[0][0] <= limit_ms or len(pending) > MAX_PENDING_PER_SESSION
+        ):
             released.append(heapq.heappop(pending)[2])
         return self._apply(session_id, state, released) if released else []
 
@@ -270,7 +272,12 @@ class TupleExtractor:
         visit = state.visit
         is_open = visit is not None
         if is_open:  # the open visit, in locals while events are applied
-            item_id, enter_ms, seen_ms, activities = visit.item_id, visit.enter_ms, visit.last_ms, visit.activities
+            item_id, enter_ms, seen_ms, activities = (
+                visit.item_id,
+                visit.enter_ms,
+                visit.last_ms,
+                visit.activities,
+            )
             hidden_since, hidden_ms = visit.hidden_since_ms, visit.hidden_total_ms
             max_scroll, revisit = visit.max_scroll, visit.revisit
 
@@ -281,8 +288,18 @@ class TupleExtractor:
                 if ts - last_ms > gap_ms:
                     if is_open:
                         close(
-                            out, session_id, state, seen_ms, "timeout",
-                            item_id, enter_ms, activities, hidden_ms, hidden_since, max_scroll, revisit,
+                            out,
+                            session_id,
+                            state,
+                            seen_ms,
+                            "timeout",
+                            item_id,
+                            enter_ms,
+                            activities,
+                            hidden_ms,
+                            hidden_since,
+                            max_scroll,
+                            revisit,
                         )
                         is_open = False
                     if cues:  # a new logical session: cues start afresh
@@ -311,15 +328,35 @@ class TupleExtractor:
                         seen_ms = ts
                         continue
                     close(
-                        out, session_id, state, ts, "switch",
-                        item_id, enter_ms, activities, hidden_ms, hidden_since, max_scroll, revisit,
+                        out,
+                        session_id,
+                        state,
+                        ts,
+                        "switch",
+                        item_id,
+                        enter_ms,
+                        activities,
+                        hidden_ms,
+                        hidden_since,
+                        max_scroll,
+                        revisit,
                     )
                 entry = (ts, activity)
             elif kind is page_enter:
                 if is_open:
                     close(
-                        out, session_id, state, ts, "enter",
-                        item_id, enter_ms, activities, hidden_ms, hidden_since, max_scroll, revisit,
+                        out,
+                        session_id,
+                        state,
+                        ts,
+                        "enter",
+                        item_id,
+                        enter_ms,
+                        activities,
+                        hidden_ms,
+                        hidden_since,
+                        max_scroll,
+                        revisit,
                     )
                 entry = (ts, source_activity[event.page_source])
             else:
@@ -329,8 +366,18 @@ class TupleExtractor:
                 elif kind is page_leave:
                     if event.item_id is None or event.item_id == item_id:
                         close(
-                            out, session_id, state, ts, "leave",
-                            item_id, enter_ms, activities, hidden_ms, hidden_since, max_scroll, revisit,
+                            out,
+                            session_id,
+                            state,
+                            ts,
+                            "leave",
+                            item_id,
+                            enter_ms,
+                            activities,
+                            hidden_ms,
+                            hidden_since,
+                            max_scroll,
+                            revisit,
                         )
                         is_open = False
                 elif kind is hidden_event:
@@ -369,8 +416,18 @@ class TupleExtractor:
                 state.newest_ms = last_ms
         if is_open and close_open:
             close(
-                out, session_id, state, seen_ms, "flush",
-                item_id, enter_ms, activities, hidden_ms, hidden_since, max_scroll, revisit,
+                out,
+                session_id,
+                state,
+                seen_ms,
+                "flush",
+                item_id,
+                enter_ms,
+                activities,
+                hidden_ms,
+                hidden_since,
+                max_scroll,
+                revisit,
             )
             is_open = False
         if not is_open:
@@ -380,7 +437,12 @@ class TupleExtractor:
                 item_id, enter_ms, seen_ms, activities, hidden_since, hidden_ms, max_scroll, revisit
             )
         else:  # refill the session's visit object (it may hold another visit by now)
-            visit.item_id, visit.enter_ms, visit.last_ms, visit.activities = item_id, enter_ms, seen_ms, activities
+            visit.item_id, visit.enter_ms, visit.last_ms, visit.activities = (
+                item_id,
+                enter_ms,
+                seen_ms,
+                activities,
+            )
             visit.hidden_since_ms, visit.hidden_total_ms = hidden_since, hidden_ms
             visit.max_scroll, visit.revisit = max_scroll, revisit
         return out
@@ -419,7 +481,16 @@ class TupleExtractor:
             names = tuple(activity for _, activity in activities)
             self.on_visit(
                 VisitSummary(
-                    session_id, item_id, enter_ms, end_ms, dwell_s, names, max_scroll, revisit, hovered_only, closed_by
+                    session_id,
+                    item_id,
+                    enter_ms,
+                    end_ms,
+                    dwell_s,
+                    names,
+                    max_scroll,
+                    revisit,
+                    hovered_only,
+                    closed_by,
                 )
             )
         for ts, activity in activities:  # tuple.__new__ is what MicroBehavior(...) runs, minus a Python call

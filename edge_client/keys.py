@@ -126,7 +126,9 @@ class KeyFileProvider:
                     f"to group or others (chmod 600 {self.path})"
                 )
             if hasattr(os, "getuid") and info.st_uid != os.getuid():
-                raise KeyPermissionError(f"{self.description} is owned by uid {info.st_uid}, not by this user")
+                raise KeyPermissionError(
+                    f"{self.description} is owned by uid {info.st_uid}, not by this user"
+                )
         fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         try:
             key = os.read(fd, KEY_BYTES + 1)
@@ -188,7 +190,9 @@ class KeyringKeyProvider:  # pragma: no cover - needs the optional keyring packa
             if text is None:
                 if not create:
                     raise KeyProviderError(f"{self.description} does not exist (store erased or key lost)")
-                _keyring.set_password(self.service, self.account, base64.b64encode(AESGCM.generate_key(256)).decode())
+                _keyring.set_password(
+                    self.service, self.account, base64.b64encode(AESGCM.generate_key(256)).decode()
+                )
                 text = _keyring.get_password(self.service, self.account)
             key = base64.b64decode(text, validate=True)
         except KeyProviderError:
@@ -205,7 +209,9 @@ class KeyringKeyProvider:  # pragma: no cover - needs the optional keyring packa
         if not self.exists():
             return
         try:
-            _keyring.set_password(self.service, self.account, base64.b64encode(os.urandom(KEY_BYTES)).decode())
+            _keyring.set_password(
+                self.service, self.account, base64.b64encode(os.urandom(KEY_BYTES)).decode()
+            )
             _keyring.delete_password(self.service, self.account)
         except Exception as err:
             raise KeyProviderError(f"{self.description}: could not destroy the key: {err}") from err

@@ -110,7 +110,9 @@ class Manifest:
 
 def canonical_bytes(data: Mapping[str, object]) -> bytes:
     """The one byte form of a manifest that gets signed."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
+        "ascii"
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -135,8 +137,12 @@ def generate_keypair(directory: str | Path, overwrite: bool = False) -> tuple[Pa
     if not overwrite and (private_path.exists() or public_path.exists()):
         raise FileExistsError(f"{directory} already holds a key pair; pass overwrite=True to replace it")
     key = Ed25519PrivateKey.generate()
-    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     if overwrite and private_path.exists():
         private_path.unlink()
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -181,7 +187,9 @@ def load_public_key(key: str | Path | bytes | Ed25519PublicKey) -> Ed25519Public
 
 
 def _write_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(data, separators=(",", ":"), ensure_ascii=True, allow_nan=False), encoding="ascii")
+    path.write_text(
+        json.dumps(data, separators=(",", ":"), ensure_ascii=True, allow_nan=False), encoding="ascii"
+    )
 
 
 def write_payload(
@@ -198,7 +206,10 @@ def write_payload(
     _write_json(directory / VOCAB, {"activities": activities.to_dict(), "dwell": dwell.to_dict()})
     if len(popular_items) != len(popular_counts):
         raise ValueError("popular_items and popular_counts differ in length")
-    _write_json(directory / POPULARITY, {"items": [str(i) for i in popular_items], "counts": [float(c) for c in popular_counts]})
+    _write_json(
+        directory / POPULARITY,
+        {"items": [str(i) for i in popular_items], "counts": [float(c) for c in popular_counts]},
+    )
 
 
 def sign_package(
@@ -218,7 +229,10 @@ def sign_package(
     present = sorted(p.name for p in directory.iterdir() if p.name not in (MANIFEST, SIGNATURE))
     if present != sorted(PAYLOAD_FILES):
         raise ValueError(f"{directory} must hold exactly {sorted(PAYLOAD_FILES)}, found {present}")
-    files = {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size} for name in PAYLOAD_FILES}
+    files = {
+        name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+        for name in PAYLOAD_FILES
+    }
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         model_version=model_version,
@@ -278,7 +292,15 @@ def _parse_manifest(data: bytes) -> Manifest:
     n_items = raw["model"].get("n_items")
     if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 1:
         raise bad("model.n_items must be a positive integer")
-    return Manifest(raw["format_version"], model_version, raw["created"], raw["precision"], raw["model"], files, raw["extra"])
+    return Manifest(
+        raw["format_version"],
+        model_version,
+        raw["created"],
+        raw["precision"],
+        raw["model"],
+        files,
+        raw["extra"],
+    )
 
 
 def verify_package(
@@ -313,16 +335,20 @@ def verify_package(
     try:
         key.verify(signature, data)
     except InvalidSignature:
-        raise PackageError("bad_signature", f"{SIGNATURE} does not verify {MANIFEST} with this public key") from None
+        raise PackageError(
+            "bad_signature", f"{SIGNATURE} does not verify {MANIFEST} with this public key"
+        ) from None
     manifest = _parse_manifest(data)
     if installed_version is not None:
         if allow_reinstall and manifest.model_version < installed_version:
             raise PackageError(
-                "stale_version", f"model_version {manifest.model_version} is older than the installed {installed_version}"
+                "stale_version",
+                f"model_version {manifest.model_version} is older than the installed {installed_version}",
             )
         if not allow_reinstall and manifest.model_version <= installed_version:
             raise PackageError(
-                "stale_version", f"model_version {manifest.model_version} is not newer than the installed {installed_version}"
+                "stale_version",
+                f"model_version {manifest.model_version} is not newer than the installed {installed_version}",
             )
     allowed = set(PAYLOAD_FILES) | {MANIFEST, SIGNATURE}
     for entry in sorted(directory.iterdir()):
@@ -336,7 +362,10 @@ def verify_package(
         if not file_path.exists():
             raise PackageError("missing_file", f"{name} is listed in the manifest but missing")
         if file_path.stat().st_size != expected["bytes"]:
-            raise PackageError("hash_mismatch", f"{name} has {file_path.stat().st_size} bytes, manifest says {expected['bytes']}")
+            raise PackageError(
+                "hash_mismatch",
+                f"{name} has {file_path.stat().st_size} bytes, manifest says {expected['bytes']}",
+            )
         if sha256_file(file_path) != expected["sha256"]:
             raise PackageError("hash_mismatch", f"{name} does not match its sha256 in the manifest")
     return Manifest(**{**manifest.__dict__, "path": directory})
@@ -385,7 +414,9 @@ def load_vocab(manifest: Manifest) -> PackageVocab:
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise ValueError("items.json must be a JSON array of strings")
         if len(items) != manifest.model["n_items"] or len(set(items)) != len(items):
-            raise ValueError(f"items.json holds {len(items)} ids (unique: {len(set(items))}), the model has {manifest.model['n_items']}")
+            raise ValueError(
+                f"items.json holds {len(items)} ids (unique: {len(set(items))}), the model has {manifest.model['n_items']}"
+            )
         activities = ActivityVocabulary.from_dict(vocab["activities"])
         dwell = DwellBuckets.from_dict(vocab["dwell"])
         popular_items = tuple(str(i) for i in popularity["items"])
@@ -394,10 +425,18 @@ def load_vocab(manifest: Manifest) -> PackageVocab:
             raise ValueError("popularity items and counts differ in length")
     except PackageError:
         raise
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as err:  # signed, yet unusable content
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        OverflowError,
+        RecursionError,
+    ) as err:  # signed, yet unusable content
         raise PackageError("bad_payload", f"unusable vocabulary files: {type(err).__name__}: {err}") from None
-    for name, size, expected in (("n_activities", len(activities), manifest.model.get("n_activities")),
-                                 ("n_dwell", dwell.vocab_size, manifest.model.get("n_dwell"))):
+    for name, size, expected in (
+        ("n_activities", len(activities), manifest.model.get("n_activities")),
+        ("n_dwell", dwell.vocab_size, manifest.model.get("n_dwell")),
+    ):
         if expected is not None and expected != size:
             raise PackageError("bad_payload", f"vocab.json gives {name}={size}, the model has {expected}")
     return PackageVocab(tuple(items), activities, dwell, popular_items, popular_counts)

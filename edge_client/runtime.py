@@ -122,18 +122,29 @@ class _Loaded:
         options.log_severity_level = 3
         assert manifest.path is not None
         try:
-            if strict_load:  # from the bytes hashed again as read: a graph swapped after verification never loads
+            if (
+                strict_load
+            ):  # from the bytes hashed again as read: a graph swapped after verification never loads
                 self.full = _session_from_bytes(read_verified(manifest, FULL_GRAPH), options)
             else:  # from the path: the package dir must be private storage
-                self.full = ort.InferenceSession(str(manifest.path / FULL_GRAPH), options, providers=["CPUExecutionProvider"])
+                self.full = ort.InferenceSession(
+                    str(manifest.path / FULL_GRAPH), options, providers=["CPUExecutionProvider"]
+                )
         except PackageError:
             raise
         except Exception as err:  # onnxruntime raises its own exception types
             raise PackageError("bad_payload", f"onnxruntime cannot load the graph: {err}") from None
         self.inputs = frozenset(i.name for i in self.full.get_inputs())
         self.outputs = [o.name for o in self.full.get_outputs()]
-        if "items" not in self.inputs or self.outputs[:2] != ["scores", "weights"] or "new_hidden" not in self.outputs:
-            raise PackageError("bad_payload", f"full.onnx is not a session graph (inputs {sorted(self.inputs)}, outputs {self.outputs})")
+        if (
+            "items" not in self.inputs
+            or self.outputs[:2] != ["scores", "weights"]
+            or "new_hidden" not in self.outputs
+        ):
+            raise PackageError(
+                "bad_payload",
+                f"full.onnx is not a session graph (inputs {sorted(self.inputs)}, outputs {self.outputs})",
+            )
         self.popular_items = np.asarray(self.vocab.popular_items, dtype=object)
         self.popular_counts = np.asarray(self.vocab.popular_counts, dtype=np.float64)
 
@@ -147,7 +158,12 @@ class _Loaded:
             raise PackageError("bad_payload", f"smoke inference failed: {err}") from None
         h = self.hidden_dim
         for out in (first, second):
-            shapes = (out["scores"].shape, out["weights"].shape, out["new_hidden"].shape, out["new_run_num"].shape)
+            shapes = (
+                out["scores"].shape,
+                out["weights"].shape,
+                out["new_hidden"].shape,
+                out["new_run_num"].shape,
+            )
             if shapes != ((1, self.n_items + 1), (1, 1), (1, h), (1, h)):
                 raise PackageError("bad_payload", f"graph outputs have unexpected shapes {shapes}")
             if not np.isfinite(out["scores"]).all():
@@ -164,23 +180,44 @@ class _Loaded:
 
     def empty_copy_state(self) -> dict[str, np.ndarray]:
         """The copy term's past keys and items before the first tuple."""
-        return {"keys": np.zeros((1, 0, self.hidden_dim), np.float32), "past_items": np.zeros((1, 0), np.int64)}
+        return {
+            "keys": np.zeros((1, 0, self.hidden_dim), np.float32),
+            "past_items": np.zeros((1, 0), np.int64),
+        }
 
     @staticmethod
     def state_of(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The running state after a call of the graph."""
-        return {"hidden": out["new_hidden"], "run_max": out["new_run_max"], "run_den": out["new_run_den"], "run_num": out["new_run_num"]}
+        return {
+            "hidden": out["new_hidden"],
+            "run_max": out["new_run_max"],
+            "run_den": out["new_run_den"],
+            "run_num": out["new_run_num"],
+        }
 
-    def advance(self, encoded: Sequence[tuple[int, int, int]], state: dict[str, np.ndarray], copy_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def advance(
+        self,
+        encoded: Sequence[tuple[int, int, int]],
+        state: dict[str, np.ndarray],
+        copy_state: dict[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:
         """One call of the graph: ``state`` (and the copy keys/items) advanced by the encoded tuples (L >= 1);
         the outputs by name."""
         arr = np.asarray(encoded, dtype=np.int64).reshape(1, -1, 3)
-        feed = {"items": arr[:, :, 0], "activities": arr[:, :, 1], "dwell": arr[:, :, 2], "lengths": np.array([arr.shape[1]], np.int64),
-                **state, **copy_state}
+        feed = {
+            "items": arr[:, :, 0],
+            "activities": arr[:, :, 1],
+            "dwell": arr[:, :, 2],
+            "lengths": np.array([arr.shape[1]], np.int64),
+            **state,
+            **copy_state,
+        }
         return dict(zip(self.outputs, self.full.run(None, _feed(self.full, feed, self.inputs)), strict=True))
 
     # ---- tuple handling ------------------------------------------------------------------------------
-    def encode(self, behavior: TupleLike, stats: Counter) -> tuple[tuple[str, str, int], tuple[int, int, int] | None]:
+    def encode(
+        self, behavior: TupleLike, stats: Counter
+    ) -> tuple[tuple[str, str, int], tuple[int, int, int] | None]:
         """(display tuple, model indices or None when it must be skipped)."""
         if isinstance(behavior, MicroBehavior):
             shown = (behavior.item_id, behavior.activity, self.vocab.dwell.bucket_of(behavior.dwell_seconds))
@@ -272,7 +309,10 @@ class _Loaded:
             for t, w, u, iw in zip(shown, weight_of, used, in_window, strict=True)
         )
         banned = [self.item_index[e] for e in excluded if e in self.item_index]
-        return [Recommendation(self.vocab.item_ids[i - 1], s, explanation) for i, s in self.top_k(scores, k, banned)]
+        return [
+            Recommendation(self.vocab.item_ids[i - 1], s, explanation)
+            for i, s in self.top_k(scores, k, banned)
+        ]
 
 
 class IncrementalSession:
@@ -297,7 +337,9 @@ class IncrementalSession:
         """The model version this session runs on."""
         return self._m.manifest.model_version
 
-    def step(self, behavior: TupleLike, k: int = 20, exclude: Iterable[str] = (), exclude_seen: bool = True) -> list[Recommendation]:
+    def step(
+        self, behavior: TupleLike, k: int = 20, exclude: Iterable[str] = (), exclude_seen: bool = True
+    ) -> list[Recommendation]:
         """Add one tuple (a MicroBehavior, or an (item, activity, dwell_bucket) tuple); returns the top k."""
         m = self._m
         shown, enc = m.encode(behavior, self._stats)
@@ -312,7 +354,9 @@ class IncrementalSession:
                 self.state = m.state_of(out)
                 if "new_keys" in out:  # copy term: the session's own keys and items grow by one
                     self.keys = np.concatenate([self.keys, out["new_keys"]], axis=1)
-                    self.past_items = np.concatenate([self.past_items, np.array([[enc[0]]], np.int64)], axis=1)
+                    self.past_items = np.concatenate(
+                        [self.past_items, np.array([[enc[0]]], np.int64)], axis=1
+                    )
                 self.att.append(float(out["att"][0, 0]))
                 self.scores = out["scores"][0]
                 s = np.asarray(self.att, dtype=np.float64)
@@ -324,10 +368,14 @@ class IncrementalSession:
                 self.scores, self.weights = m.run_full(self.encoded[-m.max_len :])
         return self.recommendations(k, exclude, exclude_seen)
 
-    def recommendations(self, k: int = 20, exclude: Iterable[str] = (), exclude_seen: bool = True) -> list[Recommendation]:
+    def recommendations(
+        self, k: int = 20, exclude: Iterable[str] = (), exclude_seen: bool = True
+    ) -> list[Recommendation]:
         """Top k for the session so far (popularity before the first known tuple)."""
         window = self.positions[-self._m.max_len :]
-        return self._m.answer(self.shown, self.used, window, self.scores, self.weights, k, exclude, exclude_seen)
+        return self._m.answer(
+            self.shown, self.used, window, self.scores, self.weights, k, exclude, exclude_seen
+        )
 
 
 class Recommender:
@@ -355,12 +403,18 @@ class Recommender:
         self._loaded = loaded
         self.session: IncrementalSession | None = None
 
-    def _load(self, package_dir: str | Path, installed_version: int | None, allow_reinstall: bool = False) -> _Loaded:
-        manifest = verify_package(package_dir, self._public_key, installed_version, allow_reinstall=allow_reinstall)
+    def _load(
+        self, package_dir: str | Path, installed_version: int | None, allow_reinstall: bool = False
+    ) -> _Loaded:
+        manifest = verify_package(
+            package_dir, self._public_key, installed_version, allow_reinstall=allow_reinstall
+        )
         for name in ("n_items", "hidden_dim", "max_len"):
             value = manifest.model.get(name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PackageError("bad_payload", f"manifest model.{name} must be a positive integer, got {value!r}")
+                raise PackageError(
+                    "bad_payload", f"manifest model.{name} must be a positive integer, got {value!r}"
+                )
         loaded = _Loaded(manifest, self._threads, self._strict_load)
         loaded.smoke_test()
         return loaded
@@ -386,7 +440,9 @@ class Recommender:
             loaded = self._load(new_package_dir, installed_version=self._loaded.manifest.model_version)
             if self.on_install is not None:  # record the version first: it serves only once remembered
                 self.on_install(loaded.manifest)
-            self._loaded = loaded  # one reference assignment: callers see the old or the new model, never a mix
+            self._loaded = (
+                loaded  # one reference assignment: callers see the old or the new model, never a mix
+            )
             return loaded.manifest
 
     def recommend(
@@ -420,7 +476,9 @@ class Recommender:
         self.session = IncrementalSession(self._loaded, self.stats)
         return self.session
 
-    def step(self, behavior: TupleLike, k: int = 20, exclude: Iterable[str] = (), exclude_seen: bool = True) -> list[Recommendation]:
+    def step(
+        self, behavior: TupleLike, k: int = 20, exclude: Iterable[str] = (), exclude_seen: bool = True
+    ) -> list[Recommendation]:
         """``self.session.step`` (starting a session first if none is open)."""
         if self.session is None:
             self.start_session()
@@ -444,7 +502,13 @@ def format_recommendations(recs: Sequence[Recommendation]) -> list[dict[str, obj
             "score": r.score if math.isfinite(r.score) else None,
             "source": r.source,
             "explanation": [
-                {"item_id": t.item_id, "activity": t.activity, "dwell_bucket": t.dwell_bucket, "weight": t.weight, "used": t.used}
+                {
+                    "item_id": t.item_id,
+                    "activity": t.activity,
+                    "dwell_bucket": t.dwell_bucket,
+                    "weight": t.weight,
+                    "used": t.used,
+                }
                 for t in r.explanation
             ],
         }

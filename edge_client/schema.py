@@ -120,7 +120,9 @@ def _finite(value: int | float) -> bool:
         return False
 
 
-def _check_choice(name: str, value: object, event_type: EventType, owner: EventType, choices: tuple[str, ...]) -> str | None:
+def _check_choice(
+    name: str, value: object, event_type: EventType, owner: EventType, choices: tuple[str, ...]
+) -> str | None:
     """A field that only ``owner`` events carry, required there and drawn from ``choices``."""
     if event_type is not owner:
         if value is not None:
@@ -156,7 +158,9 @@ class RawEvent:
             raise SchemaError("unknown_field", f"unknown field(s) {sorted(map(str, unknown))[:5]}")
         version = record.get("schema_version", SCHEMA_VERSION)
         if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
-            raise SchemaError("bad_version", f"schema_version {version!r} is not supported (max {SCHEMA_VERSION})")
+            raise SchemaError(
+                "bad_version", f"schema_version {version!r} is not supported (max {SCHEMA_VERSION})"
+            )
         device_id = _check_id("device_id", record.get("device_id"), required=True)
         session_id = _check_id("session_id", record.get("session_id"), required=True)
         ts = record.get("timestamp_ms")
@@ -176,7 +180,9 @@ class RawEvent:
         except (ValueError, TypeError):
             raise SchemaError("unknown_event_type", f"unknown event_type {str(raw_type)[:40]!r}") from None
         item_id = _check_id("item_id", record.get("item_id"), required=event_type in _NEEDS_ITEM)
-        page_source = _check_choice("page_source", record.get("page_source"), event_type, EventType.PAGE_ENTER, PAGE_SOURCES)
+        page_source = _check_choice(
+            "page_source", record.get("page_source"), event_type, EventType.PAGE_ENTER, PAGE_SOURCES
+        )
         module = _check_choice("module", record.get("module"), event_type, EventType.MODULE_VIEW, MODULES)
         value = record.get("value")
         if value is not None:
@@ -243,11 +249,18 @@ class SkipReport:
     def summary(self) -> str:
         """One human-readable line."""
         parts = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
-        return f"read {self.read}, kept {self.kept}, skipped {self.n_skipped}" + (f" ({parts})" if parts else "")
+        return f"read {self.read}, kept {self.kept}, skipped {self.n_skipped}" + (
+            f" ({parts})" if parts else ""
+        )
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
-        return {"read": self.read, "kept": self.kept, "skipped": dict(self.skipped), "examples": self.examples}
+        return {
+            "read": self.read,
+            "kept": self.kept,
+            "skipped": dict(self.skipped),
+            "examples": self.examples,
+        }
 
 
 def read_event_lines(lines: Iterable[bytes | str], report: SkipReport | None = None) -> Iterator[RawEvent]:
@@ -343,7 +356,9 @@ class ActivityVocabulary:
     def from_dict(cls, data: Mapping[str, object]) -> ActivityVocabulary:
         """Inverse of to_dict, validated."""
         if not isinstance(data, Mapping):
-            raise SchemaError("bad_vocabulary", f"an activity vocabulary must be an object, got {type(data).__name__}")
+            raise SchemaError(
+                "bad_vocabulary", f"an activity vocabulary must be an object, got {type(data).__name__}"
+            )
         names = data.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise SchemaError("bad_vocabulary", "'names' must be a list of strings")
@@ -397,7 +412,9 @@ class DwellBuckets:
         return out
 
     @classmethod
-    def fit_equal_frequency(cls, seconds: Sequence[float] | np.ndarray, n_buckets: int = DEFAULT_DWELL_BUCKETS) -> DwellBuckets:
+    def fit_equal_frequency(
+        cls, seconds: Sequence[float] | np.ndarray, n_buckets: int = DEFAULT_DWELL_BUCKETS
+    ) -> DwellBuckets:
         """Learn edges so each bucket holds about the same number of dwells (RIB Section 3.1).
 
         Fit on training data only. Ties (e.g. many zero-second dwells at 1-s resolution) can merge
@@ -430,7 +447,9 @@ class DwellBuckets:
     def from_dict(cls, data: Mapping[str, object]) -> DwellBuckets:
         """Inverse of to_dict, validated."""
         if not isinstance(data, Mapping):
-            raise SchemaError("bad_dwell_edges", f"dwell buckets must be an object, got {type(data).__name__}")
+            raise SchemaError(
+                "bad_dwell_edges", f"dwell buckets must be an object, got {type(data).__name__}"
+            )
         edges = data.get("edges_s")
         if not isinstance(edges, list) or not all(
             isinstance(e, (int, float)) and not isinstance(e, bool) and _finite(e) for e in edges

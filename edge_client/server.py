@@ -45,7 +45,11 @@ DEFAULT_BURST = 400
 DRAIN_LIMIT_BYTES = 1024 * 1024  # read (and discard) at most this much of a refused body
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 _PAGE_RE = re.compile(r"^/([A-Za-z0-9_-]{1,64}\.(html|css|js))$")
-_CONTENT_TYPES = {"html": "text/html; charset=utf-8", "css": "text/css; charset=utf-8", "js": "application/javascript; charset=utf-8"}
+_CONTENT_TYPES = {
+    "html": "text/html; charset=utf-8",
+    "css": "text/css; charset=utf-8",
+    "js": "application/javascript; charset=utf-8",
+}
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
@@ -95,7 +99,9 @@ class EdgeServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address, client: EdgeClient, limiter: TokenBucket, pages_dir: Path | None, check_host: bool) -> None:
+    def __init__(
+        self, address, client: EdgeClient, limiter: TokenBucket, pages_dir: Path | None, check_host: bool
+    ) -> None:
         self.client = client
         self.limiter = limiter
         self.pages_dir = pages_dir
@@ -214,7 +220,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, self.server.tracker_js, _CONTENT_TYPES["js"])
         elif path == "/health":
             client = self.server.client
-            self._json(200, {"ok": True, "model_version": client.recommender.model_version, "stats": dict(client.stats)})
+            self._json(
+                200,
+                {"ok": True, "model_version": client.recommender.model_version, "stats": dict(client.stats)},
+            )
         elif self.server.pages_dir is not None and (path == "/" or _PAGE_RE.match(path)):
             self._page("index.html" if path == "/" else path[1:])
         else:
@@ -239,7 +248,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         client = self.server.client
         recs = client.recommend(k=k)
-        self._json(200, {"model_version": client.recommender.model_version, "recommendations": format_recommendations(recs)})
+        self._json(
+            200,
+            {
+                "model_version": client.recommender.model_version,
+                "recommendations": format_recommendations(recs),
+            },
+        )
 
     def _post(self) -> None:
         if urlsplit(self.path).path != "/events":
@@ -301,7 +316,9 @@ def serve(
     """Start serving ``client`` in a daemon thread; returns the server (``url``, ``stop()``)."""
     loopback = is_loopback(host)
     if not loopback and not allow_remote:
-        raise ValueError(f"refusing to bind non-loopback host {host!r} (pass allow_remote=True to expose the device)")
+        raise ValueError(
+            f"refusing to bind non-loopback host {host!r} (pass allow_remote=True to expose the device)"
+        )
     bind = host.strip("[]")
     server_cls = EdgeServer
     if ":" in bind:
@@ -312,7 +329,11 @@ def serve(
 
         server_cls = _V6
     server = server_cls(
-        (bind, int(port)), client, TokenBucket(rate_per_s, burst), Path(pages_dir) if pages_dir is not None else None, loopback
+        (bind, int(port)),
+        client,
+        TokenBucket(rate_per_s, burst),
+        Path(pages_dir) if pages_dir is not None else None,
+        loopback,
     )
     server.thread = threading.Thread(target=server.serve_forever, name="rib-edge-server", daemon=True)
     server.thread.start()

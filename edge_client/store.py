@@ -68,7 +68,9 @@ _RECORD = struct.Struct("<qdHHH")  # timestamp, dwell, len(session), len(item), 
 MAX_FRAME_RECORDS = 4096
 MAX_STRING_BYTES = 1024
 # Largest frame body a reader accepts: bounded memory whatever the bytes on disk say.
-MAX_FRAME_BYTES = NONCE_BYTES + TAG_BYTES + _COUNT.size + MAX_FRAME_RECORDS * (_RECORD.size + 3 * MAX_STRING_BYTES)
+MAX_FRAME_BYTES = (
+    NONCE_BYTES + TAG_BYTES + _COUNT.size + MAX_FRAME_RECORDS * (_RECORD.size + 3 * MAX_STRING_BYTES)
+)
 DEFAULT_SEGMENT_BYTES = 4 * 1024 * 1024
 DEFAULT_RETENTION_DAYS = 90.0
 DAY_MS = 86_400_000
@@ -121,8 +123,6 @@ def _derive(master: bytes, label: bytes) -> bytes:
 
 def _segment_name(segment_id: int) -> str:
     return f"seg-{segment_id:010d}.rseg"
-
-
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -254,14 +254,18 @@ class TupleStore:
         batch = list(records)
         if not batch:
             return 0
-        bodies = [_encode_records(batch[i : i + MAX_FRAME_RECORDS]) for i in range(0, len(batch), MAX_FRAME_RECORDS)]
+        bodies = [
+            _encode_records(batch[i : i + MAX_FRAME_RECORDS]) for i in range(0, len(batch), MAX_FRAME_RECORDS)
+        ]
         self._open_writer()
         assert self._aead is not None
         try:
             for start, plain in zip(range(0, len(batch), MAX_FRAME_RECORDS), bodies, strict=True):
                 chunk = batch[start : start + MAX_FRAME_RECORDS]
                 frame_len = _FRAME_HEAD.size + NONCE_BYTES + len(plain) + TAG_BYTES
-                if self._fd is None or (self._active_records and self._active_bytes + frame_len > self.segment_bytes):
+                if self._fd is None or (
+                    self._active_records and self._active_bytes + frame_len > self.segment_bytes
+                ):
                     self._rollover()
                 assert self._fd is not None and self._active is not None
                 frame = self._seal_frame(self._active, self._active_records, plain)
@@ -286,7 +290,9 @@ class TupleStore:
             raise
         return len(batch)
 
-    def iter_records(self, session_id: str | None = None, since_ms: int | None = None) -> Iterator[MicroBehavior]:
+    def iter_records(
+        self, session_id: str | None = None, since_ms: int | None = None
+    ) -> Iterator[MicroBehavior]:
         """Stream records in append order, one frame in memory at a time; updates ``last_read``."""
         self._open(create=False)
         stats = self.last_read = ReadStats()
@@ -294,7 +300,12 @@ class TupleStore:
             return
         for seg in self._segments():
             stats.segments += 1
-            if since_ms is not None and seg[1] is not None and seg[1].max_ts is not None and seg[1].max_ts < since_ms:
+            if (
+                since_ms is not None
+                and seg[1] is not None
+                and seg[1].max_ts is not None
+                and seg[1].max_ts < since_ms
+            ):
                 continue  # sealed segment entirely older than since_ms: still counted, not decrypted
             for frame in self._scan(seg[0], seg[1], stats):
                 for rec in frame:
@@ -416,9 +427,14 @@ class TupleStore:
             return None
         raw = path.read_bytes()
         head_len = len(BLOB_MAGIC) + KEY_ID_BYTES
-        if len(raw) > MAX_BLOB_BYTES + head_len + NONCE_BYTES + TAG_BYTES or len(raw) < head_len + NONCE_BYTES + TAG_BYTES:
+        if (
+            len(raw) > MAX_BLOB_BYTES + head_len + NONCE_BYTES + TAG_BYTES
+            or len(raw) < head_len + NONCE_BYTES + TAG_BYTES
+        ):
             raise StoreTamperError(path, "not a rib-edge store blob (bad size)")
-        if not raw.startswith(BLOB_MAGIC) or not hmac.compare_digest(raw[len(BLOB_MAGIC) : head_len], self._key_id):
+        if not raw.startswith(BLOB_MAGIC) or not hmac.compare_digest(
+            raw[len(BLOB_MAGIC) : head_len], self._key_id
+        ):
             raise StoreTamperError(path, "blob header does not match this store")
         nonce, sealed = raw[head_len : head_len + NONCE_BYTES], raw[head_len + NONCE_BYTES :]
         try:
@@ -444,7 +460,9 @@ class TupleStore:
             raise StoreKeyError(f"could not destroy the store key: {err}") from err
         if self.directory.is_dir():
             entries = os.listdir(self.directory)
-            doomed = [e for e in entries if _SEGMENT_RE.match(e) or _BLOB_FILE_RE.match(e) or e.endswith(".tmp")]
+            doomed = [
+                e for e in entries if _SEGMENT_RE.match(e) or _BLOB_FILE_RE.match(e) or e.endswith(".tmp")
+            ]
             doomed += [e for e in entries if e == MANIFEST_NAME]  # last: no "segments without manifest"
             for entry in doomed:
                 with contextlib.suppress(FileNotFoundError):
@@ -487,7 +505,11 @@ class TupleStore:
             return
         manifest = self.directory / MANIFEST_NAME
         if not manifest.exists():
-            leftovers = [e for e in os.listdir(self.directory) if _SEGMENT_RE.match(e)] if self.directory.is_dir() else []
+            leftovers = (
+                [e for e in os.listdir(self.directory) if _SEGMENT_RE.match(e)]
+                if self.directory.is_dir()
+                else []
+            )
             if leftovers:
                 raise StoreTamperError(manifest, f"missing while {len(leftovers)} segment file(s) exist")
             if not create:
@@ -543,7 +565,9 @@ class TupleStore:
                 "(wrong key, or the store was erased)"
             )
         try:
-            plain = self._aead.decrypt(raw[head_len : head_len + NONCE_BYTES], raw[head_len + NONCE_BYTES :], raw[:head_len])
+            plain = self._aead.decrypt(
+                raw[head_len : head_len + NONCE_BYTES], raw[head_len + NONCE_BYTES :], raw[:head_len]
+            )
             body = json.loads(plain)
             sealed = [_Sealed(int(a), int(b), int(c), d, e) for a, b, c, d, e in body["sealed"]]
             active = body["active"]
@@ -564,7 +588,12 @@ class TupleStore:
         length = struct.pack("<I", body_len)
         nonce = os.urandom(NONCE_BYTES)
         aad = SEGMENT_MAGIC + _SEG_ID.pack(segment_id) + self._key_id + _AAD_TAIL.pack(first_seq, body_len)
-        return length + struct.pack("<I", zlib.crc32(b"RIBF" + length)) + nonce + self._aead.encrypt(nonce, plain, aad)
+        return (
+            length
+            + struct.pack("<I", zlib.crc32(b"RIBF" + length))
+            + nonce
+            + self._aead.encrypt(nonce, plain, aad)
+        )
 
     def _segment_header(self, segment_id: int) -> bytes:
         assert self._aead is not None
@@ -615,7 +644,9 @@ class TupleStore:
             self._close_fd()
             assert self._active is not None
             self._sealed.append(
-                _Sealed(self._active, self._active_bytes, self._active_records, self._active_min, self._active_max)
+                _Sealed(
+                    self._active, self._active_bytes, self._active_records, self._active_min, self._active_max
+                )
             )
             self._active = None
         new_id = self._next_id
@@ -657,7 +688,11 @@ class TupleStore:
             if len(header) != _HEADER_BYTES or header[: len(prefix)] != prefix:
                 raise StoreTamperError(path, "segment header does not match (magic, id or key id)")
             try:
-                self._aead.decrypt(header[len(prefix) : len(prefix) + NONCE_BYTES], header[len(prefix) + NONCE_BYTES :], prefix)
+                self._aead.decrypt(
+                    header[len(prefix) : len(prefix) + NONCE_BYTES],
+                    header[len(prefix) + NONCE_BYTES :],
+                    prefix,
+                )
             except InvalidTag:
                 raise StoreTamperError(path, "segment header does not authenticate") from None
             pos = _HEADER_BYTES
@@ -687,7 +722,9 @@ class TupleStore:
                 try:
                     plain = self._aead.decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], aad)
                 except InvalidTag:
-                    raise StoreTamperError(path, f"frame at byte {pos} (record {seq}) does not authenticate") from None
+                    raise StoreTamperError(
+                        path, f"frame at byte {pos} (record {seq}) does not authenticate"
+                    ) from None
                 frame = _decode_records(plain, path)
                 if not frame:
                     raise StoreTamperError(path, f"empty frame at byte {pos}")
@@ -698,7 +735,8 @@ class TupleStore:
                 yield frame
             if sealed is not None and (pos != sealed.bytes or seq != sealed.records or size != sealed.bytes):
                 raise StoreTamperError(
-                    path, f"sealed segment holds {seq} records in {size} bytes, manifest says {sealed.records} in {sealed.bytes}"
+                    path,
+                    f"sealed segment holds {seq} records in {size} bytes, manifest says {sealed.records} in {sealed.bytes}",
                 )
 
     @staticmethod

@@ -92,7 +92,9 @@ class AccuracySettings:
             raise ValueError(f"unknown data types {unknown}; known: {list(DATA_TYPE_NAMES)}")
 
 
-def rib_settings(train: SessionDataset, settings: AccuracySettings) -> tuple[dict[str, object], dict[str, object]]:
+def rib_settings(
+    train: SessionDataset, settings: AccuracySettings
+) -> tuple[dict[str, object], dict[str, object]]:
     """(RIBConfig overrides, TrainConfig fields) for this dataset: the defaults of model/rib.py and
     model/train.py, with sampled softmax and larger batches on big catalogues, tiny sizes under ``quick``."""
     rib: dict[str, object] = {}
@@ -108,9 +110,24 @@ def rib_settings(train: SessionDataset, settings: AccuracySettings) -> tuple[dic
         # epoch 6, 1.4x slower per epoch; full softmax: 7x slower per epoch). A one-hour budget guards the
         # "under an hour on 2 cores" target.
         rib.update(
-            loss="sampled", tie_output=True, item_dim=100, hidden_dim=160, dropout=0.3, cosine_scale=12.0, last_state=True
+            loss="sampled",
+            tie_output=True,
+            item_dim=100,
+            hidden_dim=160,
+            dropout=0.3,
+            cosine_scale=12.0,
+            last_state=True,
         )
-        tc.update(epochs=20, batch_size=256, lr=3e-3, lr_decay=0.8, patience=2, min_steps=0, negative_sampler="popularity", max_train_seconds=3600.0)
+        tc.update(
+            epochs=20,
+            batch_size=256,
+            lr=3e-3,
+            lr_decay=0.8,
+            patience=2,
+            min_steps=0,
+            negative_sampler="popularity",
+            max_train_seconds=3600.0,
+        )
     # Validation picks the epochs, then RIB retrains on every training session (TrainConfig.refit_on_all:
     # measured +.017 / +.065 val Recall@20 on jdata2016, nested). On large catalogues the refit shares the
     # one-hour budget with the selection run and is skipped when it would not finish inside it (diginetica
@@ -132,8 +149,10 @@ def _epoch_reporter(label: str, say: Progress) -> Callable[[dict[str, object]], 
     def report(row: dict[str, object]) -> None:
         phase = "refit epoch" if row.get("refit") else "epoch"
         val = row.get("val_recall@20")
-        say(f"{label}: {phase} {row['epoch']} loss {float(row['train_loss']):.4f} in {float(row['train_seconds']):.0f}s"
-            + ("" if val is None else f", val recall@20 {float(val):.4f}"))
+        say(
+            f"{label}: {phase} {row['epoch']} loss {float(row['train_loss']):.4f} in {float(row['train_seconds']):.0f}s"
+            + ("" if val is None else f", val recall@20 {float(val):.4f}")
+        )
 
     return report
 
@@ -192,13 +211,26 @@ def run_accuracy(
         result = evaluate(model, test)
         eval_seconds = time.perf_counter() - t0
         results[(name, "SKU")] = result
-        rows.append({"model": name, "data_type": "SKU", **_metric_row(result, n_boot, settings.seed),
-                     "train_seconds": round(fit_seconds, 2), "eval_seconds": round(eval_seconds, 2)})
-        say(f"{name}: recall@20 {result.metrics['recall@20']:.4f} mrr@20 {result.metrics['mrr@20']:.4f} ({fit_seconds:.1f}s fit)")
+        rows.append(
+            {
+                "model": name,
+                "data_type": "SKU",
+                **_metric_row(result, n_boot, settings.seed),
+                "train_seconds": round(fit_seconds, 2),
+                "eval_seconds": round(eval_seconds, 2),
+            }
+        )
+        say(
+            f"{name}: recall@20 {result.metrics['recall@20']:.4f} mrr@20 {result.metrics['mrr@20']:.4f} ({fit_seconds:.1f}s fit)"
+        )
 
     rib_overrides, tc_fields = rib_settings(train, settings)
     selection = None
-    if settings.select_item_table and train.n_items <= LARGE_CATALOGUE and any(m in settings.models for m in RIB_NAMES):
+    if (
+        settings.select_item_table
+        and train.n_items <= LARGE_CATALOGUE
+        and any(m in settings.models for m in RIB_NAMES)
+    ):
         selection = select_item_table(train, settings, rib_overrides, tc_fields, catalog, say)
         if selection is not None:
             rib_overrides = {**rib_overrides, **ITEM_TABLES[selection["chosen"]]}
@@ -208,7 +240,16 @@ def run_accuracy(
                 continue
             why = missing_field(train, data_type)
             if why is not None:
-                rows.append({"model": name, "data_type": data_type, "skipped": why, "recall@20": None, "mrr@20": None, "train_seconds": None})
+                rows.append(
+                    {
+                        "model": name,
+                        "data_type": data_type,
+                        "skipped": why,
+                        "recall@20": None,
+                        "mrr@20": None,
+                        "train_seconds": None,
+                    }
+                )
                 continue
             overrides = dict(rib_overrides)
             if name != "RIB":
@@ -223,7 +264,9 @@ def run_accuracy(
                 item_vectors = _catalog_vectors(catalog, train, config.item_dim, settings.seed)
             say(f"{name} {data_type}: training ({config.loss} loss, {tc.epochs} epochs max)")
             t0 = time.perf_counter()
-            rec = RIBRecommender(config, tc, item_vectors=item_vectors, on_epoch=_epoch_reporter(f"{name} {data_type}", say))
+            rec = RIBRecommender(
+                config, tc, item_vectors=item_vectors, on_epoch=_epoch_reporter(f"{name} {data_type}", say)
+            )
             rec.fit(train)
             fit_seconds = time.perf_counter() - t0
             history = rec.history
@@ -233,19 +276,29 @@ def run_accuracy(
             results[(name, data_type)] = result
             if checkpoint_dir is not None:
                 checkpoints[f"{name} {data_type}"] = str(Path(checkpoint_dir) / "rib.pt")
-            rows.append({
-                "model": name, "data_type": data_type, **_metric_row(result, n_boot, settings.seed),
-                "train_seconds": round(fit_seconds, 2), "eval_seconds": round(eval_seconds, 2),
-                "sessions_per_s": round(float(history["sessions_per_s"]), 1),
-                "peak_rss_mb": round(float(history["peak_rss_mb"]), 1),
-                "best_epoch": history["best_epoch"], "epochs_run": len(history["epochs"]),
-                "best_val_recall@20": history.get("best_val_recall@20"),
-                "refit_epochs": (history.get("refit") or {}).get("epochs"),
-                "refit_skipped": (history.get("refit") or {}).get("skipped"),
-                "loss": config.loss, "copy": config.use_copy, "item_init": history.get("item_init"),
-            })
-            say(f"{name} {data_type}: recall@20 {result.metrics['recall@20']:.4f} mrr@20 {result.metrics['mrr@20']:.4f} "
-                f"({fit_seconds:.1f}s fit, {history['sessions_per_s']:.0f} sessions/s, best epoch {history['best_epoch']})")
+            rows.append(
+                {
+                    "model": name,
+                    "data_type": data_type,
+                    **_metric_row(result, n_boot, settings.seed),
+                    "train_seconds": round(fit_seconds, 2),
+                    "eval_seconds": round(eval_seconds, 2),
+                    "sessions_per_s": round(float(history["sessions_per_s"]), 1),
+                    "peak_rss_mb": round(float(history["peak_rss_mb"]), 1),
+                    "best_epoch": history["best_epoch"],
+                    "epochs_run": len(history["epochs"]),
+                    "best_val_recall@20": history.get("best_val_recall@20"),
+                    "refit_epochs": (history.get("refit") or {}).get("epochs"),
+                    "refit_skipped": (history.get("refit") or {}).get("skipped"),
+                    "loss": config.loss,
+                    "copy": config.use_copy,
+                    "item_init": history.get("item_init"),
+                }
+            )
+            say(
+                f"{name} {data_type}: recall@20 {result.metrics['recall@20']:.4f} mrr@20 {result.metrics['mrr@20']:.4f} "
+                f"({fit_seconds:.1f}s fit, {history['sessions_per_s']:.0f} sessions/s, best epoch {history['best_epoch']})"
+            )
             torch.set_num_threads(max(1, settings.threads))
 
     best = _best_baselines(results)
@@ -260,8 +313,13 @@ def run_accuracy(
         "has_dwell": bool(train.has_dwell),
         "n_items": int(train.n_items),
         "environment": environment(),
-        "settings": {"quick": settings.quick, "rib_overrides": rib_overrides, "train_config": tc_fields, "n_boot": n_boot,
-                     "item_catalog": settings.item_catalog},
+        "settings": {
+            "quick": settings.quick,
+            "rib_overrides": rib_overrides,
+            "train_config": tc_fields,
+            "n_boot": n_boot,
+            "item_catalog": settings.item_catalog,
+        },
         "item_table_selection": selection,
         "best_baseline": best,
         "rows": rows,
@@ -292,9 +350,13 @@ def select_item_table(
     val_recall: dict[str, float] = {}
     for table, overrides in ITEM_TABLES.items():
         config = rib_config_for(train, data_type, **{**rib_overrides, **overrides})
-        item_vectors = None if catalog is None else _catalog_vectors(catalog, train, config.item_dim, settings.seed)
+        item_vectors = (
+            None if catalog is None else _catalog_vectors(catalog, train, config.item_dim, settings.seed)
+        )
         # No refit: the choice rests on the validation score of the early-stopped run.
-        rec = RIBRecommender(config, TrainConfig(**{**tc_fields, "refit_on_all": False}), item_vectors=item_vectors).fit(train)
+        rec = RIBRecommender(
+            config, TrainConfig(**{**tc_fields, "refit_on_all": False}), item_vectors=item_vectors
+        ).fit(train)
         best = rec.history.get("best_val_recall@20")
         if best is None:
             return None  # no validation split (too few sessions): keep the paper's
@@ -339,10 +401,14 @@ def _add_improvements(rows: list[dict[str, object]], best: dict[str, dict[str, o
             continue
         for metric in METRICS:
             if metric in best and best[metric]["value"]:
-                row[f"{metric}_vs_best_baseline"] = round(float(row[metric]) / float(best[metric]["value"]) - 1.0, 4)
+                row[f"{metric}_vs_best_baseline"] = round(
+                    float(row[metric]) / float(best[metric]["value"]) - 1.0, 4
+                )
 
 
-def _paired_diffs(results: dict[tuple[str, str], EvalResult], best: dict[str, dict[str, object]], n_boot: int, seed: int) -> list[dict[str, object]]:
+def _paired_diffs(
+    results: dict[tuple[str, str], EvalResult], best: dict[str, dict[str, object]], n_boot: int, seed: int
+) -> list[dict[str, object]]:
     """Paired bootstrap intervals of per-example metric differences on the same test examples."""
     pairs: list[tuple[tuple[str, str], tuple[str, str], str]] = []
     for data_type in DATA_TYPE_NAMES:
@@ -362,10 +428,20 @@ def _paired_diffs(results: dict[tuple[str, str], EvalResult], best: dict[str, di
             else:
                 b_key_m, b_label = b_key, label
             mean, low, high = paired_bootstrap_diff(
-                results[a_key].per_example(metric), results[b_key_m].per_example(metric), n_boot=n_boot, seed=seed
+                results[a_key].per_example(metric),
+                results[b_key_m].per_example(metric),
+                n_boot=n_boot,
+                seed=seed,
             )
-            out.append({"a": f"{a_key[0]} {a_key[1]}", "b": b_label, "metric": metric,
-                        "diff": round(mean, 4), "ci95": [round(low, 4), round(high, 4)]})
+            out.append(
+                {
+                    "a": f"{a_key[0]} {a_key[1]}",
+                    "b": b_label,
+                    "metric": metric,
+                    "diff": round(mean, 4),
+                    "ci95": [round(low, 4), round(high, 4)],
+                }
+            )
     return out
 
 
@@ -400,53 +476,98 @@ def accuracy_markdown(payload: dict[str, object]) -> str:
             lines.append(f"| {row['model']} | {row['data_type']} | skipped: {row['skipped']} | — | — |")
             continue
         seconds = row.get("train_seconds")
-        lines.append(f"| {row['model']} | {row['data_type']} | {_cell(row, 'recall@20')} | {_cell(row, 'mrr@20')} | {'' if seconds is None else f'{seconds:.1f}'} |")
+        lines.append(
+            f"| {row['model']} | {row['data_type']} | {_cell(row, 'recall@20')} | {_cell(row, 'mrr@20')} | {'' if seconds is None else f'{seconds:.1f}'} |"
+        )
     notes = sorted({f"{r['data_type']}: {r['skipped']}" for r in rows if r.get("skipped")})
     if notes:
         lines += ["", "Not trained (field missing from the data, so the variant would only see a constant):"]
         lines += [f"- {n}" for n in notes]
-    lines += ["", "## 95% bootstrap intervals", "", "| Model | Data type | Recall@20 | MRR@20 | n |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## 95% bootstrap intervals",
+        "",
+        "| Model | Data type | Recall@20 | MRR@20 | n |",
+        "|---|---|---|---|---|",
+    ]
     for row in rows:
         if row.get("skipped"):
             continue
         r, m = row["recall@20_ci95"], row["mrr@20_ci95"]
-        lines.append(f"| {row['model']} | {row['data_type']} | [{r[0]:.4f}, {r[1]:.4f}] | [{m[0]:.4f}, {m[1]:.4f}] | {row['n_examples']} |")
+        lines.append(
+            f"| {row['model']} | {row['data_type']} | [{r[0]:.4f}, {r[1]:.4f}] | [{m[0]:.4f}, {m[1]:.4f}] | {row['n_examples']} |"
+        )
     rib_rows = [r for r in rows if r["model"] in RIB_NAMES and not r.get("skipped")]
     if rib_rows:
-        lines += ["", "## RIB training", "", "| Model | Data type | loss | sessions/s | peak RSS MB | best epoch / run | val Recall@20 |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## RIB training",
+            "",
+            "| Model | Data type | loss | sessions/s | peak RSS MB | best epoch / run | val Recall@20 |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for row in rib_rows:
             val = row.get("best_val_recall@20")
-            refit = f", refit {row['refit_epochs']}" if row.get("refit_epochs") else ", no refit (budget)" if row.get("refit_skipped") else ""
+            refit = (
+                f", refit {row['refit_epochs']}"
+                if row.get("refit_epochs")
+                else ", no refit (budget)"
+                if row.get("refit_skipped")
+                else ""
+            )
             lines.append(
                 f"| {row['model']} | {row['data_type']} | {row['loss']}{' + copy' if row.get('copy') else ''} | {row['sessions_per_s']:.0f} | "
                 f"{row['peak_rss_mb']:.0f} | {row['best_epoch']} / {row['epochs_run']}"
                 f"{refit} | {'' if val is None else f'{val:.4f}'} |"
             )
         lines.append("")
-        lines.append("sessions/s = training sessions x epochs / training seconds (validation excluded); peak RSS is the process's.")
+        lines.append(
+            "sessions/s = training sessions x epochs / training seconds (validation excluded); peak RSS is the process's."
+        )
         if any(r.get("refit_epochs") for r in rib_rows):
-            lines.append("refit N: the reported model is a fresh one trained N (= best) epochs on every training session, "
-                         "validation included; val Recall@20 is the early-stopped run's. train s covers both runs.")
+            lines.append(
+                "refit N: the reported model is a fresh one trained N (= best) epochs on every training session, "
+                "validation included; val Recall@20 is the early-stopped run's. train s covers both runs."
+            )
     diffs = payload.get("paired_diffs") or []
     if diffs:
-        lines += ["", "## Paired bootstrap differences (same test examples)", "", "| A | minus B | metric | A - B | 95% CI |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Paired bootstrap differences (same test examples)",
+            "",
+            "| A | minus B | metric | A - B | 95% CI |",
+            "|---|---|---|---|---|",
+        ]
         for d in diffs:
-            lines.append(f"| {d['a']} | {d['b']} | {d['metric']} | {d['diff']:+.4f} | [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] |")
+            lines.append(
+                f"| {d['a']} | {d['b']} | {d['metric']} | {d['diff']:+.4f} | [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] |"
+            )
     settings = payload.get("settings") or {}
     selection = payload.get("item_table_selection")
     if selection:
         candidates = ", ".join(f"{table} {value:.4f}" for table, value in selection["val_recall@20"].items())
-        lines += ["", f"Item table chosen on validation (RIB {selection['data_type']}, validation Recall@20): {candidates} -> "
-                  f"**{selection['chosen']}** for every RIB row."]
+        lines += [
+            "",
+            f"Item table chosen on validation (RIB {selection['data_type']}, validation Recall@20): {candidates} -> "
+            f"**{selection['chosen']}** for every RIB row.",
+        ]
     init = settings.get("item_catalog")
-    init_text = "Word2vec on the training sessions (the paper's)" if init is None else (
-        "the dataset's shipped catalog" if init == "shipped" else f"catalog `{init}`")
-    lines += ["", f"RIB settings: `{json.dumps(settings.get('rib_overrides', {}))}`; training: `{json.dumps(settings.get('train_config', {}))}`; "
-              f"item table from {init_text}."]
+    init_text = (
+        "Word2vec on the training sessions (the paper's)"
+        if init is None
+        else ("the dataset's shipped catalog" if init == "shipped" else f"catalog `{init}`")
+    )
+    lines += [
+        "",
+        f"RIB settings: `{json.dumps(settings.get('rib_overrides', {}))}`; training: `{json.dumps(settings.get('train_config', {}))}`; "
+        f"item table from {init_text}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def write_accuracy(out_dir: Path, payload: dict[str, object], results: dict[tuple[str, str], EvalResult] | None = None) -> tuple[Path, Path]:
+def write_accuracy(
+    out_dir: Path, payload: dict[str, object], results: dict[tuple[str, str], EvalResult] | None = None
+) -> tuple[Path, Path]:
     """``DIR/accuracy.json``, ``DIR/accuracy.md`` (and per-example ranks ``DIR/ranks.npz``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "accuracy.json"
@@ -454,7 +575,9 @@ def write_accuracy(out_dir: Path, payload: dict[str, object], results: dict[tupl
     md_path = out_dir / "accuracy.md"
     md_path.write_text(accuracy_markdown(payload))
     if results:
-        np.savez_compressed(out_dir / "ranks.npz", **{f"{m}|{d}": r.ranks.astype(np.int32) for (m, d), r in results.items()})
+        np.savez_compressed(
+            out_dir / "ranks.npz", **{f"{m}|{d}": r.ranks.astype(np.int32) for (m, d), r in results.items()}
+        )
     plot_accuracy(payload, out_dir / "accuracy.png")
     return json_path, md_path
 
@@ -468,24 +591,35 @@ def plot_accuracy(payload: dict[str, object], path: Path) -> Path | None:
     if not rows:
         return None
     labels = [r["model"] if r["model"] in BASELINE_NAMES else f"{r['model']} {r['data_type']}" for r in rows]
-    colors = ["#9e9e9e" if r["model"] in BASELINE_NAMES else ("#1f77b4" if r["model"] == "RIB" else "#7fb3e0") for r in rows]
+    colors = [
+        "#9e9e9e" if r["model"] in BASELINE_NAMES else ("#1f77b4" if r["model"] == "RIB" else "#7fb3e0")
+        for r in rows
+    ]
     fig = Figure(figsize=(11, 0.32 * len(rows) + 1.6), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
     y = np.arange(len(rows))[::-1]
     for ax, metric in zip(axes, METRICS, strict=True):
         values = np.array([float(r[metric]) for r in rows])
-        ci = np.array([r.get(f"{metric}_ci95") or [v, v] for r, v in zip(rows, values, strict=True)], dtype=float)
-        ax.barh(y, values, color=colors, xerr=np.abs(np.vstack([values - ci[:, 0], ci[:, 1] - values])), capsize=2)
+        ci = np.array(
+            [r.get(f"{metric}_ci95") or [v, v] for r, v in zip(rows, values, strict=True)], dtype=float
+        )
+        ax.barh(
+            y, values, color=colors, xerr=np.abs(np.vstack([values - ci[:, 0], ci[:, 1] - values])), capsize=2
+        )
         best = (payload.get("best_baseline") or {}).get(metric)
         if best:
-            ax.axvline(best["value"], color="#d62728", lw=1, ls="--", label=f"best baseline ({best['model']})")
+            ax.axvline(
+                best["value"], color="#d62728", lw=1, ls="--", label=f"best baseline ({best['model']})"
+            )
             ax.legend(loc="lower right", fontsize=8)
         ax.set_xlabel(f"{metric} (95% bootstrap CI)")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, labels, fontsize=8)
     test = payload.get("test") or {}
-    fig.suptitle(f"{payload['dataset']}: {test.get('examples', '?')} test prefixes, {payload.get('n_items')} items")
+    fig.suptitle(
+        f"{payload['dataset']}: {test.get('examples', '?')} test prefixes, {payload.get('n_items')} items"
+    )
     fig.savefig(path)
     return path
 
@@ -521,7 +655,11 @@ def merge_accuracy(parts: Sequence[Path], out_dir: Path) -> dict[str, object]:
             name = f"{key[0]}|{key[1]}"
             if name in stored:
                 ranks = np.asarray(stored[name], dtype=np.int64)
-                metrics = {f"{m}@{k}": float(EvalResult({}, ranks).per_example(f"{m}@{k}").mean()) for m in ("recall", "mrr") for k in (10, 20)}
+                metrics = {
+                    f"{m}@{k}": float(EvalResult({}, ranks).per_example(f"{m}@{k}").mean())
+                    for m in ("recall", "mrr")
+                    for k in (10, 20)
+                }
                 results[key] = EvalResult(metrics, ranks, len(ranks))
     merged_rows = sorted(rows.values(), key=_row_order)
     best = _best_baselines(results)

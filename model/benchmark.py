@@ -43,18 +43,40 @@ def run_models(
         results[name] = result
         if fitted is not None:
             fitted[name] = model
-        row = {"model": model.name, "data_type": getattr(model, "data_type", "SKU"), **{k: round(v, 4) for k, v in result.metrics.items()}}
+        row = {
+            "model": model.name,
+            "data_type": getattr(model, "data_type", "SKU"),
+            **{k: round(v, 4) for k, v in result.metrics.items()},
+        }
         for metric in ("recall@20", "mrr@20"):
             low, high = result.bootstrap_ci(metric, n_boot=n_boot)
             row[f"{metric}_ci95"] = [round(low, 4), round(high, 4)]
-        row.update(train_seconds=round(fit_seconds, 2), eval_seconds=round(eval_seconds, 2), n_examples=result.n_examples)
+        row.update(
+            train_seconds=round(fit_seconds, 2),
+            eval_seconds=round(eval_seconds, 2),
+            n_examples=result.n_examples,
+        )
         rows.append(row)
         if progress:
-            progress(f"{row['model']} ({row['data_type']}): recall@20 {row['recall@20']:.4f}  mrr@20 {row['mrr@20']:.4f}  ({fit_seconds:.1f}s fit, {eval_seconds:.1f}s eval)")
+            progress(
+                f"{row['model']} ({row['data_type']}): recall@20 {row['recall@20']:.4f}  mrr@20 {row['mrr@20']:.4f}  ({fit_seconds:.1f}s fit, {eval_seconds:.1f}s eval)"
+            )
     return rows, results
 
 
-def markdown_table(rows: Sequence[dict], columns: Sequence[str] = ("model", "data_type", "recall@20", "mrr@20", "recall@10", "mrr@10", "coverage@20", "train_seconds")) -> str:
+def markdown_table(
+    rows: Sequence[dict],
+    columns: Sequence[str] = (
+        "model",
+        "data_type",
+        "recall@20",
+        "mrr@20",
+        "recall@10",
+        "mrr@10",
+        "coverage@20",
+        "train_seconds",
+    ),
+) -> str:
     """A markdown table of result rows; 95% bootstrap intervals shown beside Recall/MRR@20."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -77,10 +99,17 @@ def environment() -> dict[str, object]:
     """Where the numbers came from."""
     import os
 
-    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(), "numpy": np.__version__}
+    return {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "numpy": np.__version__,
+    }
 
 
-def write_bench(out_dir: Path, bench: str, dataset: str, split: SplitData, rows: list[dict], extra: dict | None = None) -> tuple[Path, Path]:
+def write_bench(
+    out_dir: Path, bench: str, dataset: str, split: SplitData, rows: list[dict], extra: dict | None = None
+) -> tuple[Path, Path]:
     """Write ``DIR/<bench>.json`` (a ``rows`` list) and ``DIR/<bench>.md``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {

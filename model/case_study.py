@@ -66,16 +66,22 @@ def tuple_labels(test: SessionDataset, start: int, end: int) -> list[dict[str, o
     for t in range(start, end):
         item = int(test.items[t])
         bucket = int(test.dwell_buckets[t])
-        out.append({
-            "item": str(vocab.item_ids[item - 1]),
-            "item_index": item,
-            "activity": vocab.activities.names[int(test.activities[t])] if test.has_activity else "-",
-            "dwell": (dwell_labels[bucket] if bucket < len(dwell_labels) else str(bucket)) if test.has_dwell else "-",
-        })
+        out.append(
+            {
+                "item": str(vocab.item_ids[item - 1]),
+                "item_index": item,
+                "activity": vocab.activities.names[int(test.activities[t])] if test.has_activity else "-",
+                "dwell": (dwell_labels[bucket] if bucket < len(dwell_labels) else str(bucket))
+                if test.has_dwell
+                else "-",
+            }
+        )
     return out
 
 
-def case_study(test: SessionDataset, checkpoints: Sequence[str | Path], session: int | None = None) -> dict[str, object]:
+def case_study(
+    test: SessionDataset, checkpoints: Sequence[str | Path], session: int | None = None
+) -> dict[str, object]:
     """Attention weights and target ranks of each checkpoint on one test session's last prefix."""
     import torch
 
@@ -94,7 +100,10 @@ def case_study(test: SessionDataset, checkpoints: Sequence[str | Path], session:
             raise ValueError(f"{path}: RIB-Attention (no attention layer) has no weights to show")
         lo = max(start, end - config.max_len)  # what the model looks at
         window = slice(lo, end)
-        tensors = [torch.from_numpy(np.asarray(a[window], dtype=np.int64))[None, :] for a in (test.items, test.activities, test.dwell_buckets)]
+        tensors = [
+            torch.from_numpy(np.asarray(a[window], dtype=np.int64))[None, :]
+            for a in (test.items, test.activities, test.dwell_buckets)
+        ]
         mask = torch.ones(1, end - lo, dtype=torch.bool)
         rec.model.eval()
         with torch.no_grad():
@@ -103,7 +112,14 @@ def case_study(test: SessionDataset, checkpoints: Sequence[str | Path], session:
         rank = int(target_ranks(scores, np.array([target]))[0])
         full = np.zeros(end - start)
         full[lo - start :] = weights
-        rows.append({"data_type": config.data_type, "checkpoint": str(path), "weights": [round(float(w), 6) for w in full], "target_rank": rank})
+        rows.append(
+            {
+                "data_type": config.data_type,
+                "checkpoint": str(path),
+                "weights": [round(float(w), 6) for w in full],
+                "target_rank": rank,
+            }
+        )
     rows.sort(key=lambda r: DATA_TYPE_ORDER.index(r["data_type"]))
     return {
         "session": int(session),
@@ -116,11 +132,16 @@ def case_study(test: SessionDataset, checkpoints: Sequence[str | Path], session:
 
 def case_study_text(study: dict[str, object]) -> str:
     """One block per data type: every tuple with its attention weight, and the target's rank."""
-    lines = [f"test session {study['session']} (id {study['session_id']}), true next item {study['target']['item']}", ""]
+    lines = [
+        f"test session {study['session']} (id {study['session_id']}), true next item {study['target']['item']}",
+        "",
+    ]
     for row in study["rows"]:
         lines.append(f"{row['data_type']}: rank of the true next item = {row['target_rank']}")
         for t, (tup, w) in enumerate(zip(study["tuples"], row["weights"], strict=True)):
-            lines.append(f"  {t + 1:2d}. item {tup['item']:>10s}  {tup['activity']:<16s} dwell {tup['dwell']:<12s} {w:.3f} {'#' * int(round(w * 40))}")
+            lines.append(
+                f"  {t + 1:2d}. item {tup['item']:>10s}  {tup['activity']:<16s} dwell {tup['dwell']:<12s} {w:.3f} {'#' * int(round(w * 40))}"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -138,15 +159,30 @@ def plot_case_study(study: dict[str, object], path: Path) -> Path:
     n_cols = len(tuples)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.05 * n_cols + 2.5), 1.0 * len(rows) + 2.6))
     image = ax.imshow(weights, cmap="Reds", vmin=0.0, vmax=max(0.05, float(weights.max())), aspect="auto")
-    ax.set_yticks(range(len(rows)), [f"{ROW_LABELS[r['data_type']]}\n(rank {r['target_rank']})" for r in rows], fontsize=10)
+    ax.set_yticks(
+        range(len(rows)),
+        [f"{ROW_LABELS[r['data_type']]}\n(rank {r['target_rank']})" for r in rows],
+        fontsize=10,
+    )
     column_labels = [f"{t['item']}\n{t['activity']}\n{t['dwell']}" for t in tuples]
     ax.set_xticks(range(n_cols), column_labels, fontsize=8)
     ax.xaxis.tick_top()
     for i in range(weights.shape[0]):
         for j in range(n_cols):
             value = weights[i, j]
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9, color="white" if value > 0.6 * weights.max() else "black")
-    ax.set_xlabel(f"tuples of test session {study['session']} (item / activity / dwell bucket), oldest first; true next item {study['target']['item']}", fontsize=9)
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if value > 0.6 * weights.max() else "black",
+            )
+    ax.set_xlabel(
+        f"tuples of test session {study['session']} (item / activity / dwell bucket), oldest first; true next item {study['target']['item']}",
+        fontsize=9,
+    )
     fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01, label="attention weight")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +194,11 @@ def plot_case_study(study: dict[str, object], path: Path) -> Path:
 def write_case_study(study: dict[str, object], out_dir: Path) -> dict[str, Path]:
     """``case_study.json``, ``case_study.txt`` and ``case_study.png`` under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "case_study.json", "text": out_dir / "case_study.txt", "png": out_dir / "case_study.png"}
+    paths = {
+        "json": out_dir / "case_study.json",
+        "text": out_dir / "case_study.txt",
+        "png": out_dir / "case_study.png",
+    }
     paths["json"].write_text(json.dumps(study, indent=2))
     paths["text"].write_text(case_study_text(study))
     plot_case_study(study, paths["png"])

@@ -35,12 +35,16 @@ class EvalResult:
             return np.where(self.ranks <= k, 1.0 / self.ranks, 0.0)
         raise ValueError(f"unknown metric {metric!r}")
 
-    def bootstrap_ci(self, metric: str, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    def bootstrap_ci(
+        self, metric: str, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    ) -> tuple[float, float]:
         """Percentile bootstrap interval of a metric over examples."""
         return bootstrap_ci(self.per_example(metric), n_boot=n_boot, seed=seed, level=level)
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values``."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
@@ -51,7 +55,9 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: f
     return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
 
 
-def paired_bootstrap_diff(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+def paired_bootstrap_diff(
+    a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """Mean of a - b over the same examples, with a paired percentile bootstrap interval."""
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     low, high = bootstrap_ci(diff, n_boot=n_boot, seed=seed, level=level)
@@ -89,7 +95,9 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     # pay for the running count: over a 43k-item catalogue it cost ~40% of an evaluation.
     crowded = np.flatnonzero(ties.sum(axis=1, keepdims=True) > room)
     if len(crowded):
-        chosen[crowded] = greater[crowded] | (ties[crowded] & (np.cumsum(ties[crowded], axis=1) <= room[crowded]))
+        chosen[crowded] = greater[crowded] | (
+            ties[crowded] & (np.cumsum(ties[crowded], axis=1) <= room[crowded])
+        )
     index = np.nonzero(chosen)[1].reshape(len(real), k)
     order = np.lexsort((index, -np.take_along_axis(real, index, axis=1)), axis=1)
     return np.take_along_axis(index, order, axis=1) + 1

@@ -86,10 +86,26 @@ class ExportError(ValueError):
 
 # RIBConfig fields the graphs know how to reproduce (training-only knobs such as dropout included). A field
 # added to RIBConfig later is refused unless it keeps its default, until the exporter learns it.
-KNOWN_FIELDS = frozenset({
-    "n_items", "n_activities", "n_dwell", "item_dim", "activity_dim", "dwell_dim", "hidden_dim", "use_activity",
-    "use_dwell", "use_attention", "dropout", "max_len", "loss", "copy", "attention_micro", "micro_dropout",
-})
+KNOWN_FIELDS = frozenset(
+    {
+        "n_items",
+        "n_activities",
+        "n_dwell",
+        "item_dim",
+        "activity_dim",
+        "dwell_dim",
+        "hidden_dim",
+        "use_activity",
+        "use_dwell",
+        "use_attention",
+        "dropout",
+        "max_len",
+        "loss",
+        "copy",
+        "attention_micro",
+        "micro_dropout",
+    }
+)
 
 
 def check_exportable(config: RIBConfig) -> None:
@@ -97,11 +113,19 @@ def check_exportable(config: RIBConfig) -> None:
     for f in dataclass_fields(config):
         if f.name in KNOWN_FIELDS:
             continue
-        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else MISSING)
+        default = (
+            f.default
+            if f.default is not MISSING
+            else (f.default_factory() if f.default_factory is not MISSING else MISSING)
+        )
         if getattr(config, f.name) != default:
-            raise ExportError(f"RIBConfig.{f.name}={getattr(config, f.name)!r} is unknown to the ONNX exporter (only its default is supported)")
+            raise ExportError(
+                f"RIBConfig.{f.name}={getattr(config, f.name)!r} is unknown to the ONNX exporter (only its default is supported)"
+            )
     if config.loss not in ("softmax", "sampled"):
-        raise ExportError(f"RIBConfig.loss={config.loss!r} is not supported by the ONNX export (softmax/sampled only)")
+        raise ExportError(
+            f"RIBConfig.loss={config.loss!r} is not supported by the ONNX export (softmax/sampled only)"
+        )
 
 
 def folded_for_export(model: RIB) -> RIB:
@@ -112,7 +136,9 @@ def folded_for_export(model: RIB) -> RIB:
     if not (config.tie_output or config.freeze_items):
         return model
     if config.cosine_scale > 0:
-        raise ExportError("a cosine-scaled tied output (RIBConfig.cosine_scale > 0) has no linear form to export")
+        raise ExportError(
+            "a cosine-scaled tied output (RIBConfig.cosine_scale > 0) has no linear form to export"
+        )
     plain = RIB(replace(config, tie_output=False, freeze_items=False))
     state = model.state_dict()
     if config.tie_output:
@@ -143,7 +169,9 @@ class _Embed(nn.Module):
         self.activity_emb = model.activity_emb
         self.dwell_emb = model.dwell_emb
 
-    def forward(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         micro = []
         if self.activity_emb is not None:
             micro.append(self.activity_emb(activities))
@@ -216,14 +244,18 @@ class _ExportedRIB(nn.Module):
 class FullSession(_ExportedRIB):
     """The full graph: advance a session state by L tuples (see module docstring)."""
 
-    def forward(self, items, activities, dwell, lengths, hidden, run_max, run_den, run_num, keys=None, past_items=None):
+    def forward(
+        self, items, activities, dwell, lengths, hidden, run_max, run_den, run_num, keys=None, past_items=None
+    ):
         embedded, micro = self.embed(items, activities, dwell)
         out, _ = self.gru(embedded, hidden[None])
         steps = torch.arange(items.shape[1], device=items.device)
         last = lengths.clamp(min=1) - 1
         valid = steps[None, :] <= last[:, None]
         is_last = (steps[None, :] == last[:, None]).to(out.dtype)
-        new_hidden = (is_last[:, :, None] * out).sum(1)  # a one-hot sum exports to far fewer nodes than a gather
+        new_hidden = (is_last[:, :, None] * out).sum(
+            1
+        )  # a one-hot sum exports to far fewer nodes than a gather
         if self.use_attention:
             att = self.scorer(out, micro).masked_fill(~valid, float("-inf"))
             new_max = torch.maximum(run_max, att.max(dim=1).values)
@@ -288,7 +320,9 @@ def initial_step_state(hidden_dim: int, batch: int = 1) -> dict[str, np.ndarray]
     }
 
 
-def _example_full(config: RIBConfig, batch: int = 2, length: int = 7, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def _example_full(
+    config: RIBConfig, batch: int = 2, length: int = 7, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     items = torch.randint(1, config.n_items + 1, (batch, length), generator=g)
     activities = torch.randint(0, config.n_activities, (batch, length), generator=g)
@@ -302,8 +336,12 @@ def _example_state(config: RIBConfig, batch: int, past: int = 2) -> tuple[torch.
     """A non-trivial running state (and, with the copy term, ``past`` keys and items) for tracing."""
     g = torch.Generator().manual_seed(7)
     h = config.hidden_dim
-    state = (torch.randn(batch, h, generator=g), torch.randn(batch, generator=g), torch.rand(batch, generator=g) + 1.0,
-             torch.randn(batch, h, generator=g))
+    state = (
+        torch.randn(batch, h, generator=g),
+        torch.randn(batch, generator=g),
+        torch.rand(batch, generator=g) + 1.0,
+        torch.randn(batch, h, generator=g),
+    )
     if uses_copy(config):  # a real (dynamic) past length
         items, _, _, _ = _example_full(config, batch, past, seed=5)
         state = (*state, torch.randn(batch, past, h, generator=g), items)
@@ -315,7 +353,14 @@ def _example_step(config: RIBConfig, batch: int = 2) -> tuple[torch.Tensor, ...]
     return (items[:, 0], activities[:, 0], dwell[:, 0], *_example_state(config, batch))
 
 
-def _export(module: nn.Module, args: tuple, path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], dynamic: dict) -> None:
+def _export(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    dynamic: dict,
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -341,7 +386,12 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
-        return {"full": str(self.full), "step": str(self.step), "full_max_abs_diff": self.full_max_abs_diff, "step_max_abs_diff": self.step_max_abs_diff}
+        return {
+            "full": str(self.full),
+            "step": str(self.step),
+            "full_max_abs_diff": self.full_max_abs_diff,
+            "step_max_abs_diff": self.step_max_abs_diff,
+        }
 
 
 def _export_graphs(model: RIB, full_path: Path, step_path: Path) -> None:
@@ -354,16 +404,35 @@ def _export_graphs(model: RIB, full_path: Path, step_path: Path) -> None:
     for name in ("items", "activities", "dwell", "weights", "att", "new_keys"):
         full_dynamic[name] = {0: "batch", 1: "steps"}
     full_dynamic.update(keys={0: "batch", 1: "past"}, past_items={0: "batch", 1: "past"})
-    _export(FullSession(model).eval(), (*_example_full(config), *_example_state(config, 2)), full_path, full_inputs, full_outputs, full_dynamic)
+    _export(
+        FullSession(model).eval(),
+        (*_example_full(config), *_example_state(config, 2)),
+        full_path,
+        full_inputs,
+        full_outputs,
+        full_dynamic,
+    )
     step_inputs = STEP_INPUTS + (COPY_STEP_INPUTS if copy else ())
     step_outputs = STEP_OUTPUTS + (COPY_STEP_OUTPUTS if copy else ())
     step_dynamic: dict[str, dict[int, str]] = {name: {0: "batch"} for name in step_inputs + step_outputs}
     step_dynamic.update(keys={0: "batch", 1: "past"}, past_items={0: "batch", 1: "past"})
-    _export(IncrementalStep(model).eval(), _example_step(config), step_path, step_inputs, step_outputs, step_dynamic)
+    _export(
+        IncrementalStep(model).eval(),
+        _example_step(config),
+        step_path,
+        step_inputs,
+        step_outputs,
+        step_dynamic,
+    )
 
 
-def link_to_full(step_src: str | Path, full_path: str | Path, step_dst: str | Path, min_bytes: int = EXTERNAL_MIN_BYTES,
-                 max_inline_bytes: int = 1 << 20) -> int:
+def link_to_full(
+    step_src: str | Path,
+    full_path: str | Path,
+    step_dst: str | Path,
+    min_bytes: int = EXTERNAL_MIN_BYTES,
+    max_inline_bytes: int = 1 << 20,
+) -> int:
     """Write ``step_src`` to ``step_dst`` with every initializer of at least ``min_bytes`` whose bytes occur
     exactly once inside ``full_path`` turned into external data pointing there (``full_path`` must sit next
     to ``step_dst`` under its own name). The rest stays inline (small layers torch wrote transposed in one
@@ -413,7 +482,9 @@ def export_onnx(model: RIB, out_dir: str | Path, check: bool = True, tol: float 
     if check:
         full_diff, step_diff = check_parity(model, full_path, step_path)
         if not (full_diff < tol and step_diff < tol):
-            raise ExportError(f"ONNX parity check failed: max abs diff full={full_diff:.3g}, step={step_diff:.3g} (tolerance {tol})")
+            raise ExportError(
+                f"ONNX parity check failed: max abs diff full={full_diff:.3g}, step={step_diff:.3g} (tolerance {tol})"
+            )
     return ExportResult(full_path, step_path, full_diff, step_diff)
 
 
@@ -436,7 +507,6 @@ def session_for(path: str | Path, threads: int = 1):
     return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
-
 def feed_for(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Only the inputs ``session`` declares (the exporter drops inputs a config never reads, e.g. ``dwell``
     without dwell embeddings, or the running-softmax state without attention). A full graph fed no state
@@ -449,19 +519,34 @@ def feed_for(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in feed.items() if k in declared}
 
 
-def step_advance(step_session, state: dict[str, np.ndarray], item: int, activity: int, dwell: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def step_advance(
+    step_session, state: dict[str, np.ndarray], item: int, activity: int, dwell: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One call of the step graph (batch 1): (new state, outputs by name)."""
-    feed = {"item": np.array([item], np.int64), "activity": np.array([activity], np.int64), "dwell": np.array([dwell], np.int64), **state}
+    feed = {
+        "item": np.array([item], np.int64),
+        "activity": np.array([activity], np.int64),
+        "dwell": np.array([dwell], np.int64),
+        **state,
+    }
     out = _run_named(step_session, feed)
     new_keys = out["key"][:, None] if "key" in out else None  # copy term: the session's keys grow by one
     return _next_state(state, out, new_keys, np.array([[item]], np.int64)), out
 
 
-def full_advance(full_session, state: dict[str, np.ndarray], items: np.ndarray, activities: np.ndarray, dwell: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def full_advance(
+    full_session, state: dict[str, np.ndarray], items: np.ndarray, activities: np.ndarray, dwell: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One call of the full graph on one session (batch 1): advance ``state`` by the tuples given (L >= 1);
     (new state, outputs by name). This is what the device runs, for a whole session and for a step."""
     items, activities, dwell = (np.asarray(x, np.int64).reshape(1, -1) for x in (items, activities, dwell))
-    feed = {"items": items, "activities": activities, "dwell": dwell, "lengths": np.array([items.shape[1]], np.int64), **state}
+    feed = {
+        "items": items,
+        "activities": activities,
+        "dwell": dwell,
+        "lengths": np.array([items.shape[1]], np.int64),
+        **state,
+    }
     out = _run_named(full_session, feed)
     return _next_state(state, out, out.get("new_keys"), items), out
 
@@ -472,18 +557,30 @@ def _run_named(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(None, feed_for(session, feed)), strict=True))
 
 
-def _next_state(state: dict[str, np.ndarray], out: dict[str, np.ndarray], new_keys: np.ndarray | None, items: np.ndarray) -> dict[str, np.ndarray]:
+def _next_state(
+    state: dict[str, np.ndarray], out: dict[str, np.ndarray], new_keys: np.ndarray | None, items: np.ndarray
+) -> dict[str, np.ndarray]:
     """The running state after a call: the graph's new state, and with the copy term (``new_keys`` given)
     the session's keys and items grown by this call's."""
     grown = new_keys is not None
     return {
-        "hidden": out["new_hidden"], "run_max": out["new_run_max"], "run_den": out["new_run_den"], "run_num": out["new_run_num"],
+        "hidden": out["new_hidden"],
+        "run_max": out["new_run_max"],
+        "run_den": out["new_run_den"],
+        "run_num": out["new_run_num"],
         "keys": np.concatenate([state["keys"], new_keys], axis=1) if grown else state["keys"],
         "past_items": np.concatenate([state["past_items"], items], axis=1) if grown else state["past_items"],
     }
 
 
-def run_steps(step_session, hidden_dim: int, items: np.ndarray, activities: np.ndarray, dwell: np.ndarray, chunks: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def run_steps(
+    step_session,
+    hidden_dim: int,
+    items: np.ndarray,
+    activities: np.ndarray,
+    dwell: np.ndarray,
+    chunks: tuple[int, ...] = (),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Feed one sequence through a step graph tuple by tuple, or through a full graph (advanced by ``chunks``
     tuples per call, then one per call): (scores after each call (calls, N), raw attention scores (L,), final
     attention weights (L,))."""
@@ -496,7 +593,9 @@ def run_steps(step_session, hidden_dim: int, items: np.ndarray, activities: np.n
     for size in sizes:
         stop = start + size
         if is_full:
-            state, out = full_advance(step_session, state, items[start:stop], activities[start:stop], dwell[start:stop])
+            state, out = full_advance(
+                step_session, state, items[start:stop], activities[start:stop], dwell[start:stop]
+            )
             att.extend(float(a) for a in out["att"][0])
         else:
             state, out = step_advance(step_session, state, items[start], activities[start], dwell[start])
@@ -509,23 +608,34 @@ def run_steps(step_session, hidden_dim: int, items: np.ndarray, activities: np.n
 
 
 @torch.no_grad()
-def check_parity(model: RIB, full_path: Path, step_path: Path, n_rows: int = 4, length: int = 12, seed: int = 1) -> tuple[float, float]:
+def check_parity(
+    model: RIB, full_path: Path, step_path: Path, n_rows: int = 4, length: int = 12, seed: int = 1
+) -> tuple[float, float]:
     """Max abs score diff of the full graph (padded batch from the initial state) vs ``RIB.forward``, and of
     every prefix through the step graph and through the full graph (a chunk of 3, then tuple by tuple) vs
     ``RIB.forward_all``."""
     model = model.eval()
     config = model.config
     items, activities, dwell, lengths = _example_full(config, n_rows, length, seed)
-    lengths = torch.tensor([length, max(1, length // 2), 1, length - 1][:n_rows] + [length] * max(0, n_rows - 4))
+    lengths = torch.tensor(
+        [length, max(1, length // 2), 1, length - 1][:n_rows] + [length] * max(0, n_rows - 4)
+    )
     mask = torch.arange(length)[None, :] < lengths[:, None]
     items, activities, dwell = (torch.where(mask, x, torch.zeros_like(x)) for x in (items, activities, dwell))
     expected = model(items, activities, dwell, mask).numpy()
     full = session_for(full_path)
-    feed = {"items": items.numpy(), "activities": activities.numpy(), "dwell": dwell.numpy(), "lengths": lengths.numpy()}
+    feed = {
+        "items": items.numpy(),
+        "activities": activities.numpy(),
+        "dwell": dwell.numpy(),
+        "lengths": lengths.numpy(),
+    }
     got = full.run(None, feed_for(full, feed))[0]
     full_diff = float(np.abs(got - expected).max())
     row = 0
-    prefix_expected = model.forward_all(items[row : row + 1], activities[row : row + 1], dwell[row : row + 1], mask[row : row + 1])[0].numpy()
+    prefix_expected = model.forward_all(
+        items[row : row + 1], activities[row : row + 1], dwell[row : row + 1], mask[row : row + 1]
+    )[0].numpy()
     seq = (items[row].numpy(), activities[row].numpy(), dwell[row].numpy())
     step_scores, _, _ = run_steps(session_for(step_path), config.hidden_dim, *seq)
     step_diff = float(np.abs(step_scores - prefix_expected).max())
@@ -543,7 +653,9 @@ OUTPUT_WEIGHT_QMAX = 63
 EMBEDDING_QMAX = 127
 
 
-def _symmetric_int8(values: np.ndarray, axis: int | None, qmax: int = EMBEDDING_QMAX) -> tuple[np.ndarray, np.ndarray]:
+def _symmetric_int8(
+    values: np.ndarray, axis: int | None, qmax: int = EMBEDDING_QMAX
+) -> tuple[np.ndarray, np.ndarray]:
     """(int8 values, float32 scales) with q = round(v / scale) in [-qmax, qmax]; one scale per slice along
     ``axis`` (None: one for the tensor). Slices whose peak is below 1e-12 (zero for all purposes) get scale 1,
     so dividing by a scale never overflows. Per-slice scales are rounded up to float16 values when all of
@@ -569,7 +681,9 @@ def _scale_tensor(scale: np.ndarray, name: str) -> tuple[list, list]:
 
     half = scale.astype(np.float16)
     if scale.ndim and _fits_float16(scale) and np.array_equal(half.astype(np.float32), scale):
-        return [numpy_helper.from_array(half, f"{name}_fp16")], [helper.make_node("Cast", [f"{name}_fp16"], [name], name=f"{name}_cast", to=TensorProto.FLOAT)]
+        return [numpy_helper.from_array(half, f"{name}_fp16")], [
+            helper.make_node("Cast", [f"{name}_fp16"], [name], name=f"{name}_cast", to=TensorProto.FLOAT)
+        ]
     return [numpy_helper.from_array(scale.astype(np.float32), name)], []
 
 
@@ -591,7 +705,12 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) ->
     for node in nodes:
         if node.op_type == "Gemm" and len(node.input) >= 2 and node.input[1] == "out.weight":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if attrs.get("transA", 0) or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            if (
+                attrs.get("transA", 0)
+                or not attrs.get("transB", 0)
+                or attrs.get("alpha", 1.0) != 1.0
+                or attrs.get("beta", 1.0) != 1.0
+            ):
                 raise ExportError(f"unexpected output Gemm attributes {attrs}")
             weight = numpy_helper.to_array(inits["out.weight"]).T  # (H, n_items + 1)
             q, scale = _symmetric_int8(weight, axis=0 if per_channel else None, qmax=OUTPUT_WEIGHT_QMAX)
@@ -602,20 +721,46 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) ->
                 scale = scale.reshape(-1)
                 bias_values = numpy_helper.to_array(inits[bias]) if bias else np.zeros_like(scale)
                 scale_inits, scale_nodes = _scale_tensor(scale, "out.weight_scale")
-                add += [numpy_helper.from_array(np.ones((), np.float32), "out.weight_unit_scale"),
-                        numpy_helper.from_array((bias_values / scale).astype(np.float32), "out.bias_over_scale"), *scale_inits]
+                add += [
+                    numpy_helper.from_array(np.ones((), np.float32), "out.weight_unit_scale"),
+                    numpy_helper.from_array((bias_values / scale).astype(np.float32), "out.bias_over_scale"),
+                    *scale_inits,
+                ]
                 new_nodes += [
                     *scale_nodes,
-                    helper.make_node("DynamicQuantizeMatMul", [node.input[0], "out.weight_int8", "out.weight_unit_scale", "", "out.bias_over_scale"],
-                                     [f"{node.output[0]}_unscaled"], name=name, domain=MS_DOMAIN),
-                    helper.make_node("Mul", [f"{node.output[0]}_unscaled", "out.weight_scale"], list(node.output), name=f"{name}_scale"),
+                    helper.make_node(
+                        "DynamicQuantizeMatMul",
+                        [
+                            node.input[0],
+                            "out.weight_int8",
+                            "out.weight_unit_scale",
+                            "",
+                            "out.bias_over_scale",
+                        ],
+                        [f"{node.output[0]}_unscaled"],
+                        name=name,
+                        domain=MS_DOMAIN,
+                    ),
+                    helper.make_node(
+                        "Mul",
+                        [f"{node.output[0]}_unscaled", "out.weight_scale"],
+                        list(node.output),
+                        name=f"{name}_scale",
+                    ),
                 ]
                 if bias:
                     drop.add(bias)
             else:
                 add.append(numpy_helper.from_array(scale.reshape(()), "out.weight_scale"))
-                new_nodes.append(helper.make_node("DynamicQuantizeMatMul", [node.input[0], "out.weight_int8", "out.weight_scale", "", bias],
-                                                  list(node.output), name=name, domain=MS_DOMAIN))
+                new_nodes.append(
+                    helper.make_node(
+                        "DynamicQuantizeMatMul",
+                        [node.input[0], "out.weight_int8", "out.weight_scale", "", bias],
+                        list(node.output),
+                        name=name,
+                        domain=MS_DOMAIN,
+                    )
+                )
             drop.add("out.weight")
             found["out"] += 1
         elif node.op_type == "Gather" and node.input[0] == "embed.item_emb.weight":
@@ -628,9 +773,21 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) ->
                 add += [numpy_helper.from_array(q, "embed.item_emb.weight_int8"), *scale_inits]
                 new_nodes += scale_nodes
             new_nodes += [
-                helper.make_node("Gather", ["embed.item_emb.weight_int8", node.input[1]], [f"{out}_int8"], name=f"{base}_int8"),
-                helper.make_node("Cast", [f"{out}_int8"], [f"{out}_cast"], name=f"{base}_cast", to=onnx.TensorProto.FLOAT),
-                helper.make_node("Gather", ["embed.item_emb.weight_row_scale", node.input[1]], [f"{out}_scale"], name=f"{base}_scale"),
+                helper.make_node(
+                    "Gather",
+                    ["embed.item_emb.weight_int8", node.input[1]],
+                    [f"{out}_int8"],
+                    name=f"{base}_int8",
+                ),
+                helper.make_node(
+                    "Cast", [f"{out}_int8"], [f"{out}_cast"], name=f"{base}_cast", to=onnx.TensorProto.FLOAT
+                ),
+                helper.make_node(
+                    "Gather",
+                    ["embed.item_emb.weight_row_scale", node.input[1]],
+                    [f"{out}_scale"],
+                    name=f"{base}_scale",
+                ),
                 helper.make_node("Mul", [f"{out}_cast", f"{out}_scale"], [out], name=f"{base}_dequant"),
             ]
             drop.add("embed.item_emb.weight")
@@ -638,10 +795,14 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) ->
         else:
             new_nodes.append(node)
     if found["out"] != 1 or found["emb"] < 1:
-        raise ExportError(f"{src.name}: expected one output Gemm on out.weight and the item embedding Gather, found {found}")
+        raise ExportError(
+            f"{src.name}: expected one output Gemm on out.weight and the item embedding Gather, found {found}"
+        )
     still_used = {i for n in new_nodes for i in n.input}
     if drop & still_used:
-        raise ExportError(f"{sorted(drop & still_used)} are still read by other nodes; cannot quantize them away")
+        raise ExportError(
+            f"{sorted(drop & still_used)} are still read by other nodes; cannot quantize them away"
+        )
     kept = [t for t in graph.initializer if t.name not in drop]
     del graph.initializer[:]
     graph.initializer.extend(kept + add)
@@ -656,8 +817,20 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) ->
 
 def model_summary(config: RIBConfig) -> dict[str, object]:
     """What a package's manifest records about the model."""
-    keys = ("n_items", "n_activities", "n_dwell", "item_dim", "activity_dim", "dwell_dim", "hidden_dim",
-            "use_activity", "use_dwell", "use_attention", "max_len", "loss")
+    keys = (
+        "n_items",
+        "n_activities",
+        "n_dwell",
+        "item_dim",
+        "activity_dim",
+        "dwell_dim",
+        "hidden_dim",
+        "use_activity",
+        "use_dwell",
+        "use_attention",
+        "max_len",
+        "loss",
+    )
     data = config.to_dict()
     summary = {k: data[k] for k in keys if k in data}
     summary["data_type"] = config.data_type
@@ -666,7 +839,9 @@ def model_summary(config: RIBConfig) -> dict[str, object]:
     return summary
 
 
-def export_files(model: RIB, out_dir: str | Path, int8: bool = True, per_channel: bool = True) -> dict[str, object]:
+def export_files(
+    model: RIB, out_dir: str | Path, int8: bool = True, per_channel: bool = True
+) -> dict[str, object]:
     """fp32 export (+ parity check) and, with ``int8``, quantized graphs: ``full.onnx`` and ``step.onnx`` in
     ``out_dir`` (step's weights are external data inside full, so the package carries them once).
 
@@ -739,10 +914,14 @@ def build_package(
     items, counts = popular if popular is not None else ([], [])
     write_payload(out_dir, [str(i) for i in vocab.item_ids], vocab.activities, vocab.dwell, items, counts)
     info = {"export": {k: v for k, v in report.items() if k != "precision"}, **(extra or {})}
-    return sign_package(out_dir, private_key, model_version, model_summary(config), precision=report["precision"], extra=info)
+    return sign_package(
+        out_dir, private_key, model_version, model_summary(config), precision=report["precision"], extra=info
+    )
 
 
-def real_examples(dataset, max_len: int, n: int = 200, seed: int = 0) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
+def real_examples(
+    dataset, max_len: int, n: int = 200, seed: int = 0
+) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
     """Up to ``n`` example prefixes of a SessionDataset (the last ``max_len`` tuples each, as index arrays) and
     the next item of each (the evaluation protocol's target)."""
     examples = dataset.examples()
@@ -752,19 +931,31 @@ def real_examples(dataset, max_len: int, n: int = 200, seed: int = 0) -> tuple[l
     for k in sorted(int(p) for p in picks):
         end = int(examples.ends[k])
         start = max(int(examples.starts[k]), end - max_len)
-        out.append(tuple(np.asarray(getattr(dataset, f)[start:end], np.int64) for f in ("items", "activities", "dwell_buckets")))
+        out.append(
+            tuple(
+                np.asarray(getattr(dataset, f)[start:end], np.int64)
+                for f in ("items", "activities", "dwell_buckets")
+            )
+        )
         targets.append(int(examples.targets[k]))
     return out, np.asarray(targets, np.int64)
 
 
-def real_prefixes(dataset, max_len: int, n: int = 200, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def real_prefixes(
+    dataset, max_len: int, n: int = 200, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Up to ``n`` example prefixes of a SessionDataset (the last ``max_len`` tuples each), as index arrays."""
     return real_examples(dataset, max_len, n, seed)[0]
 
 
 def _prefix_scores(session, items: np.ndarray, activities: np.ndarray, dwell: np.ndarray) -> np.ndarray:
     """(n_items + 1,) scores of one whole prefix through a full-graph session (from the initial state)."""
-    feed = {"items": items[None], "activities": activities[None], "dwell": dwell[None], "lengths": np.array([len(items)], np.int64)}
+    feed = {
+        "items": items[None],
+        "activities": activities[None],
+        "dwell": dwell[None],
+        "lengths": np.array([len(items)], np.int64),
+    }
     return session.run(None, feed_for(session, feed))[0][0]
 
 
@@ -775,7 +966,9 @@ def recall_mrr(session, prefixes, targets: np.ndarray, k: int = 20) -> tuple[flo
     hits, rr = [], []
     for prefix, target in zip(prefixes, targets, strict=True):
         scores = _prefix_scores(session, *prefix)
-        rank = int((scores[1:] >= scores[target]).sum())  # items scoring at least the target's score, itself included
+        rank = int(
+            (scores[1:] >= scores[target]).sum()
+        )  # items scoring at least the target's score, itself included
         hits.append(rank <= k)
         rr.append(1.0 / rank if rank <= k else 0.0)
     return (float(np.mean(hits)), float(np.mean(rr))) if hits else (float("nan"), float("nan"))

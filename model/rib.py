@@ -99,8 +99,12 @@ class RIBConfig:
     use_attention: bool = True  # False: RIB-Attention (last hidden state)
     dropout: float = 0.1
     max_len: int = 50  # tuples of context the model looks at (the last max_len of a prefix)
-    loss: str = "softmax"  # "softmax" | "paper" | "sampled" (sampled softmax in training, full scores at eval)
-    copy: bool | None = None  # repeat/copy term (see RIB._copy_amounts); None = on, except with the paper loss
+    loss: str = (
+        "softmax"  # "softmax" | "paper" | "sampled" (sampled softmax in training, full scores at eval)
+    )
+    copy: bool | None = (
+        None  # repeat/copy term (see RIB._copy_amounts); None = on, except with the paper loss
+    )
     attention_micro: bool = False  # the attention scorer also sees the step's activity/dwell embeddings
     micro_dropout: float = 0.0  # dropout on the activity/dwell embeddings only (on top of ``dropout``)
     tie_output: bool = False  # score items against the input item embeddings (see TiedOutput)
@@ -118,7 +122,9 @@ class RIBConfig:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.tie_output and self.loss == "paper":
-            raise ValueError("tie_output scores items with the item embeddings; the paper loss scores in embedding space")
+            raise ValueError(
+                "tie_output scores items with the item embeddings; the paper loss scores in embedding space"
+            )
         if self.copy is True and self.loss == "paper":
             raise ValueError("the copy term adds onto item logits; the paper loss has none")
         if self.cosine_scale < 0 or not math.isfinite(self.cosine_scale):
@@ -126,7 +132,9 @@ class RIBConfig:
         if self.cosine_scale > 0 and not self.tie_output:
             raise ValueError("cosine_scale scores against the item embeddings: it needs tie_output=True")
         if self.last_state and not self.use_attention:
-            raise ValueError("last_state adds the last hidden state beside the attention output: it needs use_attention")
+            raise ValueError(
+                "last_state adds the last hidden state beside the attention output: it needs use_attention"
+            )
         if self.n_items < 1 or self.n_activities < 1 or self.n_dwell < 1 or self.max_len < 1:
             raise ValueError(f"bad sizes in {self}")
 
@@ -221,7 +229,9 @@ class RIB(nn.Module):
         ``vectors`` is (n_items + 1, item_dim); rows where ``present`` is False keep their random init.
         """
         if vectors.shape != self.item_emb.weight.shape:
-            raise ValueError(f"item vectors {tuple(vectors.shape)} != embedding {tuple(self.item_emb.weight.shape)}")
+            raise ValueError(
+                f"item vectors {tuple(vectors.shape)} != embedding {tuple(self.item_emb.weight.shape)}"
+            )
         rows = torch.ones(len(vectors), dtype=torch.bool) if present is None else present.bool().clone()
         rows[0] = False  # padding stays zero
         vectors = vectors.to(self.item_emb.weight)
@@ -229,9 +239,10 @@ class RIB(nn.Module):
         if self.config.loss == "paper":
             self.target_emb.weight[rows] = vectors[rows]
 
-
     # ---- the network -------------------------------------------------------------------------------
-    def _left_align(self, mask: torch.Tensor, *fields: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def _left_align(
+        self, mask: torch.Tensor, *fields: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Shift every row so its valid steps start at 0; returns (aligned mask, aligned fields, shift)."""
         mask = mask.bool()
         length = mask.sum(1)
@@ -244,7 +255,9 @@ class RIB(nn.Module):
         moved = [torch.where(aligned, f.gather(1, index), torch.zeros_like(f)) for f in fields]
         return aligned, moved, shift
 
-    def _encode(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode(
+        self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """GRU hidden states h_1..h_L of left-aligned inputs (B, L, hidden), and the micro embeddings (or None)."""
         micro_parts = []
         if self.activity_emb is not None:
@@ -270,7 +283,9 @@ class RIB(nn.Module):
             pre = pre + att_micro(micro)
         return self.att_score(torch.tanh(pre)).squeeze(-1)
 
-    def _copy_amounts(self, pooled: torch.Tensor, hidden: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def _copy_amounts(
+        self, pooled: torch.Tensor, hidden: torch.Tensor, allowed: torch.Tensor
+    ) -> torch.Tensor:
         """Copy term: gate(query) * softmax_j(q . k_j / sqrt(H)) over allowed steps j.
 
         ``pooled`` is (B, Q, H) queries, ``hidden`` (B, L, H) keys, ``allowed`` (B, Q, L); returns (B, Q, L),
@@ -291,7 +306,9 @@ class RIB(nn.Module):
         causal = torch.ones(steps, steps, dtype=torch.bool, device=mask.device).tril()
         return causal[None, :, :] & mask[:, None, :]
 
-    def _pool_all(self, hidden: torch.Tensor, mask: torch.Tensor, micro: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _pool_all(
+        self, hidden: torch.Tensor, mask: torch.Tensor, micro: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pooled output for every prefix end t (attention over valid steps <= t), and the weights."""
         if not self.config.use_attention:
             return hidden, None
@@ -338,7 +355,9 @@ class RIB(nn.Module):
             values = torch.stack([w.roll(int(s), dims=-1) for w, s in zip(values, shift, strict=True)])
         return values
 
-    def outputs_all(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor) -> AllOutputs:
+    def outputs_all(
+        self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor
+    ) -> AllOutputs:
         """Everything the loss needs for every prefix end, at the caller's positions."""
         aligned, (items_a, activities_a, dwell_a), shift = self._left_align(mask, items, activities, dwell)
         hidden, micro = self._encode(items_a, activities_a, dwell_a)
@@ -361,7 +380,9 @@ class RIB(nn.Module):
         out = self.outputs_all(items, activities, dwell, mask)
         return out.pooled, out.weights
 
-    def forward_all(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_all(
+        self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """(B, L, n_items + 1) logits: position t scores the next item after the prefix ending at t."""
         out = self.outputs_all(items, activities, dwell, mask)
         copy = None
@@ -385,7 +406,9 @@ class RIB(nn.Module):
         correction for the sampling probability). Without ``negatives`` the full softmax is used.
         """
         if self.config.use_copy and copy is None and self.config.loss != "paper":
-            raise ValueError("this RIB has a copy term: pass copy= from outputs_all(...).at(positions), or use example_loss")
+            raise ValueError(
+                "this RIB has a copy term: pass copy= from outputs_all(...).at(positions), or use example_loss"
+            )
         if self.config.loss == "sampled" and negatives is not None:
             candidates = torch.unique(torch.cat([targets, negatives]))  # sorted
             labels = torch.searchsorted(candidates, targets)
@@ -443,13 +466,17 @@ class RIB(nn.Module):
             copy = CopyTerm(amounts, items)
         return pooled, weights, copy, shift
 
-    def forward(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """(B, n_items + 1) logits for the whole (masked) sequence of each row."""
         pooled, _, copy, _ = self._pool_last(items, activities, dwell, mask)
         return self._logits(pooled, copy)
 
     @torch.no_grad()
-    def attention_weights(self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def attention_weights(
+        self, items: torch.Tensor, activities: torch.Tensor, dwell: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """(B, L) attention over each whole sequence, at the caller's positions (zero on padding); case study."""
         if not self.config.use_attention:
             raise ValueError("RIB-Attention (use_attention=False) has no attention layer")
@@ -520,7 +547,9 @@ class CopyTerm:
     amounts: torch.Tensor
     items: torch.Tensor
 
-    def add_to(self, logits: torch.Tensor, candidates: torch.Tensor | None = None, n_items: int | None = None) -> torch.Tensor:
+    def add_to(
+        self, logits: torch.Tensor, candidates: torch.Tensor | None = None, n_items: int | None = None
+    ) -> torch.Tensor:
         """logits[..., item] += amount for every step; with ``candidates``, logits' columns are those items."""
         if candidates is None:
             return logits.scatter_add(-1, self.items, self.amounts)

@@ -46,7 +46,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_decay: float = 1.0  # learning rate x this after every epoch (ExponentialLR); 1 = constant
     patience: int = 3  # epochs without a better validation Recall@20 before stopping
-    min_steps: int = 400  # no early stop before this many optimizer steps (tiny data: an epoch is a few steps)
+    min_steps: int = (
+        400  # no early stop before this many optimizer steps (tiny data: an epoch is a few steps)
+    )
     val_fraction: float = 0.1  # last fraction of training sessions by end time; 0 = no validation
     seed: int = 0
     num_threads: int | None = 1  # torch intra-op threads (None: leave torch's setting alone)
@@ -63,7 +65,9 @@ class TrainConfig:
     # negatives) + n_negatives shared items drawn from ``negative_sampler`` ("uniform" or "popularity":
     # training-frequency ** 0.75); logits get the logQ correction -log P(item is a candidate).
     n_negatives: int = 2048
-    val_max_examples: int | None = 20_000  # early stopping on a fixed seeded sample of validation examples (speed)
+    val_max_examples: int | None = (
+        20_000  # early stopping on a fixed seeded sample of validation examples (speed)
+    )
     negative_sampler: str = "uniform"
     # Wall-clock budget for the optimisation (seconds, Word2vec and validation excluded): the epoch that
     # crosses it ends early, is validated, and training stops. With refit_on_all it covers the selection run
@@ -104,7 +108,9 @@ def rib_config_for(data: SessionDataset, data_type: str = "SKU+Micro", **overrid
 # --------------------------------------------------------------------------------------------------
 
 
-def time_validation_split(train: SessionDataset, val_fraction: float) -> tuple[SessionDataset, SessionDataset | None]:
+def time_validation_split(
+    train: SessionDataset, val_fraction: float
+) -> tuple[SessionDataset, SessionDataset | None]:
     """(fit, validation): validation = the last ``val_fraction`` of sessions by end time (dataset order on ties)."""
     n = train.n_sessions
     n_val = int(round(n * val_fraction))
@@ -164,7 +170,9 @@ def length_batches(windows: Windows, batch_size: int, rng: np.random.Generator) 
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def batch_tensors(data: SessionDataset, windows: Windows, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+def batch_tensors(
+    data: SessionDataset, windows: Windows, rows: np.ndarray, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Left-aligned padded inputs, mask, and the (position -> target) pairs of a batch of windows."""
     start, end = windows.start[rows], windows.end[rows]
     lengths = end - start
@@ -225,7 +233,11 @@ class RIBRecommender:
     @property
     def name(self) -> str:
         """'RIB', or 'RIB-Attention' for the paper's ablation without the attention layer."""
-        use_attention = self.rib_config.use_attention if self.rib_config else self.rib_overrides.get("use_attention", True)
+        use_attention = (
+            self.rib_config.use_attention
+            if self.rib_config
+            else self.rib_overrides.get("use_attention", True)
+        )
         return "RIB" if use_attention else "RIB-Attention"
 
     def fit(self, train: SessionDataset) -> RIBRecommender:
@@ -233,7 +245,11 @@ class RIBRecommender:
         if self.rib_config is None:
             self.rib_config = rib_config_for(train, self.data_type, **self.rib_overrides)
         _train(self, train, self.progress)
-        if self.train_config.refit_on_all and self.history.get("n_val_sessions") and self.history.get("best_epoch"):
+        if (
+            self.train_config.refit_on_all
+            and self.history.get("n_val_sessions")
+            and self.history.get("best_epoch")
+        ):
             self._refit_on_all(train)
         return self
 
@@ -249,22 +265,51 @@ class RIBRecommender:
             n_all = selected["n_fit_sessions"] + selected["n_val_sessions"]
             needed = per_epoch * int(selected["best_epoch"]) * n_all / max(1, selected["n_fit_sessions"])
             if needed > remaining:
-                self.history = {**selected, "refit": {"skipped": f"needs ~{needed:.0f} s of the {remaining:.0f} s the "
-                                                                 f"{budget:.0f} s budget leaves"}}
+                self.history = {
+                    **selected,
+                    "refit": {
+                        "skipped": f"needs ~{needed:.0f} s of the {remaining:.0f} s the "
+                        f"{budget:.0f} s budget leaves"
+                    },
+                }
                 return
-        refit_tc = replace(self.train_config, epochs=int(selected["best_epoch"]), val_fraction=0.0, refit_on_all=False,
-                           checkpoint_dir=None, max_train_seconds=remaining)
+        refit_tc = replace(
+            self.train_config,
+            epochs=int(selected["best_epoch"]),
+            val_fraction=0.0,
+            refit_on_all=False,
+            checkpoint_dir=None,
+            max_train_seconds=remaining,
+        )
         on_epoch = self.on_epoch
-        refit = RIBRecommender(self.rib_config, refit_tc, progress=self.progress, item_vectors=self.item_vectors,
-                               on_epoch=None if on_epoch is None else lambda row: on_epoch({**row, "refit": True}))
+        refit = RIBRecommender(
+            self.rib_config,
+            refit_tc,
+            progress=self.progress,
+            item_vectors=self.item_vectors,
+            on_epoch=None if on_epoch is None else lambda row: on_epoch({**row, "refit": True}),
+        )
         _train(refit, train, self.progress)
         self.model = refit.model
         done = refit.history
         self.history = {
             **selected,
-            "refit": {key: done[key] for key in ("n_fit_sessions", "steps", "item_init", "w2v_seconds", "train_seconds", "total_seconds")}
-            | {"epochs": len(done["epochs"]), "train_loss": done["epochs"][-1]["train_loss"] if done["epochs"] else None,
-               "budget_seconds": remaining},
+            "refit": {
+                key: done[key]
+                for key in (
+                    "n_fit_sessions",
+                    "steps",
+                    "item_init",
+                    "w2v_seconds",
+                    "train_seconds",
+                    "total_seconds",
+                )
+            }
+            | {
+                "epochs": len(done["epochs"]),
+                "train_loss": done["epochs"][-1]["train_loss"] if done["epochs"] else None,
+                "budget_seconds": remaining,
+            },
             "peak_rss_mb": max(float(selected["peak_rss_mb"]), float(done["peak_rss_mb"])),
         }
         if self.train_config.checkpoint_dir:
@@ -284,7 +329,9 @@ class RIBRecommender:
             items, mask = part.padded("items", max_len)
             activities, _ = part.padded("activities", max_len)
             dwell, _ = part.padded("dwell_buckets", max_len)
-            tensors = [torch.from_numpy(a.astype(np.int64)).to(self.device) for a in (items, activities, dwell)]
+            tensors = [
+                torch.from_numpy(a.astype(np.int64)).to(self.device) for a in (items, activities, dwell)
+            ]
             logits = self.model(*tensors, torch.from_numpy(mask).to(self.device))
             out[lo : lo + len(part)] = logits.float().cpu().numpy()
         return out
@@ -315,7 +362,9 @@ class RIBRecommender:
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> RIBRecommender:
         """A ready-to-score recommender from a checkpoint written by ``save``."""
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)  # plain data only: no pickled code
+        payload = torch.load(
+            Path(path), map_location="cpu", weights_only=True
+        )  # plain data only: no pickled code
         if payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format')!r}")
         stored = dict(payload["rib_config"])
@@ -405,7 +454,9 @@ class NegativeSampler:
 
     def __init__(self, fit: SessionDataset, tc: TrainConfig, device: torch.device) -> None:
         if tc.negative_sampler not in ("uniform", "popularity"):
-            raise ValueError(f"negative_sampler must be 'uniform' or 'popularity', got {tc.negative_sampler!r}")
+            raise ValueError(
+                f"negative_sampler must be 'uniform' or 'popularity', got {tc.negative_sampler!r}"
+            )
         n = fit.n_items + 1
         examples = fit.examples()
         counts = np.bincount(examples.targets, minlength=n).astype(np.float64)[:n]
@@ -421,7 +472,9 @@ class NegativeSampler:
 
     def draw(self, n_targets: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(negative ids, log P(candidate)) for a batch with ``n_targets`` examples."""
-        negatives = torch.multinomial(self.q.cpu(), self.k, replacement=True, generator=self.generator).to(self.device)
+        negatives = torch.multinomial(self.q.cpu(), self.k, replacement=True, generator=self.generator).to(
+            self.device
+        )
         p_batch = 1.0 - (1.0 - self.target_freq) ** n_targets
         p = 1.0 - (1.0 - self.p_negative) * (1.0 - p_batch)
         return negatives, torch.log(p.clamp(min=1e-12)).float()
@@ -472,17 +525,25 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
         w2v_seconds = time.perf_counter() - t0
     model.to(rec.device)
     rec.model = model
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay
+    )
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=tc.lr_decay)
 
     windows = make_windows(fit, tc.max_len or config.max_len)
-    sampler = NegativeSampler(fit, tc, rec.device) if config.loss == "sampled" and tc.n_negatives > 0 else None
+    sampler = (
+        NegativeSampler(fit, tc, rec.device) if config.loss == "sampled" and tc.n_negatives > 0 else None
+    )
     checkpoint_path = Path(tc.checkpoint_dir) / CHECKPOINT_NAME if tc.checkpoint_dir else None
     val_examples = None
     if val is not None:
         val_examples = val.examples()
         if tc.val_max_examples is not None and len(val_examples) > tc.val_max_examples:
-            keep = np.sort(np.random.default_rng(tc.seed + 2).choice(len(val_examples), tc.val_max_examples, replace=False))
+            keep = np.sort(
+                np.random.default_rng(tc.seed + 2).choice(
+                    len(val_examples), tc.val_max_examples, replace=False
+                )
+            )
             val_examples = val_examples.subset(keep)
     epochs: list[dict[str, object]] = []
     best_recall, best_epoch, best_state, bad_epochs, steps = -1.0, 0, None, 0, 0
@@ -492,10 +553,18 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
         t0 = time.perf_counter()
         total_loss, total_examples = 0.0, 0
         batches = length_batches(windows, tc.batch_size, rng)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress, leave=False, unit="batch")
-        epoch_budget = None if tc.max_train_seconds is None else tc.max_train_seconds - sum(float(e["train_seconds"]) for e in epochs)
+        bar = tqdm(
+            batches, desc=f"epoch {epoch}/{tc.epochs}", disable=not progress, leave=False, unit="batch"
+        )
+        epoch_budget = (
+            None
+            if tc.max_train_seconds is None
+            else tc.max_train_seconds - sum(float(e["train_seconds"]) for e in epochs)
+        )
         epoch_first_step = steps
-        done = 0  # batches taken this epoch (an epoch cut by the budget covers only that share of the sessions)
+        done = (
+            0  # batches taken this epoch (an epoch cut by the budget covers only that share of the sessions)
+        )
         for rows in bar:
             if epoch_budget is not None and time.perf_counter() - t0 >= epoch_budget:
                 out_of_time = True
@@ -580,7 +649,8 @@ def _train(rec: RIBRecommender, train: SessionDataset, progress: bool) -> None:
         "w2v_seconds": w2v_seconds,
         "train_seconds": train_seconds,
         "total_seconds": total_seconds,
-        "sessions_per_s": sum(float(e["sessions_per_s"]) * float(e["train_seconds"]) for e in epochs) / max(train_seconds, 1e-9),
+        "sessions_per_s": sum(float(e["sessions_per_s"]) * float(e["train_seconds"]) for e in epochs)
+        / max(train_seconds, 1e-9),
         "peak_rss_mb": _peak_rss_mb(),
         "device": str(rec.device),
         "num_threads": torch.get_num_threads(),

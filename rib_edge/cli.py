@@ -27,7 +27,13 @@ def main() -> None:
 
 # ------------------------------------------------------------------------------------------------
 @main.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("quickstart_out"), show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("quickstart_out"),
+    show_default=True,
+)
 @click.option("--devices", default=300, show_default=True, help="Synthetic devices (shoppers).")
 @click.option("--seed", default=0, show_default=True)
 def quickstart(out_dir: Path, devices: int, seed: int) -> None:
@@ -60,7 +66,9 @@ def data_list() -> None:
         click.echo(f"  {name:32s} {source.description}")
     aliases = {target: alias for alias, target in ALIASES.items()}
     for name in SRGNN_DATASETS:
-        click.echo(f"  {name:32s} SR-GNN benchmark split (item ids only){'; alias ' + aliases[name] if name in aliases else ''}")
+        click.echo(
+            f"  {name:32s} SR-GNN benchmark split (item ids only){'; alias ' + aliases[name] if name in aliases else ''}"
+        )
 
 
 @data.command("prepare")
@@ -72,15 +80,32 @@ def data_prepare(dataset: str, mapping: Path | None, min_item_support: int | Non
     """Load DATASET through the protocol (cached) and print its counts."""
     started = time.perf_counter()
     split = open_or_fail(dataset, mapping, refresh, min_item_support)
-    click.echo(json.dumps({"train": split.info.get("train"), "test": split.info.get("test"), "seconds": round(time.perf_counter() - started, 2)}, indent=2))
+    click.echo(
+        json.dumps(
+            {
+                "train": split.info.get("train"),
+                "test": split.info.get("test"),
+                "seconds": round(time.perf_counter() - started, 2),
+            },
+            indent=2,
+        )
+    )
 
 
 @data.command("stats")
 @click.argument("dataset")
 @mapping_option
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: benchmarks/results/stats/<dataset>.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Default: benchmarks/results/stats/<dataset>.",
+)
 @support_option
-def data_stats(dataset: str, mapping: Path | None, out_dir: Path | None, min_item_support: int | None) -> None:
+def data_stats(
+    dataset: str, mapping: Path | None, out_dir: Path | None, min_item_support: int | None
+) -> None:
     """The paper's Section-3 views of DATASET: counts, activity and dwell distributions, conversion rates."""
     from model.analysis import format_stats, write_stats
 
@@ -92,7 +117,13 @@ def data_stats(dataset: str, mapping: Path | None, out_dir: Path | None, min_ite
 
 
 @data.command("synth")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JSON-lines file of raw UI events.")
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="JSON-lines file of raw UI events.",
+)
 @click.option("--devices", default=300, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 def data_synth(out_path: Path, devices: int, seed: int) -> None:
@@ -106,7 +137,13 @@ def data_synth(out_path: Path, devices: int, seed: int) -> None:
 
 @data.command("extract")
 @click.argument("events", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="CSV of micro-behavior tuples.")
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="CSV of micro-behavior tuples.",
+)
 def data_extract(events: Path, out_path: Path) -> None:
     """Turn a raw-event JSON-lines file into micro-behavior tuples with the device's extractor."""
     from edge_client.schema import SkipReport
@@ -119,14 +156,22 @@ def data_extract(events: Path, out_path: Path) -> None:
         raise click.ClickException(str(err)) from err
     out_path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out_path, index=False)
-    click.echo(f"parse: {parsed.summary()}\nextract: {extracted.summary()}\nwrote {len(frame)} tuples to {out_path}")
+    click.echo(
+        f"parse: {parsed.summary()}\nextract: {extracted.summary()}\nwrote {len(frame)} tuples to {out_path}"
+    )
     for example in parsed.examples + extracted.examples:
         click.echo(f"  skipped: {example}", err=True)
 
 
 @data.command("catalog")
 @click.argument("dataset")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Catalog CSV (item_id + attribute columns).")
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Catalog CSV (item_id + attribute columns).",
+)
 def data_catalog(dataset: str, out_path: Path) -> None:
     """Write a shared dataset's item catalog (category, brand, ...) as CSV, for `fl run -c item-catalog=...`."""
     from model.catalog import CatalogError, dataset_catalog
@@ -148,10 +193,18 @@ def bench() -> None:
 @bench.command("baselines")
 @dataset_option
 @mapping_option
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: benchmarks/results/<dataset>.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Default: benchmarks/results/<dataset>.",
+)
 @click.option("--models", default=None, help="Comma-separated subset, e.g. POP,SR,S-KNN (default: all).")
 @support_option
-def bench_baselines(dataset: str, mapping: Path | None, out_dir: Path | None, models: str | None, min_item_support: int | None) -> None:
+def bench_baselines(
+    dataset: str, mapping: Path | None, out_dir: Path | None, models: str | None, min_item_support: int | None
+) -> None:
     """POP, Item-KNN, BPR-MF, SR, S-KNN, V-SKNN, STAN through the one evaluator."""
     from model.baselines import BASELINES
     from model.benchmark import markdown_table, run_models, write_bench
@@ -159,9 +212,13 @@ def bench_baselines(dataset: str, mapping: Path | None, out_dir: Path | None, mo
     names = [m.strip() for m in models.split(",")] if models else list(BASELINES)
     unknown = [m for m in names if m not in BASELINES]
     if unknown:
-        raise click.BadParameter(f"unknown model(s) {unknown}; choose from {list(BASELINES)}", param_hint="--models")
+        raise click.BadParameter(
+            f"unknown model(s) {unknown}; choose from {list(BASELINES)}", param_hint="--models"
+        )
     split = open_or_fail(dataset, mapping, min_item_support=min_item_support)
-    echo_step(f"{dataset}: {split.train.n_sessions} train / {split.test.n_sessions} test sessions, {split.vocab.n_items} items")
+    echo_step(
+        f"{dataset}: {split.train.n_sessions} train / {split.test.n_sessions} test sessions, {split.vocab.n_items} items"
+    )
     rows, _ = run_models(split, {name: BASELINES[name] for name in names}, progress=echo_step)
     out_dir = out_dir or Path("benchmarks/results") / Path(dataset).name
     json_path, md_path = write_bench(out_dir, "baselines", dataset, split, rows)

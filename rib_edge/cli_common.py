@@ -15,10 +15,16 @@ DATASET_HELP = (
 )
 
 mapping_option = click.option(
-    "--mapping", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="TOML mapping actions to activities (generic files)."
+    "--mapping",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML mapping actions to activities (generic files).",
 )
 support_option = click.option(
-    "--min-item-support", type=click.IntRange(min=1), default=None, help="Override the protocol's item-support filter (default 5)."
+    "--min-item-support",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Override the protocol's item-support filter (default 5).",
 )
 
 
@@ -27,7 +33,9 @@ def echo_step(message: str) -> None:
     click.echo(f"[{time.strftime('%H:%M:%S')}] {message}")
 
 
-def open_or_fail(dataset: str, mapping: Path | None = None, refresh: bool = False, min_item_support: int | None = None):
+def open_or_fail(
+    dataset: str, mapping: Path | None = None, refresh: bool = False, min_item_support: int | None = None
+):
     """Resolve --dataset to a SplitData, turning data errors into a clean CLI error (no traceback)."""
     from model.data.open import open_dataset
 

@@ -41,7 +41,13 @@ def edge_group() -> None:
 
 
 @edge_group.command("keygen")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the key pair.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for the key pair.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing key pair.")
 def keygen(out_dir: Path, force: bool) -> None:
     """Write an Ed25519 signing key (0600) and its public key, both PEM."""
@@ -55,15 +61,48 @@ def keygen(out_dir: Path, force: bool) -> None:
 
 
 @edge_group.command("package")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="RIB checkpoint (rib.pt).")
-@click.option("--dataset", required=True, help="The dataset the checkpoint was trained on (vocabulary and popularity).")
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="RIB checkpoint (rib.pt).",
+)
+@click.option(
+    "--dataset", required=True, help="The dataset the checkpoint was trained on (vocabulary and popularity)."
+)
 @mapping_option
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="New package directory.")
-@click.option("--key", "key", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="Ed25519 private key (PEM).")
-@click.option("--model-version", type=click.IntRange(min=1), default=None, help="Monotonic model version (default: Unix time).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="New package directory.",
+)
+@click.option(
+    "--key",
+    "key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Ed25519 private key (PEM).",
+)
+@click.option(
+    "--model-version",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Monotonic model version (default: Unix time).",
+)
 @click.option("--fp32", is_flag=True, help="Ship fp32 graphs instead of int8.")
 @click.option("--per-tensor", is_flag=True, help="Per-tensor int8 weights instead of per-channel.")
-def package(checkpoint: Path, dataset: str, mapping: Path | None, out_dir: Path, key: Path, model_version: int | None, fp32: bool, per_tensor: bool) -> None:
+def package(
+    checkpoint: Path,
+    dataset: str,
+    mapping: Path | None,
+    out_dir: Path,
+    key: Path,
+    model_version: int | None,
+    fp32: bool,
+    per_tensor: bool,
+) -> None:
     """Export a checkpoint to ONNX (parity-checked), quantize to int8 and sign it as a device package."""
     from edge_client.package import PackageError
     from model.export import ExportError, build_package, popularity_from
@@ -72,10 +111,19 @@ def package(checkpoint: Path, dataset: str, mapping: Path | None, out_dir: Path,
     split = open_or_fail(dataset, mapping)
     rec = RIBRecommender.load(checkpoint, device="cpu")
     version = model_version or int(time.time())
-    echo_step(f"exporting {checkpoint} ({rec.rib_config.data_type}, {rec.rib_config.n_items} items) as version {version}")
+    echo_step(
+        f"exporting {checkpoint} ({rec.rib_config.data_type}, {rec.rib_config.n_items} items) as version {version}"
+    )
     try:
         manifest = build_package(
-            rec.model, split.vocab, out_dir, key, version, popularity_from(split.train), int8=not fp32, per_channel=not per_tensor,
+            rec.model,
+            split.vocab,
+            out_dir,
+            key,
+            version,
+            popularity_from(split.train),
+            int8=not fp32,
+            per_channel=not per_tensor,
             extra={"checkpoint": checkpoint.name, "dataset": dataset},
         )
     except (ExportError, FileExistsError) as err:
@@ -93,7 +141,9 @@ def package(checkpoint: Path, dataset: str, mapping: Path | None, out_dir: Path,
 @edge_group.command("verify")
 @click.argument("package_dir", type=click.Path(path_type=Path))
 @public_key_option
-@click.option("--installed-version", type=int, default=None, help="Refuse unless the package is newer than this.")
+@click.option(
+    "--installed-version", type=int, default=None, help="Refuse unless the package is newer than this."
+)
 def verify(package_dir: Path, public_key: Path, installed_version: int | None) -> None:
     """Check a package's signature, manifest, files and version; prints the manifest (exit 2 if refused)."""
     from edge_client.package import PackageError, verify_package
@@ -106,14 +156,34 @@ def verify(package_dir: Path, public_key: Path, installed_version: int | None) -
 
 
 @edge_group.command("recommend")
-@click.option("--package", "package_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--events", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="Raw UI events, JSON lines.")
+@click.option(
+    "--package", "package_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True
+)
+@click.option(
+    "--events",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Raw UI events, JSON lines.",
+)
 @public_key_option
 @click.option("-k", "k", default=20, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", "device_id", default=None, help="Device whose latest session to use (default: the latest session of any device).")
+@click.option(
+    "--device",
+    "device_id",
+    default=None,
+    help="Device whose latest session to use (default: the latest session of any device).",
+)
 @click.option("--keep-seen", is_flag=True, help="Do not exclude items already in the session.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output with explanations.")
-def recommend(package_dir: Path, events: Path, public_key: Path, k: int, device_id: str | None, keep_seen: bool, as_json: bool) -> None:
+def recommend(
+    package_dir: Path,
+    events: Path,
+    public_key: Path,
+    k: int,
+    device_id: str | None,
+    keep_seen: bool,
+    as_json: bool,
+) -> None:
     """Run the device extractor on raw events and recommend for the latest session."""
     from edge_client.extract import extract_population
     from edge_client.package import PackageError
@@ -133,17 +203,31 @@ def recommend(package_dir: Path, events: Path, public_key: Path, k: int, device_
     session = latest_session(records)
     recs = rec.recommend(session, k=k, exclude_seen=not keep_seen)
     if as_json:
-        click.echo(json.dumps({"model_version": rec.model_version, "session_tuples": len(session), "skipped": dict(rec.stats),
-                               "events": report.to_dict(), "recommendations": format_recommendations(recs)}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "model_version": rec.model_version,
+                    "session_tuples": len(session),
+                    "skipped": dict(rec.stats),
+                    "events": report.to_dict(),
+                    "recommendations": format_recommendations(recs),
+                },
+                indent=2,
+            )
+        )
         return
     session_id = session[0].session_id if session else "-"
-    click.echo(f"model v{rec.model_version}; session {session_id}: {len(session)} tuples; events: {report.summary()}")
+    click.echo(
+        f"model v{rec.model_version}; session {session_id}: {len(session)} tuples; events: {report.summary()}"
+    )
     if rec.stats:
         click.echo(f"skipped tuples: {dict(rec.stats)}")
     if recs and recs[0].explanation:
         click.echo("attention over the session:")
         for t in recs[0].explanation:
-            click.echo(f"  {t.weight:6.3f}  {t.item_id:>20s}  {t.activity:22s} dwell bucket {t.dwell_bucket}{'' if t.used else '  (skipped)'}")
+            click.echo(
+                f"  {t.weight:6.3f}  {t.item_id:>20s}  {t.activity:22s} dwell bucket {t.dwell_bucket}{'' if t.used else '  (skipped)'}"
+            )
     for rank, r in enumerate(recs, start=1):
         click.echo(f"{rank:3d}. {r.item_id:>20s}  {r.score:10.4f}  ({r.source})")
 
@@ -153,19 +237,48 @@ class _Stop(Exception):
 
 
 @edge_group.command("serve")
-@click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Encrypted tuple store directory.")
-@click.option("--package", "package_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option(
+    "--store",
+    "store_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Encrypted tuple store directory.",
+)
+@click.option(
+    "--package", "package_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True
+)
 @public_key_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless --allow-remote).")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless --allow-remote)."
+)
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--device", "device_id", default="local", show_default=True, help="This device's id.")
-@click.option("--pages", "pages_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Directory of pages to serve at / (e.g. examples/kiosk).")
+@click.option(
+    "--pages",
+    "pages_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Directory of pages to serve at / (e.g. examples/kiosk).",
+)
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback bind (exposes the device's events).")
-@click.option("--idle-check-s", default=30.0, show_default=True, type=click.FloatRange(min=0),
-              help="Seconds between checks that store the open pages of sessions idle past the session gap (0: off).")
-def serve(store_dir: Path, package_dir: Path, public_key: Path, host: str, port: int, device_id: str, pages_dir: Path | None,
-          allow_remote: bool, idle_check_s: float) -> None:
+@click.option(
+    "--idle-check-s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds between checks that store the open pages of sessions idle past the session gap (0: off).",
+)
+def serve(
+    store_dir: Path,
+    package_dir: Path,
+    public_key: Path,
+    host: str,
+    port: int,
+    device_id: str,
+    pages_dir: Path | None,
+    allow_remote: bool,
+    idle_check_s: float,
+) -> None:
     """Serve the local HTTP endpoints (/events, /recommendations, /tracker.js) until SIGTERM or Ctrl-C.
 
     On either signal: stop the HTTP server, store the visits still open (their dwell so far), release the
@@ -180,7 +293,9 @@ def serve(store_dir: Path, package_dir: Path, public_key: Path, host: str, port:
     from edge_client.store import StoreError
 
     try:
-        client = EdgeClient(store_dir, package_dir, public_key, device_id=device_id, idle_check_s=idle_check_s or None)
+        client = EdgeClient(
+            store_dir, package_dir, public_key, device_id=device_id, idle_check_s=idle_check_s or None
+        )
     except PackageError as err:
         raise _package_error(err) from err
     except StoreError as err:
@@ -206,7 +321,9 @@ def serve(store_dir: Path, package_dir: Path, public_key: Path, host: str, port:
     try:
         for signum in watched:
             previous[signum] = signal.signal(signum, on_signal)
-        click.echo(f"serving {server.url} (model v{client.recommender.model_version}); SIGTERM or Ctrl-C stops")
+        click.echo(
+            f"serving {server.url} (model v{client.recommender.model_version}); SIGTERM or Ctrl-C stops"
+        )
         while True:
             time.sleep(3600)
     except (_Stop, KeyboardInterrupt):
@@ -236,23 +353,58 @@ def _load_bench_module():
 
 
 @click.command("edge")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results/edge"), show_default=True)
-@click.option("--items", "n_items", default=100_000, show_default=True, help="Catalogue size of the random-weight model.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("benchmarks/results/edge"),
+    show_default=True,
+)
+@click.option(
+    "--items",
+    "n_items",
+    default=100_000,
+    show_default=True,
+    help="Catalogue size of the random-weight model.",
+)
 @click.option("--seq-len", default=50, show_default=True)
 @click.option("--repeats", default=500, show_default=True, help="Timed runs per latency figure.")
 @click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads.")
 @click.option("--epochs", default=10, show_default=True, help="Training epochs of the synthetic model.")
 @click.option("--skip-trained", is_flag=True, help="Only the random-weight model.")
-@click.option("--shared-dataset", default="srgnn_nowplaying", show_default=True,
-              help="Also a model trained on this shared dataset (the largest shared vocabulary); '' to skip.")
-@click.option("--shared-train-seconds", default=300.0, show_default=True, help="Training budget of that model.")
-def bench_edge_command(out_dir: Path, n_items: int, seq_len: int, repeats: int, threads: int, epochs: int, skip_trained: bool,
-                       shared_dataset: str, shared_train_seconds: float) -> None:
+@click.option(
+    "--shared-dataset",
+    default="srgnn_nowplaying",
+    show_default=True,
+    help="Also a model trained on this shared dataset (the largest shared vocabulary); '' to skip.",
+)
+@click.option(
+    "--shared-train-seconds", default=300.0, show_default=True, help="Training budget of that model."
+)
+def bench_edge_command(
+    out_dir: Path,
+    n_items: int,
+    seq_len: int,
+    repeats: int,
+    threads: int,
+    epochs: int,
+    skip_trained: bool,
+    shared_dataset: str,
+    shared_train_seconds: float,
+) -> None:
     """int8 vs fp32 ONNX: latency (full session, incremental step), size, top-20 agreement; extraction, RSS."""
     bench = _load_bench_module()
-    result = bench.run_edge_bench(out_dir, n_items=n_items, seq_len=seq_len, repeats=repeats, threads=threads,
-                                  trained=not skip_trained, epochs=epochs, progress=echo_step,
-                                  shared_dataset=(shared_dataset or None) if not skip_trained else None,
-                                  shared_train_seconds=shared_train_seconds)
+    result = bench.run_edge_bench(
+        out_dir,
+        n_items=n_items,
+        seq_len=seq_len,
+        repeats=repeats,
+        threads=threads,
+        trained=not skip_trained,
+        epochs=epochs,
+        progress=echo_step,
+        shared_dataset=(shared_dataset or None) if not skip_trained else None,
+        shared_train_seconds=shared_train_seconds,
+    )
     click.echo(bench.markdown(result))
     click.echo(f"wrote {out_dir / 'edge.json'} and {out_dir / 'edge.md'}")

@@ -14,6 +14,7 @@ from rib_edge.cli_common import DATASET_HELP, echo_step, mapping_option, open_or
 
 DATA_TYPE_NAMES = ("SKU", "SKU+Activity", "SKU+Dwell", "SKU+Micro")
 
+
 def _metric_lines(result) -> list[str]:
     lines = []
     for metric in ("recall@20", "mrr@20"):
@@ -25,13 +26,37 @@ def _metric_lines(result) -> list[str]:
 @click.command("train")
 @click.option("--dataset", required=True, help=DATASET_HELP)
 @mapping_option
-@click.option("--data-type", type=click.Choice(DATA_TYPE_NAMES), default="SKU+Micro", show_default=True, help="Which tuple fields the model sees (paper Section 5.1).")
+@click.option(
+    "--data-type",
+    type=click.Choice(DATA_TYPE_NAMES),
+    default="SKU+Micro",
+    show_default=True,
+    help="Which tuple fields the model sees (paper Section 5.1).",
+)
 @click.option("--epochs", default=10, show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the checkpoint rib.pt and history.json.")
-@click.option("--loss", type=click.Choice(["softmax", "paper", "sampled"]), default="softmax", show_default=True,
-              help="sampled: sampled softmax in training (big catalogues), full-catalogue scores at eval.")
-@click.option("--copy/--no-copy", "copy_term", default=None, help="Copy/repeat term [default: on, except with the paper loss].")
-@click.option("--no-attention", is_flag=True, help="RIB-Attention: last hidden state instead of attention pooling.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for the checkpoint rib.pt and history.json.",
+)
+@click.option(
+    "--loss",
+    type=click.Choice(["softmax", "paper", "sampled"]),
+    default="softmax",
+    show_default=True,
+    help="sampled: sampled softmax in training (big catalogues), full-catalogue scores at eval.",
+)
+@click.option(
+    "--copy/--no-copy",
+    "copy_term",
+    default=None,
+    help="Copy/repeat term [default: on, except with the paper loss].",
+)
+@click.option(
+    "--no-attention", is_flag=True, help="RIB-Attention: last hidden state instead of attention pooling."
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--item-dim", default=64, show_default=True)
 @click.option("--hidden-dim", default=100, show_default=True)
@@ -39,13 +64,29 @@ def _metric_lines(result) -> list[str]:
 @click.option("--lr", default=5e-3, show_default=True)
 @click.option("--threads", default=1, show_default=True, help="torch CPU threads.")
 @click.option("--device", default=None, help="auto, cpu or cuda (env RIB_EDGE_DEVICE overrides).")
-@click.option("--item-catalog", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Catalog CSV (item_id + category/brand columns; `rib-edge data catalog`): item init from it instead of Word2vec.")
-@click.option("--tie-output", is_flag=True, help="Score items against the item embeddings (one nn.Module, no separate output table).")
-@click.option("--freeze-items", is_flag=True, help="Keep the item embeddings at their init (Word2vec or catalog); with --tie-output "
-              "this is what bench accuracy chose on validation for catalogues up to 10k items.")
-@click.option("--refit-on-all", is_flag=True, help="After early stopping, retrain the best epoch count on every training session "
-              "(validation included: the most recent sessions).")
+@click.option(
+    "--item-catalog",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Catalog CSV (item_id + category/brand columns; `rib-edge data catalog`): item init from it instead of Word2vec.",
+)
+@click.option(
+    "--tie-output",
+    is_flag=True,
+    help="Score items against the item embeddings (one nn.Module, no separate output table).",
+)
+@click.option(
+    "--freeze-items",
+    is_flag=True,
+    help="Keep the item embeddings at their init (Word2vec or catalog); with --tie-output "
+    "this is what bench accuracy chose on validation for catalogues up to 10k items.",
+)
+@click.option(
+    "--refit-on-all",
+    is_flag=True,
+    help="After early stopping, retrain the best epoch count on every training session "
+    "(validation included: the most recent sessions).",
+)
 def train_command(
     dataset: str,
     mapping: Path | None,
@@ -79,13 +120,26 @@ def train_command(
         click.echo(f"note: {dataset} has no dwell time; the dwell embedding sees only 'unknown'")
     try:
         rib_config = rib_config_for(
-            train, data_type, item_dim=item_dim, hidden_dim=hidden_dim, loss=loss, use_attention=not no_attention, copy=copy_term,
-            tie_output=tie_output, freeze_items=freeze_items,
+            train,
+            data_type,
+            item_dim=item_dim,
+            hidden_dim=hidden_dim,
+            loss=loss,
+            use_attention=not no_attention,
+            copy=copy_term,
+            tie_output=tie_output,
+            freeze_items=freeze_items,
         )
     except ValueError as err:  # e.g. --tie-output with the paper loss
         raise click.ClickException(str(err)) from err
     train_config = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_threads=threads, checkpoint_dir=str(out_dir), device=device,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        num_threads=threads,
+        checkpoint_dir=str(out_dir),
+        device=device,
         refit_on_all=refit_on_all,
     )
     item_vectors = None
@@ -96,7 +150,9 @@ def train_command(
             raise click.ClickException(str(err)) from err
         covered = int(item_vectors.present[1:].sum())
         echo_step(f"item init from {item_catalog}: {covered} of {train.n_items} items")
-    echo_step(f"training {'RIB-Attention' if no_attention else 'RIB'} ({data_type}, {loss} loss) on {train.n_sessions} sessions")
+    echo_step(
+        f"training {'RIB-Attention' if no_attention else 'RIB'} ({data_type}, {loss} loss) on {train.n_sessions} sessions"
+    )
     try:
         rec, history = train_rib(train, rib_config, train_config, progress=True, item_vectors=item_vectors)
     except (ValueError, RuntimeError) as err:
@@ -106,8 +162,13 @@ def train_command(
     refit = history.get("refit")
     echo_step(
         f"best epoch {history['best_epoch']}"
-        + (f" (refit skipped: {refit['skipped']})" if refit and "skipped" in refit
-           else f" (refit {refit['epochs']} epochs on all {refit['n_fit_sessions']} training sessions)" if refit else "")
+        + (
+            f" (refit skipped: {refit['skipped']})"
+            if refit and "skipped" in refit
+            else f" (refit {refit['epochs']} epochs on all {refit['n_fit_sessions']} training sessions)"
+            if refit
+            else ""
+        )
         + (f", validation recall@20 {best:.4f}" if best is not None else "")
         + f"; {history['sessions_per_s']:.0f} sessions/s, {history['total_seconds']:.1f}s, peak RSS {history['peak_rss_mb']:.0f} MB"
     )
@@ -117,7 +178,13 @@ def train_command(
 @click.command("eval")
 @click.option("--dataset", required=True, help=DATASET_HELP)
 @mapping_option
-@click.option("--checkpoint", "checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="rib.pt written by `rib-edge train`.")
+@click.option(
+    "--checkpoint",
+    "checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="rib.pt written by `rib-edge train`.",
+)
 @click.option("--device", default=None, help="auto, cpu or cuda (env RIB_EDGE_DEVICE overrides).")
 def eval_command(dataset: str, mapping: Path | None, checkpoint: Path, device: str | None) -> None:
     """Evaluate a RIB checkpoint on a dataset's test split: Recall@20 and MRR@20 with 95% bootstrap CIs."""
@@ -134,7 +201,9 @@ def eval_command(dataset: str, mapping: Path | None, checkpoint: Path, device: s
             f"checkpoint has {rec.rib_config.n_items} items but {dataset} has {split.test.n_items}: trained on another dataset?"
         )
     result = evaluate(rec, split.test)
-    click.echo(f"{rec.name} ({rec.rib_config.data_type}, {rec.rib_config.loss} loss) on {dataset} test: {result.n_examples} examples")
+    click.echo(
+        f"{rec.name} ({rec.rib_config.data_type}, {rec.rib_config.loss} loss) on {dataset} test: {result.n_examples} examples"
+    )
     for line in _metric_lines(result):
         click.echo(line)
 
@@ -146,21 +215,55 @@ def _split_csv(value: str | None) -> list[str] | None:
 @click.command("accuracy")
 @click.option("--dataset", required=True, help=DATASET_HELP)
 @mapping_option
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output directory [default: benchmarks/results/accuracy/<dataset>].")
-@click.option("--models", default=None, help="Comma-separated subset of: POP,BPR-MF,Item-KNN,SR,S-KNN,V-SKNN,STAN,Word2vec,Word2vec-Avg,RIB-Attention,RIB.")
-@click.option("--data-types", default=None, help="Comma-separated subset of RIB data types: SKU,SKU+Activity,SKU+Dwell,SKU+Micro.")
-@click.option("--epochs", type=int, default=None, help="Max RIB epochs (early stopping on validation Recall@20).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output directory [default: benchmarks/results/accuracy/<dataset>].",
+)
+@click.option(
+    "--models",
+    default=None,
+    help="Comma-separated subset of: POP,BPR-MF,Item-KNN,SR,S-KNN,V-SKNN,STAN,Word2vec,Word2vec-Avg,RIB-Attention,RIB.",
+)
+@click.option(
+    "--data-types",
+    default=None,
+    help="Comma-separated subset of RIB data types: SKU,SKU+Activity,SKU+Dwell,SKU+Micro.",
+)
+@click.option(
+    "--epochs", type=int, default=None, help="Max RIB epochs (early stopping on validation Recall@20)."
+)
 @click.option("--quick", is_flag=True, help="CI-sized run: tiny RIB, 2 epochs, 100 bootstrap resamples.")
 @click.option("--threads", default=1, show_default=True, help="torch CPU threads for RIB.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--item-catalog", default=None, metavar="FILE|shipped",
-              help="RIB's item table from a catalog CSV (`rib-edge data catalog`), or 'shipped' for the shared dataset's own, "
-                   "instead of Word2vec: side information the baselines lack (an extension beyond the paper).")
-@click.option("--merge", "merge_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Instead of running: merge accuracy runs (dirs with accuracy.json + ranks.npz) of this dataset into --out.")
+@click.option(
+    "--item-catalog",
+    default=None,
+    metavar="FILE|shipped",
+    help="RIB's item table from a catalog CSV (`rib-edge data catalog`), or 'shipped' for the shared dataset's own, "
+    "instead of Word2vec: side information the baselines lack (an extension beyond the paper).",
+)
+@click.option(
+    "--merge",
+    "merge_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Instead of running: merge accuracy runs (dirs with accuracy.json + ranks.npz) of this dataset into --out.",
+)
 def bench_accuracy_command(
-    dataset: str, mapping: Path | None, out_dir: Path | None, models: str | None, data_types: str | None,
-    epochs: int | None, quick: bool, threads: int, seed: int, item_catalog: str | None, merge_dirs: tuple[Path, ...],
+    dataset: str,
+    mapping: Path | None,
+    out_dir: Path | None,
+    models: str | None,
+    data_types: str | None,
+    epochs: int | None,
+    quick: bool,
+    threads: int,
+    seed: int,
+    item_catalog: str | None,
+    merge_dirs: tuple[Path, ...],
 ) -> None:
     """Paper Table 3 for one dataset: baselines, then RIB-Attention and RIB per data type (JSON + markdown)."""
     from model.accuracy import DATA_TYPE_NAMES as TYPES
@@ -172,13 +275,20 @@ def bench_accuracy_command(
             merge_accuracy(merge_dirs, out_dir)
         except ValueError as err:
             raise click.ClickException(str(err)) from err
-        click.echo(f"merged {len(merge_dirs)} runs into {out_dir / 'accuracy.json'} and {out_dir / 'accuracy.md'}")
+        click.echo(
+            f"merged {len(merge_dirs)} runs into {out_dir / 'accuracy.json'} and {out_dir / 'accuracy.md'}"
+        )
         return
 
     try:
         settings = AccuracySettings(
-            models=_split_csv(models) or MODEL_NAMES, data_types=_split_csv(data_types) or TYPES,
-            epochs=epochs, quick=quick, threads=threads, seed=seed, item_catalog=item_catalog,
+            models=_split_csv(models) or MODEL_NAMES,
+            data_types=_split_csv(data_types) or TYPES,
+            epochs=epochs,
+            quick=quick,
+            threads=threads,
+            seed=seed,
+            item_catalog=item_catalog,
         )
     except ValueError as err:
         raise click.ClickException(str(err)) from err
@@ -196,18 +306,43 @@ def bench_accuracy_command(
         if row.get("skipped"):
             click.echo(f"{row['model']:14s} {row['data_type']:13s} skipped: {row['skipped']}")
         else:
-            click.echo(f"{row['model']:14s} {row['data_type']:13s} recall@20 {row['recall@20']:.4f}  mrr@20 {row['mrr@20']:.4f}")
+            click.echo(
+                f"{row['model']:14s} {row['data_type']:13s} recall@20 {row['recall@20']:.4f}  mrr@20 {row['mrr@20']:.4f}"
+            )
     click.echo(f"wrote {out_dir / 'accuracy.json'} and {out_dir / 'accuracy.md'}")
 
 
 @click.command("case-study")
 @click.option("--dataset", required=True, help=DATASET_HELP)
 @mapping_option
-@click.option("--checkpoint", "checkpoints", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="rib.pt of a RIB model (with attention); repeat once per data type (SKU, SKU+Activity, SKU+Dwell, SKU+Micro).")
-@click.option("--session", type=int, default=None, help="Test session index [default: a 6-14 tuple session with varied activities].")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output directory [default: benchmarks/results/case_study/<dataset>].")
-def case_study_command(dataset: str, mapping: Path | None, checkpoints: tuple[Path, ...], session: int | None, out_dir: Path | None) -> None:
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="rib.pt of a RIB model (with attention); repeat once per data type (SKU, SKU+Activity, SKU+Dwell, SKU+Micro).",
+)
+@click.option(
+    "--session",
+    type=int,
+    default=None,
+    help="Test session index [default: a 6-14 tuple session with varied activities].",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output directory [default: benchmarks/results/case_study/<dataset>].",
+)
+def case_study_command(
+    dataset: str,
+    mapping: Path | None,
+    checkpoints: tuple[Path, ...],
+    session: int | None,
+    out_dir: Path | None,
+) -> None:
     """Figure-8 case study: attention weight of every tuple of one test session, per data type (text + PNG)."""
     from model.case_study import case_study, case_study_text, write_case_study
 

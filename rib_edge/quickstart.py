@@ -26,7 +26,11 @@ QUICKSTART_MODELS = ("POP", "Item-KNN", "SR", "S-KNN", "V-SKNN", "STAN")
 
 
 def run_quickstart(
-    out_dir: Path, n_devices: int = 300, seed: int = 0, rib_epochs: int = 10, progress: Callable[[str], None] = print
+    out_dir: Path,
+    n_devices: int = 300,
+    seed: int = 0,
+    rib_epochs: int = 10,
+    progress: Callable[[str], None] = print,
 ) -> str:
     """Run every stage, write artifacts under ``out_dir``, return a printable summary."""
     from model.analysis import write_stats
@@ -44,7 +48,9 @@ def run_quickstart(
     parsed, extracted = SkipReport(), SkipReport()
     events = read_events_file(events_path, parsed)
     frame = events_to_frame(events, report=extracted)
-    progress(f"2/8 device extraction: {len(frame)} micro-behavior tuples (parse: {parsed.summary()}; extract: {extracted.summary()})")
+    progress(
+        f"2/8 device extraction: {len(frame)} micro-behavior tuples (parse: {parsed.summary()}; extract: {extracted.summary()})"
+    )
 
     split = build_split(frame, "synthetic", RIB_ACTIVITY_VOCAB, SYNTHETIC_PROTOCOL)
     split.save(out_dir / "split.npz")
@@ -59,13 +65,17 @@ def run_quickstart(
 
     factories = {name: BASELINES[name] for name in QUICKSTART_MODELS}
     rib_train = TrainConfig(epochs=rib_epochs, seed=seed, checkpoint_dir=str(out_dir / "rib"))
-    factories["RIB (SKU)"] = lambda: RIBRecommender(data_type="SKU", train_config=TrainConfig(epochs=rib_epochs, seed=seed))
+    factories["RIB (SKU)"] = lambda: RIBRecommender(
+        data_type="SKU", train_config=TrainConfig(epochs=rib_epochs, seed=seed)
+    )
     factories["RIB (SKU+Micro)"] = lambda: RIBRecommender(data_type="SKU+Micro", train_config=rib_train)
     fitted: dict = {}
     rows, _ = run_models(split, factories, progress=lambda m: progress("    " + m), fitted=fitted)
     write_bench(out_dir, "baselines", "synthetic", split, rows)
     best_row = max(rows, key=lambda r: r["recall@20"])
-    progress(f"5/8 recommenders evaluated; best: {best_row['model']} ({best_row['data_type']}) recall@20 {best_row['recall@20']:.4f}")
+    progress(
+        f"5/8 recommenders evaluated; best: {best_row['model']} ({best_row['data_type']}) recall@20 {best_row['recall@20']:.4f}"
+    )
 
     # Export the trained RIB to a signed int8 ONNX package, as a release would.
     from edge_client.package import generate_keypair
@@ -76,7 +86,9 @@ def run_quickstart(
     package_dir = out_dir / "package"
     if package_dir.exists():
         shutil.rmtree(package_dir)
-    manifest = build_package(rib.model, split.vocab, package_dir, private_key, 1, popularity_from(split.train))
+    manifest = build_package(
+        rib.model, split.vocab, package_dir, private_key, 1, popularity_from(split.train)
+    )
     export = manifest.extra["export"]
     progress(
         f"6/8 signed int8 package -> {package_dir} ({export['bytes'] / 2**20:.2f} MB, fp32 {export['fp32_bytes'] / 2**20:.2f} MB; "
@@ -91,21 +103,29 @@ def run_quickstart(
     device_id, session_id = session_key.split("/", 1)
     device_events = [e for e in events if e.device_id == device_id]
     session = [mb for mb in extract_population(device_events)[device_id] if mb.session_id == session_id]
-    last_visit_start = max(i for i in range(len(session)) if i == 0 or session[i].item_id != session[i - 1].item_id)
+    last_visit_start = max(
+        i for i in range(len(session)) if i == 0 or session[i].item_id != session[i - 1].item_id
+    )
     history, actual_next = session[:last_visit_start], session[last_visit_start].item_id
     recommender = Recommender(package_dir, public_key)
     recommendations = recommender.recommend(history, k=20)
     item_ids = [r.item_id for r in recommendations[:5]]
     hit = next((rank for rank, r in enumerate(recommendations, start=1) if r.item_id == actual_next), None)
     seen = list(dict.fromkeys(mb.item_id for mb in history))
-    attention = [(t.item_id, t.activity, round(t.weight, 3)) for t in recommendations[0].explanation] if recommendations else []
+    attention = (
+        [(t.item_id, t.activity, round(t.weight, 3)) for t in recommendations[0].explanation]
+        if recommendations
+        else []
+    )
     progress(f"7/8 on-device runtime (onnxruntime, int8) verified package v{recommender.model_version}")
     summary = {
         "events": count,
         "tuples": int(len(frame)),
         "train": train,
         "test": test,
-        "stats": {"conversion_by_activity": {a: v["rate"] for a, v in stats["conversion"]["by_activity"].items()}},
+        "stats": {
+            "conversion_by_activity": {a: v["rate"] for a, v in stats["conversion"]["by_activity"].items()}
+        },
         "models": rows,
         "example_recommendation": {
             "session": session_key,
@@ -116,7 +136,11 @@ def run_quickstart(
             "top5": item_ids,
             "attention": attention,
         },
-        "package": {"dir": str(package_dir), "public_key": str(public_key), "model_version": manifest.model_version},
+        "package": {
+            "dir": str(package_dir),
+            "public_key": str(public_key),
+            "model_version": manifest.model_version,
+        },
         "seconds": round(time.perf_counter() - started, 1),
         "rib_checkpoint": str(out_dir / "rib" / "rib.pt"),
         "not_yet": "federated rounds with differential privacy join this command as they land.",

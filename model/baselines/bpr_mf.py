@@ -31,7 +31,9 @@ class BPRMFConfig:
     verify_negative_samples: bool = True
     seed: int = 0
     num_threads: int = 1
-    exclude_last: bool | None = None  # demote the prefix's last item; None: learn from training (common.resolve_exclude_last)
+    exclude_last: bool | None = (
+        None  # demote the prefix's last item; None: learn from training (common.resolve_exclude_last)
+    )
 
 
 class BPRMF:
@@ -51,7 +53,9 @@ class BPRMF:
         cfg = self.config
         seqs = VisitSequences.from_dataset(train)
         user_items = seqs.session_item_matrix().astype(bool).astype(np.float32)
-        user_items = sp.csr_matrix(user_items[np.diff(user_items.indptr) > 0])  # implicit skips empty users anyway
+        user_items = sp.csr_matrix(
+            user_items[np.diff(user_items.indptr) > 0]
+        )  # implicit skips empty users anyway
         model = BayesianPersonalizedRanking(
             factors=cfg.factors,
             learning_rate=cfg.learning_rate,
@@ -77,7 +81,9 @@ class BPRMF:
         visits = PrefixVisits.from_batch(batch)
         weights = 1.0 / np.maximum(visits.lengths, 1)[visits.row]
         n = self.item_factors.shape[0]
-        averaging = sp.csr_matrix((weights.astype(np.float32), (visits.row, visits.items)), shape=(len(visits), n))
+        averaging = sp.csr_matrix(
+            (weights.astype(np.float32), (visits.row, visits.items)), shape=(len(visits), n)
+        )
         session_factors = averaging @ self.item_factors  # (B, factors); repeats count, as in the reference
         scores = session_factors @ self.item_factors.T + self.item_bias[None, :]
         scores[:, ~self.seen] = 0.0  # no evidence about items without training visits

@@ -43,7 +43,11 @@ class VisitSequences:
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         lengths = data.session_lengths()
         last = np.where(lengths > 0, data.offsets[1:] - 1, 0)
-        last_time = data.timestamps_ms[last].astype(np.int64) if data.n_tuples else np.zeros(data.n_sessions, np.int64)
+        last_time = (
+            data.timestamps_ms[last].astype(np.int64)
+            if data.n_tuples
+            else np.zeros(data.n_sessions, np.int64)
+        )
         return cls(data.items[data.visit_starts].astype(np.int64), offsets, last_time, data.n_items)
 
     @property
@@ -110,7 +114,11 @@ class PrefixVisits:
         index, row = index[is_visit], row[is_visit]
         lengths = np.bincount(row, minlength=len(starts)).astype(np.int64)
         pos = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths) + 1
-        last_time = data.timestamps_ms[np.maximum(ends - 1, 0)].astype(np.int64) if data.n_tuples else np.zeros(len(starts), np.int64)
+        last_time = (
+            data.timestamps_ms[np.maximum(ends - 1, 0)].astype(np.int64)
+            if data.n_tuples
+            else np.zeros(len(starts), np.int64)
+        )
         return cls(row, data.items[index].astype(np.int64), pos, lengths, last_time, data.n_items)
 
     def __len__(self) -> int:
@@ -144,7 +152,9 @@ def rank_within_groups(group: np.ndarray) -> np.ndarray:
     return np.arange(len(group)) - start_of_run
 
 
-def dense_scores(rows: np.ndarray, items: np.ndarray, values: np.ndarray, n_rows: int, n_items: int) -> np.ndarray:
+def dense_scores(
+    rows: np.ndarray, items: np.ndarray, values: np.ndarray, n_rows: int, n_items: int
+) -> np.ndarray:
     """(n_rows, n_items + 1) float32 array with ``values`` summed at (rows, items); zeros elsewhere."""
     out = sp.coo_matrix(
         (np.asarray(values, np.float32), (np.asarray(rows, np.int64), np.asarray(items, np.int64))),

@@ -43,7 +43,9 @@ class SRConfig:
     steps: int = 10
     weighting: Literal["div", "same", "linear", "quadratic", "log"] = "div"
     pruning: int = 20
-    exclude_last: bool | None = None  # demote the prefix's last item; None: learn from training (common.resolve_exclude_last)
+    exclude_last: bool | None = (
+        None  # demote the prefix's last item; None: learn from training (common.resolve_exclude_last)
+    )
 
 
 class SequentialRules:
@@ -69,7 +71,9 @@ class SequentialRules:
             weights.append(np.full(int(same.sum()), gap_weight(np.array([gap]), self.config.weighting)[0]))
         n = seqs.n_items + 1
         rules = sp.csr_matrix(
-            (np.concatenate(weights), (np.concatenate(heads), np.concatenate(tails))), shape=(n, n), dtype=np.float64
+            (np.concatenate(weights), (np.concatenate(heads), np.concatenate(tails))),
+            shape=(n, n),
+            dtype=np.float64,
         )
         rules.sum_duplicates()
         if self.config.pruning > 0:

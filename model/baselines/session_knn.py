@@ -88,7 +88,9 @@ class SKNNConfig:
 
     k: int = 100
     sample_size: int = 500  # 0: compare against every candidate
-    exclude_last: bool | None = None  # demote the prefix's last item; None: learn from training (common.resolve_exclude_last)
+    exclude_last: bool | None = (
+        None  # demote the prefix's last item; None: learn from training (common.resolve_exclude_last)
+    )
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,9 @@ class VSKNNConfig:
     weighting: Literal["div", "same", "linear", "quadratic", "log"] = "div"
     weighting_score: Literal["div", "same", "linear", "quadratic", "log"] = "div"
     idf_weighting: float = 0.0  # 0 disables; session-rec tunes it in {1, 2, 5, 10}
-    exclude_last: bool | None = None  # demote the prefix's last item; None: learn from training (common.resolve_exclude_last)
+    exclude_last: bool | None = (
+        None  # demote the prefix's last item; None: learn from training (common.resolve_exclude_last)
+    )
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,9 @@ class STANConfig:
     lambda1: float | None = 1.02  # prefix position decay, in visits
     lambda2_days: float | None = 5.0  # neighbour-session recency decay, in days
     lambda3: float | None = 2.05  # distance to the shared item in the neighbour, in visits
-    exclude_last: bool | None = None  # demote the prefix's last item; None: learn from training (common.resolve_exclude_last)
+    exclude_last: bool | None = (
+        None  # demote the prefix's last item; None: learn from training (common.resolve_exclude_last)
+    )
 
 
 @dataclass
@@ -131,8 +137,12 @@ class _SessionKNNBase:
     config: SKNNConfig | VSKNNConfig | STANConfig
 
     def __init__(self) -> None:
-        self.sessions: sp.csr_matrix | None = None  # (n_sessions, n_items + 1), rows by recency, data = last position
-        self.postings: sp.csr_matrix | None = None  # (n_items + 1, n_sessions), truncated to sample_size newest
+        self.sessions: sp.csr_matrix | None = (
+            None  # (n_sessions, n_items + 1), rows by recency, data = last position
+        )
+        self.postings: sp.csr_matrix | None = (
+            None  # (n_items + 1, n_sessions), truncated to sample_size newest
+        )
         self.session_size: np.ndarray | None = None  # distinct items per session
         self.session_time_s: np.ndarray | None = None  # last timestamp per session (recency order), seconds
         self.has_time = False
@@ -151,7 +161,9 @@ class _SessionKNNBase:
     def _similarity(self, overlap: np.ndarray, row: np.ndarray, session: np.ndarray, ctx: dict) -> np.ndarray:
         raise NotImplementedError
 
-    def _item_values(self, nb: _Neighbours, owner: np.ndarray, items: np.ndarray, npos: np.ndarray, ctx: dict) -> np.ndarray:
+    def _item_values(
+        self, nb: _Neighbours, owner: np.ndarray, items: np.ndarray, npos: np.ndarray, ctx: dict
+    ) -> np.ndarray:
         raise NotImplementedError
 
     # ---- fitting ----------------------------------------------------------------------------------
@@ -240,7 +252,9 @@ class _SessionKNNBase:
         return _Neighbours(row[top], session[top], sim[top])
 
     # ---- helpers for the variants -----------------------------------------------------------------
-    def _shared(self, nb: _Neighbours, owner: np.ndarray, items: np.ndarray, ctx: dict) -> tuple[np.ndarray, np.ndarray]:
+    def _shared(
+        self, nb: _Neighbours, owner: np.ndarray, items: np.ndarray, ctx: dict
+    ) -> tuple[np.ndarray, np.ndarray]:
         """For every gathered neighbour item: is it in the prefix, and its last position there (0 if not)."""
         key = nb.row[owner] * (self.n_items + 1) + items
         q_key = ctx["q_key"]
@@ -277,7 +291,9 @@ class SKNN(_SessionKNNBase):
         assert self.session_size is not None
         return overlap / np.sqrt(ctx["n_distinct"][row] * self.session_size[session])
 
-    def _item_values(self, nb: _Neighbours, owner: np.ndarray, items: np.ndarray, npos: np.ndarray, ctx: dict) -> np.ndarray:
+    def _item_values(
+        self, nb: _Neighbours, owner: np.ndarray, items: np.ndarray, npos: np.ndarray, ctx: dict
+    ) -> np.ndarray:
         return nb.sim[owner]
 
 
@@ -310,7 +326,9 @@ class VSKNN(_SessionKNNBase):
     def _similarity(self, overlap: np.ndarray, row: np.ndarray, session: np.ndarray, ctx: dict) -> np.ndarray:
         return overlap / ctx["n_distinct"][row]
 
-    def _item_values(self, nb: _Neighbours, owner: np.ndarray, items: np.ndarray, npos: np.ndarray, ctx: dict) -> np.ndarray:
+    def _item_values(
+        self, nb: _Neighbours, owner: np.ndarray, items: np.ndarray, npos: np.ndarray, ctx: dict
+    ) -> np.ndarray:
         found, q_pos = self._shared(nb, owner, items, ctx)
         newest_match = self._per_pair_max(np.where(found, q_pos, 0), owner, len(nb.row))
         steps = ctx["visits"].lengths[nb.row] - newest_match + 1
@@ -350,7 +368,9 @@ class STAN(_SessionKNNBase):
             sim = sim * np.exp(-age / (self.config.lambda2_days * 86400.0))
         return sim
 
-    def _item_values(self, nb: _Neighbours, owner: np.ndarray, items: np.ndarray, npos: np.ndarray, ctx: dict) -> np.ndarray:
+    def _item_values(
+        self, nb: _Neighbours, owner: np.ndarray, items: np.ndarray, npos: np.ndarray, ctx: dict
+    ) -> np.ndarray:
         values = nb.sim[owner]
         if self.config.lambda3 is not None:
             found, _ = self._shared(nb, owner, items, ctx)

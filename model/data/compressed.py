@@ -27,7 +27,9 @@ from edge_client.schema import SchemaError
 
 MAX_BYTES_ENV = "RIB_EDGE_MAX_DECOMPRESSED_BYTES"
 MAX_RATIO_ENV = "RIB_EDGE_MAX_DECOMPRESSION_RATIO"
-DEFAULT_MAX_DECOMPRESSED_BYTES = 2 << 30  # 2 GiB: over 100x the largest shared file, room for full public logs
+DEFAULT_MAX_DECOMPRESSED_BYTES = (
+    2 << 30
+)  # 2 GiB: over 100x the largest shared file, room for full public logs
 DEFAULT_MAX_RATIO = 200.0  # real logs compress 2-10:1 (shared data at most 9:1); a deflate bomb ~1,000:1
 RATIO_FREE_BYTES = 16 << 20  # output below this is never a bomb worth refusing, whatever its ratio
 _CHUNK = 1 << 20
@@ -53,7 +55,11 @@ def _env_limit(name: str, default: float, kind: type) -> float:
 def limits(max_bytes: int | None = None, max_ratio: float | None = None) -> tuple[int, float]:
     """(max_bytes, max_ratio): the arguments when given, else the environment, else the defaults."""
     return (
-        int(max_bytes if max_bytes is not None else _env_limit(MAX_BYTES_ENV, DEFAULT_MAX_DECOMPRESSED_BYTES, int)),
+        int(
+            max_bytes
+            if max_bytes is not None
+            else _env_limit(MAX_BYTES_ENV, DEFAULT_MAX_DECOMPRESSED_BYTES, int)
+        ),
         float(max_ratio if max_ratio is not None else _env_limit(MAX_RATIO_ENV, DEFAULT_MAX_RATIO, float)),
     )
 
@@ -76,11 +82,15 @@ class _Budget:
                 f"a genuine file can be read after raising {MAX_RATIO_ENV} (now {self.max_ratio:g})"
             )
         else:
-            why = f"the limit; a genuine file can be read after raising {MAX_BYTES_ENV} (now {self.max_bytes})"
+            why = (
+                f"the limit; a genuine file can be read after raising {MAX_BYTES_ENV} (now {self.max_bytes})"
+            )
         return SchemaError("too_large", f"{self.name} decompresses past {self.limit:,} bytes, {why}")
 
 
-def decompress_gzip(raw: bytes, name: str, *, max_bytes: int | None = None, max_ratio: float | None = None) -> bytes:
+def decompress_gzip(
+    raw: bytes, name: str, *, max_bytes: int | None = None, max_ratio: float | None = None
+) -> bytes:
     """``gzip.decompress(raw)`` (all members) that stops with ``SchemaError("too_large")`` past the limits.
 
     Damaged streams raise what ``gzip`` raises (``OSError``, ``EOFError``, ``zlib.error``).
@@ -90,7 +100,9 @@ def decompress_gzip(raw: bytes, name: str, *, max_bytes: int | None = None, max_
         return stream.read()
 
 
-def maybe_decompress_gzip(raw: bytes, name: str, *, max_bytes: int | None = None, max_ratio: float | None = None) -> bytes:
+def maybe_decompress_gzip(
+    raw: bytes, name: str, *, max_bytes: int | None = None, max_ratio: float | None = None
+) -> bytes:
     """``raw`` decompressed when it starts with the gzip magic, else unchanged."""
     if raw[:2] != _GZIP_MAGIC:
         return raw
@@ -123,7 +135,9 @@ class BoundedReader(io.RawIOBase):
         super().close()
 
 
-def open_decompressed(path: str | Path, *, max_bytes: int | None = None, max_ratio: float | None = None) -> BinaryIO:
+def open_decompressed(
+    path: str | Path, *, max_bytes: int | None = None, max_ratio: float | None = None
+) -> BinaryIO:
     """``path`` opened for binary reading, decompressed by its extension (.gz, .bz2, .xz) within the limits.
 
     A plain file is returned as is. Archive formats (.zip, .tar.*, .zst) are a ``SchemaError("bad_file")``.
@@ -131,7 +145,9 @@ def open_decompressed(path: str | Path, *, max_bytes: int | None = None, max_rat
     path = Path(path)
     lower = path.name.lower()
     if lower.endswith(_UNSUPPORTED):
-        raise SchemaError("bad_file", f"{path.name}: archives and zstd are not read; decompress it or use .gz")
+        raise SchemaError(
+            "bad_file", f"{path.name}: archives and zstd are not read; decompress it or use .gz"
+        )
     opener = next((o for suffix, o in _OPENERS.items() if lower.endswith(suffix)), None)
     if opener is None:
         return open(path, "rb")  # noqa: SIM115 - the caller closes it

@@ -38,7 +38,11 @@ class Vocabulary:
 
     def to_json(self) -> dict[str, object]:
         """JSON-ready metadata (item ids travel separately as an array)."""
-        return {"activities": self.activities.to_dict(), "dwell": self.dwell.to_dict(), "n_items": self.n_items}
+        return {
+            "activities": self.activities.to_dict(),
+            "dwell": self.dwell.to_dict(),
+            "n_items": self.n_items,
+        }
 
 
 @dataclass
@@ -123,7 +127,11 @@ class SessionDataset:
 
     def visits_per_session(self) -> np.ndarray:
         """Visits per session."""
-        return np.add.reduceat(self.visit_starts.astype(np.int64), self.offsets[:-1]) if self.n_tuples else np.zeros(0, np.int64)
+        return (
+            np.add.reduceat(self.visit_starts.astype(np.int64), self.offsets[:-1])
+            if self.n_tuples
+            else np.zeros(0, np.int64)
+        )
 
     def session(self, s: int) -> slice:
         """Slice of session s's tuples."""
@@ -163,10 +171,16 @@ class SessionDataset:
 
     def select_sessions(self, mask_or_index: np.ndarray, name: str | None = None) -> SessionDataset:
         """A new dataset holding only the chosen sessions (same vocabulary)."""
-        index = np.flatnonzero(mask_or_index) if np.asarray(mask_or_index).dtype == bool else np.asarray(mask_or_index)
+        index = (
+            np.flatnonzero(mask_or_index)
+            if np.asarray(mask_or_index).dtype == bool
+            else np.asarray(mask_or_index)
+        )
         lengths = self.session_lengths()[index]
         tuple_index = (
-            np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in index]) if len(index) else np.zeros(0, np.int64)
+            np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in index])
+            if len(index)
+            else np.zeros(0, np.int64)
         )
         return SessionDataset(
             name=name or self.name,
@@ -187,7 +201,16 @@ class SessionDataset:
         )
 
     # ---- persistence -----------------------------------------------------------------------------
-    _ARRAYS = ("items", "activities", "dwell_buckets", "dwell_seconds", "timestamps_ms", "visit_starts", "offsets", "session_ids")
+    _ARRAYS = (
+        "items",
+        "activities",
+        "dwell_buckets",
+        "dwell_seconds",
+        "timestamps_ms",
+        "visit_starts",
+        "offsets",
+        "session_ids",
+    )
 
     def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
         """The arrays to save (``prefix`` namespaces several datasets in one file)."""
@@ -207,7 +230,9 @@ class SessionDataset:
         }
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], header: dict, vocab: Vocabulary, prefix: str = "") -> SessionDataset:
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], header: dict, vocab: Vocabulary, prefix: str = ""
+    ) -> SessionDataset:
         """Inverse of arrays() + header()."""
         kwargs = {name: arrays[prefix + name] for name in cls._ARRAYS}
         kwargs["user_ids"] = arrays.get(prefix + "user_ids")
@@ -239,8 +264,17 @@ class SplitData:
         """Write one .npz with both datasets, the vocabulary and a JSON header."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = {"train": self.train.header(), "test": self.test.header(), "vocab": self.vocab.to_json(), "info": self.info}
-        arrays = {**self.train.arrays("train/"), **self.test.arrays("test/"), "vocab/item_ids": self.vocab.item_ids}
+        header = {
+            "train": self.train.header(),
+            "test": self.test.header(),
+            "vocab": self.vocab.to_json(),
+            "info": self.info,
+        }
+        arrays = {
+            **self.train.arrays("train/"),
+            **self.test.arrays("test/"),
+            "vocab/item_ids": self.vocab.item_ids,
+        }
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, header=np.array(json.dumps(header)), **arrays)
         tmp.replace(path)  # atomic: a crash never leaves a half-written cache

@@ -22,11 +22,20 @@ def events_to_frame(
     """Extract micro behaviors per device and lay them out as the protocol's tuple frame."""
     population = extract_population(events, config, report)
     rows = [
-        (f"{device_id}/{mb.session_id}", device_id, mb.timestamp_ms, mb.item_id, mb.activity, mb.dwell_seconds)
+        (
+            f"{device_id}/{mb.session_id}",
+            device_id,
+            mb.timestamp_ms,
+            mb.item_id,
+            mb.activity,
+            mb.dwell_seconds,
+        )
         for device_id, records in population.items()
         for mb in records
     ]
-    frame = pd.DataFrame(rows, columns=["session_id", "user_id", "timestamp_ms", "item_id", "activity", "dwell_seconds"])
+    frame = pd.DataFrame(
+        rows, columns=["session_id", "user_id", "timestamp_ms", "item_id", "activity", "dwell_seconds"]
+    )
     frame["timestamp_ms"] = frame["timestamp_ms"].astype(np.int64)
     return frame
 

@@ -72,7 +72,9 @@ class LoadedSource:
     files: list[Path]
     notes: str
     skips: SkipReport = field(default_factory=SkipReport)
-    out_of_order_rows: int = 0  # rows earlier than the previous row of their session/user (the protocol sorts)
+    out_of_order_rows: int = (
+        0  # rows earlier than the previous row of their session/user (the protocol sorts)
+    )
 
 
 @dataclass(frozen=True)
@@ -138,17 +140,23 @@ def read_text_table(
         # An unterminated quote makes the C parser give up on the whole file; read quotes as plain text.
         frame, n_malformed = _read_csv_counting(path, {**kwargs, "quoting": 3})
     report.read += len(frame) + n_malformed
-    count_skips(report, "malformed_line", n_malformed, f"{path.name}: {n_malformed} line(s) with a wrong field count")
+    count_skips(
+        report, "malformed_line", n_malformed, f"{path.name}: {n_malformed} line(s) with a wrong field count"
+    )
     frame.columns = [str(c).strip().lstrip("\ufeff") for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise SchemaError("missing_field", f"{path.name}: missing column(s) {missing}; found {list(frame.columns)}")
+        raise SchemaError(
+            "missing_field", f"{path.name}: missing column(s) {missing}; found {list(frame.columns)}"
+        )
     if frame.empty:
         raise SchemaError("empty", f"{path.name}: no data rows")
     bad_bytes = np.zeros(len(frame), dtype=bool)
     for column in frame.columns:
         bad_bytes |= frame[column].str.contains("\ufffd", regex=False, na=False).to_numpy()
-    count_skips(report, "not_utf8", int(bad_bytes.sum()), f"{path.name}: row(s) with bytes that are not UTF-8")
+    count_skips(
+        report, "not_utf8", int(bad_bytes.sum()), f"{path.name}: row(s) with bytes that are not UTF-8"
+    )
     return frame.loc[~bad_bytes].reset_index(drop=True)
 
 
@@ -156,13 +164,19 @@ def _read_csv_counting(path: Path, kwargs: dict) -> tuple[pd.DataFrame, int]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", pd.errors.ParserWarning)
-            with open_decompressed(path) as handle:  # bounded: a gzip bomb stops at the limit, while streaming
+            with open_decompressed(
+                path
+            ) as handle:  # bounded: a gzip bomb stops at the limit, while streaming
                 frame = pd.read_csv(handle, compression=None, **kwargs)
     except pd.errors.EmptyDataError:
         raise SchemaError("empty", f"{path.name}: the file is empty") from None
     except (OSError, EOFError, UnicodeError, zlib.error) as err:  # zlib.error: a damaged gzip stream
         raise SchemaError("bad_file", f"{path.name}: cannot read ({err})") from None
-    malformed = sum(str(w.message).count("Skipping line") for w in caught if issubclass(w.category, pd.errors.ParserWarning))
+    malformed = sum(
+        str(w.message).count("Skipping line")
+        for w in caught
+        if issubclass(w.category, pd.errors.ParserWarning)
+    )
     return frame, malformed
 
 
@@ -216,12 +230,19 @@ def finish_frame(frame: pd.DataFrame, report: SkipReport, name: str) -> tuple[pd
         text = frame[column].astype("string").str.strip()
         frame[column] = text.where(text != "")
     missing = frame[["item_id", "action"]].isna().any(axis=1) | frame[keys].isna().all(axis=1)
-    count_skips(report, "missing_field", int(missing.sum()), f"{name}: row(s) without item, action or session/user")
+    count_skips(
+        report, "missing_field", int(missing.sum()), f"{name}: row(s) without item, action or session/user"
+    )
     frame = frame.loc[~missing]
 
     ts = pd.to_numeric(frame["timestamp_ms"], errors="coerce").to_numpy(np.float64)
     bad_ts = ~np.isfinite(ts) | (ts < 0) | (ts > MAX_TIMESTAMP_MS)
-    count_skips(report, "bad_timestamp", int(bad_ts.sum()), f"{name}: timestamp(s) missing, unparsable or out of range")
+    count_skips(
+        report,
+        "bad_timestamp",
+        int(bad_ts.sum()),
+        f"{name}: timestamp(s) missing, unparsable or out of range",
+    )
     frame = frame.loc[~bad_ts]
     frame["timestamp_ms"] = np.round(ts[~bad_ts]).astype(np.int64)
 
@@ -236,7 +257,9 @@ def finish_frame(frame: pd.DataFrame, report: SkipReport, name: str) -> tuple[pd
         blank = (raw.isna() | (raw.astype("string").str.strip() == "")).to_numpy(dtype=bool, na_value=True)
         dwell = pd.to_numeric(raw.where(~blank), errors="coerce").to_numpy(np.float64)
         bad_dwell = ~blank & ~(np.isfinite(dwell) & (dwell >= 0))
-        count_skips(report, "bad_dwell", int(bad_dwell.sum()), f"{name}: dwell_seconds not a finite number >= 0")
+        count_skips(
+            report, "bad_dwell", int(bad_dwell.sum()), f"{name}: dwell_seconds not a finite number >= 0"
+        )
         frame = frame.loc[~bad_dwell]
         frame["dwell_seconds"] = dwell[~bad_dwell]
 
@@ -251,8 +274,12 @@ def finish_frame(frame: pd.DataFrame, report: SkipReport, name: str) -> tuple[pd
     if out.empty:
         raise SchemaError("empty", f"{name}: no usable rows ({report.summary()})")
     report.kept = len(out)
-    group = out["session_id"] if "session_id" in out and out["session_id"].notna().all() else out.get("user_id")
-    backwards = out.groupby(group.fillna(""), sort=False)["timestamp_ms"].diff() < 0 if group is not None else []
+    group = (
+        out["session_id"] if "session_id" in out and out["session_id"].notna().all() else out.get("user_id")
+    )
+    backwards = (
+        out.groupby(group.fillna(""), sort=False)["timestamp_ms"].diff() < 0 if group is not None else []
+    )
     return out, int(np.sum(backwards))
 
 
@@ -278,12 +305,22 @@ def _strip_float_suffix(values: pd.Series) -> pd.Series:
 # --------------------------------------------------------------------------------------------------
 
 JDATA2018_TYPES = {"1": "browse", "2": "order", "3": "follow", "4": "comment", "5": "add_cart"}
-JDATA2016_TYPES = {"1": "browse", "2": "add_cart", "3": "remove_cart", "4": "order", "5": "follow", "6": "click"}
+JDATA2016_TYPES = {
+    "1": "browse",
+    "2": "add_cart",
+    "3": "remove_cart",
+    "4": "order",
+    "5": "follow",
+    "6": "click",
+}
 
 
 def _read_jdata2018(paths: list[Path]) -> tuple[pd.DataFrame, SkipReport, ActivityMapping]:
     report = SkipReport()
-    parts = [read_text_table(p, report, required=("user_id", "sku_id", "type", "sessionId", "index")) for p in paths]
+    parts = [
+        read_text_table(p, report, required=("user_id", "sku_id", "type", "sessionId", "index"))
+        for p in paths
+    ]
     raw = pd.concat(parts, ignore_index=True)
     frame = pd.DataFrame(
         {
@@ -304,7 +341,9 @@ def _read_jdata2018(paths: list[Path]) -> tuple[pd.DataFrame, SkipReport, Activi
 
 def _read_jdata2016(paths: list[Path]) -> tuple[pd.DataFrame, SkipReport, ActivityMapping]:
     report = SkipReport()
-    parts = [read_text_table(p, report, required=("user_id", "sku_id", "time", "model_id", "type")) for p in paths]
+    parts = [
+        read_text_table(p, report, required=("user_id", "sku_id", "time", "model_id", "type")) for p in paths
+    ]
     raw = pd.concat(parts, ignore_index=True)
     action = _codes_to_actions(raw["type"], JDATA2016_TYPES)
     module = _strip_float_suffix(raw["model_id"])
@@ -332,7 +371,9 @@ def _read_jdata2016(paths: list[Path]) -> tuple[pd.DataFrame, SkipReport, Activi
 
 def _read_diginetica_views(paths: list[Path]) -> tuple[pd.DataFrame, SkipReport, ActivityMapping]:
     report = SkipReport()
-    raw = read_text_table(paths[0], report, sep=";", required=("session_id", "item_id", "timeframe", "eventdate"))
+    raw = read_text_table(
+        paths[0], report, sep=";", required=("session_id", "item_id", "timeframe", "eventdate")
+    )
     day = pd.to_datetime(raw["eventdate"].str.strip(), format="%Y-%m-%d", errors="coerce", utc=True)
     frame = pd.DataFrame({"session_id": raw["session_id"], "day_ms": _datetimes_to_ms(day)})
     # One clock per session: its first event date at midnight + timeframe (ms within the session), so the
@@ -349,7 +390,10 @@ def _read_diginetica_views(paths: list[Path]) -> tuple[pd.DataFrame, SkipReport,
 
 def _read_yoochoose(paths: list[Path]) -> tuple[pd.DataFrame, SkipReport, ActivityMapping]:
     report = SkipReport()
-    raw = pd.concat([read_text_table(p, report, sep="\t", required=("SessionId", "ItemId", "Time")) for p in paths], ignore_index=True)
+    raw = pd.concat(
+        [read_text_table(p, report, sep="\t", required=("SessionId", "ItemId", "Time")) for p in paths],
+        ignore_index=True,
+    )
     frame = pd.DataFrame(
         {
             "timestamp_ms": pd.to_numeric(raw["Time"], errors="coerce") * 1000.0,
@@ -386,7 +430,9 @@ def read_otto_jsonl(path: Path, report: SkipReport) -> pd.DataFrame:
     """OTTO's ``{"session", "events": [{"aid", "ts", "type"}]}`` lines -> rows; bad lines/events counted."""
     rows: list[tuple[object, object, object, object]] = []
     try:
-        lines = maybe_decompress_gzip(path.read_bytes(), path.name).splitlines()  # bounded: SchemaError too_large
+        lines = maybe_decompress_gzip(
+            path.read_bytes(), path.name
+        ).splitlines()  # bounded: SchemaError too_large
     except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError; zlib.error a damaged stream
         raise SchemaError("bad_file", f"{path.name}: cannot read ({err})") from None
     for lineno, line in enumerate(lines, start=1):
@@ -417,10 +463,14 @@ def read_otto_jsonl(path: Path, report: SkipReport) -> pd.DataFrame:
         raise SchemaError("empty", f"{path.name}: no events")
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "ts", "action"], dtype=object)
     for column in ("user_id", "item_id", "action"):
-        frame[column] = frame[column].map(lambda v: None if v is None or isinstance(v, (dict, list)) else str(v))
+        frame[column] = frame[column].map(
+            lambda v: None if v is None or isinstance(v, (dict, list)) else str(v)
+        )
     # Not a timestamp (NaN, counted by finish_frame): a bool, or an integer too large for a float (JSON
     # allows one; to_numeric would raise OverflowError even with errors="coerce").
-    ts = frame.pop("ts").map(lambda v: None if isinstance(v, bool) or (isinstance(v, int) and abs(v) > 2**63) else v)
+    ts = frame.pop("ts").map(
+        lambda v: None if isinstance(v, bool) or (isinstance(v, int) and abs(v) > 2**63) else v
+    )
     frame["timestamp_ms"] = pd.to_numeric(ts, errors="coerce")
     return frame
 
@@ -459,7 +509,11 @@ DATASETS: dict[str, DatasetSource] = {
             name="jdata2016_sample",
             description="JD.com JData 2016 action-log heads (3 x 30k rows) with the page module of each click",
             directory="jdata2016_sample",
-            file_names=("JData_Action_201602.csv.gz", "JData_Action_201603.csv.gz", "JData_Action_201604.csv.gz"),
+            file_names=(
+                "JData_Action_201602.csv.gz",
+                "JData_Action_201603.csv.gz",
+                "JData_Action_201604.csv.gz",
+            ),
             config=ProtocolConfig(test_seconds=_HOUR_S),
             notes=(
                 "The three month files concatenated; they are disjoint few-hour windows a month apart, so the "
@@ -584,11 +638,15 @@ def load_interactions_file(path: str | Path, mapping_path: str | Path | None = N
         try:
             raw = pd.read_parquet(path)
         except Exception as err:  # noqa: BLE001 - pyarrow raises many types for a damaged file
-            raise SchemaError("bad_file", f"{path.name}: not a readable Parquet file ({type(err).__name__}: {err})") from None
+            raise SchemaError(
+                "bad_file", f"{path.name}: not a readable Parquet file ({type(err).__name__}: {err})"
+            ) from None
         raw.columns = [str(c).strip() for c in raw.columns]
         missing = [c for c in GENERIC_REQUIRED if c not in raw.columns]
         if missing:
-            raise SchemaError("missing_field", f"{path.name}: missing column(s) {missing}; found {list(raw.columns)}")
+            raise SchemaError(
+                "missing_field", f"{path.name}: missing column(s) {missing}; found {list(raw.columns)}"
+            )
         if raw.empty:
             raise SchemaError("empty", f"{path.name}: no data rows")
         report.read = len(raw)
@@ -598,7 +656,10 @@ def load_interactions_file(path: str | Path, mapping_path: str | Path | None = N
     else:
         raw = read_text_table(path, report, sep=_sniff_separator(path), required=GENERIC_REQUIRED)
     if "session_id" not in raw and "user_id" not in raw:
-        raise SchemaError("missing_field", f"{path.name}: needs a session_id or a user_id column (found {list(raw.columns)})")
+        raise SchemaError(
+            "missing_field",
+            f"{path.name}: needs a session_id or a user_id column (found {list(raw.columns)})",
+        )
     timestamp_ms, unit = parse_timestamps(raw["timestamp"])
     frame = pd.DataFrame({"timestamp_ms": timestamp_ms, "item_id": raw["item_id"], "action": raw["action"]})
     for column in GENERIC_OPTIONAL:
@@ -607,9 +668,15 @@ def load_interactions_file(path: str | Path, mapping_path: str | Path | None = N
     if "user_id" in frame and "session_id" in frame:
         # With both, the session id rules; rows without one would be sessionized per user by the protocol,
         # which cannot mix with given ids, so they are counted as missing a field.
-        frame.loc[frame["session_id"].isna() | (frame["session_id"].astype("string").str.strip() == ""), "user_id"] = None
+        frame.loc[
+            frame["session_id"].isna() | (frame["session_id"].astype("string").str.strip() == ""), "user_id"
+        ] = None
     frame, out_of_order = finish_frame(frame, report, path.name)
-    mapping = ActivityMapping.from_toml(mapping_path) if mapping_path is not None else ActivityMapping.infer(frame["action"])
+    mapping = (
+        ActivityMapping.from_toml(mapping_path)
+        if mapping_path is not None
+        else ActivityMapping.infer(frame["action"])
+    )
     notes = (
         f"Generic interactions file; timestamps read as {unit}"
         + ("" if unit not in ("s", "ms") else " (numbers < 1e11 are seconds, else milliseconds)")
@@ -624,7 +691,9 @@ def load_interactions_file(path: str | Path, mapping_path: str | Path | None = N
 
 
 def _unknown_dataset(name: str, data_dir: Path) -> SchemaError:
-    where = f"data dir {data_dir}" + ("" if data_dir.is_dir() else " (missing; set RIB_EDGE_DATA or pass data_dir)")
+    where = f"data dir {data_dir}" + (
+        "" if data_dir.is_dir() else " (missing; set RIB_EDGE_DATA or pass data_dir)"
+    )
     return SchemaError(
         "unknown_dataset",
         f"{name!r} is neither a dataset name nor an existing file or directory; {where}; "
@@ -634,12 +703,16 @@ def _unknown_dataset(name: str, data_dir: Path) -> SchemaError:
 
 def merge_reports(parsed: SkipReport, mapped: SkipReport) -> SkipReport:
     """One report for parsing + mapping: read as parsed, kept after the mapping, all skips added."""
-    merged = SkipReport(read=parsed.read, kept=mapped.kept, skipped=Counter(parsed.skipped) + Counter(mapped.skipped))
+    merged = SkipReport(
+        read=parsed.read, kept=mapped.kept, skipped=Counter(parsed.skipped) + Counter(mapped.skipped)
+    )
     merged.examples = (parsed.examples + mapped.examples)[:5]
     return merged
 
 
-def build_from_source(loaded: LoadedSource, mapping: ActivityMapping | None = None, config: ProtocolConfig | None = None) -> SplitData:
+def build_from_source(
+    loaded: LoadedSource, mapping: ActivityMapping | None = None, config: ProtocolConfig | None = None
+) -> SplitData:
     """Apply the mapping, run the protocol and record where the split came from in ``split.info``."""
     mapping = mapping or loaded.mapping
     config = config or loaded.config
@@ -680,7 +753,11 @@ def load_dataset(
         effective = config or source.config
         settings.update(source=source.name, config=effective.to_dict())
         return cached_split(
-            source.name, files, settings, lambda: build_from_source(source.load(data_dir), mapping_obj, effective), refresh
+            source.name,
+            files,
+            settings,
+            lambda: build_from_source(source.load(data_dir), mapping_obj, effective),
+            refresh,
         )
 
     srgnn_dir: Path | None = None
@@ -691,11 +768,16 @@ def load_dataset(
     path = Path(name_or_path).expanduser()
     if srgnn_dir is None and path.is_dir():
         if find_srgnn_files(path) is None:
-            raise SchemaError("missing_data", f"{path} is a directory but not in SR-GNN format (all_train_seq.txt[.gz] + test.txt[.gz])")
+            raise SchemaError(
+                "missing_data",
+                f"{path} is a directory but not in SR-GNN format (all_train_seq.txt[.gz] + test.txt[.gz])",
+            )
         srgnn_dir = path
     if srgnn_dir is not None:
         if mapping_obj is not None or config is not None:
-            raise SchemaError("bad_argument", "SR-GNN splits are used as published: no mapping or protocol config applies")
+            raise SchemaError(
+                "bad_argument", "SR-GNN splits are used as published: no mapping or protocol config applies"
+            )
         name = name_or_path if name_or_path in SRGNN_DATASETS else f"srgnn_{srgnn_dir.name}"
         files = list(find_srgnn_files(srgnn_dir))
         settings.update(source="srgnn")
@@ -706,7 +788,11 @@ def load_dataset(
         settings.update(source="generic", config=effective.to_dict())
         files = [path] + ([Path(mapping)] if mapping is not None else [])
         return cached_split(
-            path.stem, files, settings, lambda: build_from_source(load_interactions_file(path, mapping), mapping_obj, effective), refresh
+            path.stem,
+            files,
+            settings,
+            lambda: build_from_source(load_interactions_file(path, mapping), mapping_obj, effective),
+            refresh,
         )
     raise _unknown_dataset(name_or_path, data_dir)
 

@@ -33,7 +33,9 @@ from edge_client.schema import MAX_ID_CHARS, ActivityVocabulary, SchemaError, Sk
 # Action names that read as a conversion when no mapping file says otherwise ("add_cart", "orders",
 # "clickout item", "Purchase"), but not when they undo one ("remove_cart", "delete_order").
 _CONVERSION_WORD = re.compile(r"(?<![a-z])(cart|order|buy|purchase|clickout|checkout)(s|ed)?(?![a-z])", re.I)
-_UNDO_WORD = re.compile(r"(?<![a-z])(remove|removed|delete|deleted|del|cancel|cancelled|refund)(?![a-z])", re.I)
+_UNDO_WORD = re.compile(
+    r"(?<![a-z])(remove|removed|delete|deleted|del|cancel|cancelled|refund)(?![a-z])", re.I
+)
 _PATTERN_CHARS = set("*?[")
 
 
@@ -73,9 +75,13 @@ class ActivityMapping:
         actions = dict(self.actions)
         for key, value in actions.items():
             if not isinstance(key, str) or not isinstance(value, str) or not key or not value:
-                raise SchemaError("bad_mapping", f"action {key!r} -> {value!r}: both must be non-empty strings")
+                raise SchemaError(
+                    "bad_mapping", f"action {key!r} -> {value!r}: both must be non-empty strings"
+                )
             if len(value) > MAX_ID_CHARS:
-                raise SchemaError("bad_mapping", f"activity name {value[:40]!r}... is longer than {MAX_ID_CHARS}")
+                raise SchemaError(
+                    "bad_mapping", f"activity name {value[:40]!r}... is longer than {MAX_ID_CHARS}"
+                )
         if not actions:
             raise SchemaError("bad_mapping", "a mapping needs at least one action")
         object.__setattr__(self, "actions", MappingProxyType(actions))
@@ -90,11 +96,15 @@ class ActivityMapping:
             raise SchemaError("bad_mapping", "activity order lists a name twice")
         unordered = sorted(set(mapped) - set(order))
         if unordered:
-            raise SchemaError("bad_mapping", f"activities {unordered} are mapped to but missing from the order")
+            raise SchemaError(
+                "bad_mapping", f"activities {unordered} are mapped to but missing from the order"
+            )
         object.__setattr__(self, "activities", order)
         unknown = sorted(self.conversions - set(order))
         if unknown:
-            raise SchemaError("bad_mapping", f"conversions {unknown} name no activity (activities: {list(order)})")
+            raise SchemaError(
+                "bad_mapping", f"conversions {unknown} name no activity (activities: {list(order)})"
+            )
 
     def __hash__(self) -> int:
         return hash((tuple(self.actions.items()), self.drop, self.conversions, self.activities))
@@ -107,7 +117,9 @@ class ActivityMapping:
         try:
             raw = path.read_bytes()
         except OSError as err:
-            raise SchemaError("bad_mapping", f"cannot read mapping file {path}: {err.strerror or err}") from None
+            raise SchemaError(
+                "bad_mapping", f"cannot read mapping file {path}: {err.strerror or err}"
+            ) from None
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -121,13 +133,19 @@ class ActivityMapping:
         """Build from the decoded TOML structure (also the inverse of to_dict)."""
         unknown = sorted(set(data) - {"actions", "drop", "conversions", "activities"})
         if unknown:
-            raise SchemaError("bad_mapping", f"{where}: unknown key(s) {unknown}; expected actions, drop, conversions")
+            raise SchemaError(
+                "bad_mapping", f"{where}: unknown key(s) {unknown}; expected actions, drop, conversions"
+            )
         actions = data.get("actions")
         if not isinstance(actions, Mapping) or not actions:
-            raise SchemaError("bad_mapping", f"{where}: needs a non-empty [actions] table of action = \"Activity\"")
+            raise SchemaError(
+                "bad_mapping", f'{where}: needs a non-empty [actions] table of action = "Activity"'
+            )
         bad = [k for k, v in actions.items() if not isinstance(v, str)]
         if bad:
-            raise SchemaError("bad_mapping", f"{where}: [actions] values must be strings (activity names); bad: {bad[:5]}")
+            raise SchemaError(
+                "bad_mapping", f"{where}: [actions] values must be strings (activity names); bad: {bad[:5]}"
+            )
         lists = {}
         for key in ("drop", "conversions", "activities"):
             value = data.get(key, [])

@@ -19,7 +19,9 @@ ALIASES = {name: f"srgnn_{name}" for name in ("diginetica", "tmall", "nowplaying
 SYNTHETIC_PROTOCOL = ProtocolConfig(test_fraction=0.2)
 
 
-def synthetic_split(config: SyntheticConfig | None = None, seed: int = 0, protocol: ProtocolConfig | None = None) -> SplitData:
+def synthetic_split(
+    config: SyntheticConfig | None = None, seed: int = 0, protocol: ProtocolConfig | None = None
+) -> SplitData:
     """The built-in synthetic population, through the device extractor and the standard protocol."""
     config = config or SyntheticConfig()
     report = SkipReport()

@@ -128,7 +128,9 @@ def build_split(
         raise SchemaError("empty", f"{name}: no interactions to build a dataset from")
     unknown = set(frame["activity"].astype(str).unique()) - set(activities.names)
     if unknown:
-        raise SchemaError("unknown_activity", f"{name}: activities {sorted(unknown)[:5]} not in the vocabulary")
+        raise SchemaError(
+            "unknown_activity", f"{name}: activities {sorted(unknown)[:5]} not in the vocabulary"
+        )
     has_time = bool(frame["timestamp_ms"].nunique() > 1)
     tuples = to_visit_tuples(frame, config)
     session_end = tuples.groupby("session_id", sort=False)["timestamp_ms"].transform("max")
@@ -142,7 +144,11 @@ def build_split(
     info: dict[str, object] = {
         "protocol": config.to_dict(),
         "split_time_ms": split_ms,
-        "raw": {"rows": int(len(frame)), "tuples": int(len(tuples)), "sessions": int(tuples["session_id"].nunique())},
+        "raw": {
+            "rows": int(len(frame)),
+            "tuples": int(len(tuples)),
+            "sessions": int(tuples["session_id"].nunique()),
+        },
     }
 
     # Step 5: filters from training data only, in one pass as SR-GNN and session-rec do (an item kept
@@ -153,7 +159,9 @@ def build_split(
     train_items = train.loc[train["visit_start"], "item_id"].value_counts()
     test = _drop_short_sessions(test.loc[test["item_id"].isin(train_items.index)], config.min_session_visits)
     if train.empty:
-        raise SchemaError("empty", f"{name}: no training session survives the filters ({config.min_item_support=})")
+        raise SchemaError(
+            "empty", f"{name}: no training session survives the filters ({config.min_item_support=})"
+        )
 
     # Step 6: vocabulary and dwell buckets, from training data only.
     order = sorted(train_items.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -223,5 +231,7 @@ def describe(dataset: SessionDataset) -> dict[str, object]:
         "items_present": int(len(np.unique(dataset.items))),
         "examples": int(len(dataset.examples())),
         "visits_per_session_median": float(np.median(visits)) if len(visits) else 0.0,
-        "time_range_ms": [int(dataset.timestamps_ms.min()), int(dataset.timestamps_ms.max())] if dataset.n_tuples else None,
+        "time_range_ms": [int(dataset.timestamps_ms.min()), int(dataset.timestamps_ms.max())]
+        if dataset.n_tuples
+        else None,
     }

@@ -67,7 +67,9 @@ def restricted_load(path: str | Path) -> object:
     except SchemaError as err:
         raise SchemaError(err.reason, f"{path}: {str(err).split(': ', 1)[-1]}") from None
     except Exception as err:  # noqa: BLE001 - a damaged pickle raises many types; all mean "bad file"
-        raise SchemaError("bad_file", f"{path} is not a readable pickle ({type(err).__name__}: {err})") from None
+        raise SchemaError(
+            "bad_file", f"{path} is not a readable pickle ({type(err).__name__}: {err})"
+        ) from None
 
 
 def find_srgnn_files(directory: str | Path) -> tuple[Path, Path] | None:
@@ -83,7 +85,10 @@ def _check_sequences(value: object, what: str) -> list[list[int]]:
         raise SchemaError("bad_benchmark", f"{what} must be a list of lists of item ids")
     for k, seq in enumerate(value):
         if not all(type(x) is int and 0 < x <= MAX_ITEM_ID for x in seq):
-            raise SchemaError("bad_benchmark", f"{what}[{k}] holds something other than positive integer ids (at most 2**31-1)")
+            raise SchemaError(
+                "bad_benchmark",
+                f"{what}[{k}] holds something other than positive integer ids (at most 2**31-1)",
+            )
     return value
 
 
@@ -149,9 +154,14 @@ def load_srgnn_split(directory: str | Path, name: str | None = None) -> SplitDat
     prefixes = _check_sequences(test_raw[0], f"{test_path.name} prefixes")
     labels = test_raw[1]
     if not isinstance(labels, list) or not all(type(x) is int and 0 < x <= MAX_ITEM_ID for x in labels):
-        raise SchemaError("bad_benchmark", f"{test_path.name} labels must be a list of positive integer ids (at most 2**31-1)")
+        raise SchemaError(
+            "bad_benchmark",
+            f"{test_path.name} labels must be a list of positive integer ids (at most 2**31-1)",
+        )
     if len(prefixes) != len(labels):
-        raise SchemaError("bad_benchmark", f"{test_path.name}: {len(prefixes)} prefixes but {len(labels)} labels")
+        raise SchemaError(
+            "bad_benchmark", f"{test_path.name}: {len(prefixes)} prefixes but {len(labels)} labels"
+        )
 
     # Length-1 sessions yield no example; SR-GNN's files have none, but a user's directory might.
     train_sessions = [s for s in train_raw if len(s) >= 2]
@@ -164,7 +174,13 @@ def load_srgnn_split(directory: str | Path, name: str | None = None) -> SplitDat
         max((max(p) for p in prefixes if p), default=0),
     )
     if n_items > MAX_SPARSE_CATALOGUE:
-        used = len(set(itertools.chain(itertools.chain.from_iterable(train_raw), labels, itertools.chain.from_iterable(prefixes))))
+        used = len(
+            set(
+                itertools.chain(
+                    itertools.chain.from_iterable(train_raw), labels, itertools.chain.from_iterable(prefixes)
+                )
+            )
+        )
         if n_items > SPARSE_FACTOR * used:
             raise SchemaError(
                 "bad_benchmark",
@@ -182,7 +198,9 @@ def load_srgnn_split(directory: str | Path, name: str | None = None) -> SplitDat
     )
     n_examples = len(split.test.examples())
     if n_examples != len(labels):
-        raise SchemaError("bad_benchmark", f"rebuilt test sessions give {n_examples} prefixes, the file has {len(labels)}")
+        raise SchemaError(
+            "bad_benchmark", f"rebuilt test sessions give {n_examples} prefixes, the file has {len(labels)}"
+        )
     label_array = np.asarray(labels, dtype=np.int64)
     unseen_labels = int((~np.isin(label_array, train_ids)).sum())
     unseen_test_items = int((~np.isin(np.unique(split.test.items), train_ids)).sum())

@@ -69,10 +69,25 @@ def test_accepts_dicts_lines_and_fills_device_id(world, tmp_path):
         ({"session_id": ["s"], "timestamp_ms": 1, "event_type": "cart", "item_id": "1"}, "bad_type"),
         ({"session_id": "s", "timestamp_ms": 1, "event_type": "scroll", "value": [0.5] * 10_000}, "bad_type"),
         ({"session_id": "s", "timestamp_ms": 1, "event_type": "cart", "item_id": "x" * 100_000}, "bad_value"),
-        ({"session_id": "s", "timestamp_ms": 1, "event_type": "cart", "item_id": "1", "extra": 1}, "unknown_field"),
-        ({"device_id": "someone-else", "session_id": "s", "timestamp_ms": 1, "event_type": "cart", "item_id": "1"}, "wrong_device"),
+        (
+            {"session_id": "s", "timestamp_ms": 1, "event_type": "cart", "item_id": "1", "extra": 1},
+            "unknown_field",
+        ),
+        (
+            {
+                "device_id": "someone-else",
+                "session_id": "s",
+                "timestamp_ms": 1,
+                "event_type": "cart",
+                "item_id": "1",
+            },
+            "wrong_device",
+        ),
         (b"{" + b'"a":1,' * 2000 + b"}", "too_large"),
-        ('{"device_id": "device-000000", "session_id": "\\ud800", "timestamp_ms": 1, "event_type": "cart", "item_id": "1"}', "bad_value"),
+        (
+            '{"device_id": "device-000000", "session_id": "\\ud800", "timestamp_ms": 1, "event_type": "cart", "item_id": "1"}',
+            "bad_value",
+        ),
         ("[" * 2000 + "]" * 2000, "bad_json"),
     ],
 )
@@ -97,7 +112,9 @@ def test_survives_restart(world, tmp_path):
     assert again.current_session() == session
     after = again.recommend(k=5)
     assert [r.item_id for r in after] == [r.item_id for r in before]
-    assert [t.weight for t in after[0].explanation] == pytest.approx([t.weight for t in before[0].explanation], abs=1e-6)
+    assert [t.weight for t in after[0].explanation] == pytest.approx(
+        [t.weight for t in before[0].explanation], abs=1e-6
+    )
     again.close()
 
 
@@ -142,7 +159,11 @@ def test_erase_forgets_everything(world, tmp_path):
 def test_concurrent_recording(world, tmp_path):
     client = make_client(world, tmp_path / "store")
     events = world["events"]
-    lines = [json.dumps({**e.to_dict(), "session_id": f"t{n}-{e.session_id}"}) for n in range(4) for e in events[:40]]
+    lines = [
+        json.dumps({**e.to_dict(), "session_id": f"t{n}-{e.session_id}"})
+        for n in range(4)
+        for e in events[:40]
+    ]
     errors: list[BaseException] = []
 
     def work(chunk: list[str]) -> None:
@@ -160,5 +181,7 @@ def test_concurrent_recording(world, tmp_path):
     for t in threads:
         t.join()
     assert not errors
-    assert sum(v for k, v in client.stats.items() if k == "recorded" or k.startswith("dropped_")) == len(lines)
+    assert sum(v for k, v in client.stats.items() if k == "recorded" or k.startswith("dropped_")) == len(
+        lines
+    )
     client.close()

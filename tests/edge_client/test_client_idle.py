@@ -42,9 +42,27 @@ def make_client(world, store: Path, clock: FakeClock, **kwargs) -> EdgeClient:
 def open_page(session: str, t0: int, item: str = "item-7") -> list[dict[str, object]]:
     """An entered product page with a module view and a scroll, never left (dwell so far: 9 s)."""
     return [
-        {"session_id": session, "timestamp_ms": t0, "event_type": "page_enter", "item_id": item, "page_source": "home"},
-        {"session_id": session, "timestamp_ms": t0 + 4000, "event_type": "module_view", "item_id": item, "module": "comments"},
-        {"session_id": session, "timestamp_ms": t0 + 9000, "event_type": "scroll", "item_id": item, "value": 0.5},
+        {
+            "session_id": session,
+            "timestamp_ms": t0,
+            "event_type": "page_enter",
+            "item_id": item,
+            "page_source": "home",
+        },
+        {
+            "session_id": session,
+            "timestamp_ms": t0 + 4000,
+            "event_type": "module_view",
+            "item_id": item,
+            "module": "comments",
+        },
+        {
+            "session_id": session,
+            "timestamp_ms": t0 + 9000,
+            "event_type": "scroll",
+            "item_id": item,
+            "value": 0.5,
+        },
     ]
 
 
@@ -75,7 +93,9 @@ def test_close_idle_waits_for_the_gap_in_device_monotonic_time(world, tmp_path, 
         ("s1", "item-7", "Home2Product"),
         ("s1", "item-7", "Detail_comments"),
     ]
-    assert all(r.dwell_seconds == pytest.approx(9.0) for r in records)  # enter -> last event, as the event path
+    assert all(
+        r.dwell_seconds == pytest.approx(9.0) for r in records
+    )  # enter -> last event, as the event path
     assert client.close_idle() == 0  # nothing left open
     assert client.stats["idle_stored_records"] == 2
     client.close()
@@ -95,7 +115,12 @@ def test_close_idle_stores_what_the_event_path_would(world, tmp_path):
     by_event = make_client(world, tmp_path / "event", FakeClock())
     for event in events:
         assert by_event.record(event).ok
-    later = {"session_id": "s2", "timestamp_ms": NOW_MS + 9000 + int(GAP_S * 1000) + 500, "event_type": "cart", "item_id": "x"}
+    later = {
+        "session_id": "s2",
+        "timestamp_ms": NOW_MS + 9000 + int(GAP_S * 1000) + 500,
+        "event_type": "cart",
+        "item_id": "x",
+    }
     assert by_event.record(later).stored == 2
     assert stored(tmp_path / "idle") == stored(tmp_path / "event", "s1")
     idle.close()
@@ -124,7 +149,9 @@ def test_close_idle_releases_held_events_before_the_gap(world, tmp_path):
     clock = FakeClock()
     client = make_client(world, tmp_path / "store", clock)
     assert client.record(open_page("s1", NOW_MS)[0]).ok
-    assert client.record({"session_id": "s1", "timestamp_ms": NOW_MS + 3000, "event_type": "page_leave", "item_id": "item-7"}).ok
+    assert client.record(
+        {"session_id": "s1", "timestamp_ms": NOW_MS + 3000, "event_type": "page_leave", "item_id": "item-7"}
+    ).ok
     assert stored(tmp_path / "store") == []  # the leave waits for stragglers
     clock.advance(WINDOW_MS / 1000 / 2)
     assert client.close_idle() == 0

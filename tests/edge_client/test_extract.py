@@ -36,7 +36,11 @@ def test_visit_with_modules_cart_and_hidden_time():
             ev(120, "page_leave"),
         ]
     )
-    assert [(m.item_id, m.activity) for m in out] == [("A", "SearchList2Product"), ("A", "Detail_comments"), ("A", "Cart")]
+    assert [(m.item_id, m.activity) for m in out] == [
+        ("A", "SearchList2Product"),
+        ("A", "Detail_comments"),
+        ("A", "Cart"),
+    ]
     assert all(m.dwell_seconds == 20.0 for m in out)
     assert [m.timestamp_ms for m in out] == [0, 5000, 115000]
 
@@ -73,7 +77,10 @@ def test_session_timeout_closes_open_page_at_its_last_event():
 def test_session_gap_is_exclusive():
     """A pause of exactly session_gap_s keeps the visit open; one millisecond more closes it at its last event."""
     for pause_ms, dwell_s in ((60_000, 60.0), (60_001, 0.0)):
-        events = [ev(0, "page_enter", page_source="home"), RawEvent("dev", "s", pause_ms, EventType.PAGE_LEAVE, "A")]
+        events = [
+            ev(0, "page_enter", page_source="home"),
+            RawEvent("dev", "s", pause_ms, EventType.PAGE_LEAVE, "A"),
+        ]
         out, _ = run(events, ExtractorConfig(session_gap_s=60))
         assert [m.dwell_seconds for m in out] == [dwell_s]
 
@@ -89,7 +96,10 @@ def test_flush_with_now_only_closes_idle_sessions():
 
 def test_cart_without_page_opens_its_own_visit():
     out, _ = run([ev(0, "page_enter", page_source="home"), ev(4, "cart", "B"), ev(9, "page_leave", "B")])
-    assert [(m.item_id, m.activity, m.dwell_seconds) for m in out] == [("A", "Home2Product", 4.0), ("B", "Cart", 5.0)]
+    assert [(m.item_id, m.activity, m.dwell_seconds) for m in out] == [
+        ("A", "Home2Product", 4.0),
+        ("B", "Cart", 5.0),
+    ]
 
 
 def test_duplicates_and_backwards_time_are_counted_not_lost_silently():
@@ -182,7 +192,10 @@ def test_events_behind_the_window_are_dropped_and_counted_never_raise():
     out += extractor.push(ev(10, "page_enter", page_source="home", session="other"))
     out += extractor.flush()
     assert extractor.too_late == 1 and report.skipped == {"too_late": 1}
-    assert [(m.session_id, m.activity, m.timestamp_ms) for m in out][:2] == [("s", "Detail_bottom", 9000), ("s", "Home2Product", 10000)]
+    assert [(m.session_id, m.activity, m.timestamp_ms) for m in out][:2] == [
+        ("s", "Detail_bottom", 9000),
+        ("s", "Home2Product", 10000),
+    ]
     assert report.read == 5 and report.kept == 4
 
 
@@ -194,7 +207,9 @@ def test_held_events_are_released_by_time_and_by_flush_now():
     assert [m.activity for m in extractor.push(ev(3.5, "scroll", "Z", value=0.1))] == ["Home2Product"]
     assert extractor.pending_events == 1
     assert extractor.flush(now_ms=4000) == [] and extractor.pending_events == 1  # 3.5 s not yet 2 s old
-    assert extractor.flush(now_ms=6000) == [] and extractor.pending_events == 0 and extractor.open_sessions == 1
+    assert (
+        extractor.flush(now_ms=6000) == [] and extractor.pending_events == 0 and extractor.open_sessions == 1
+    )
     assert extractor.flush(now_ms=3.5 * 1000 + 1800 * 1000 + 1) == [] and extractor.open_sessions == 0
 
 
@@ -262,7 +277,11 @@ def test_micro_intent_cues():
     for event in events:
         extractor.push(event)
     extractor.flush()
-    assert [(s.item_id, s.closed_by, s.revisit) for s in summaries] == [("A", "leave", False), ("B", "enter", False), ("A", "flush", True)]
+    assert [(s.item_id, s.closed_by, s.revisit) for s in summaries] == [
+        ("A", "leave", False),
+        ("B", "enter", False),
+        ("A", "flush", True),
+    ]
     first = summaries[0]
     assert first.max_scroll == 0.8 and first.hovered_only == ("H1", "B", "H2") and first.dwell_seconds == 9.0
     assert first.activities == ("SearchList2Product",) and first.enter_ms == 1000 and first.end_ms == 10000
@@ -278,8 +297,19 @@ def random_dense_events(rng: random.Random, n_sessions: int = 3, n_events: int =
         for _ in range(n_events):
             t += rng.choice([0, 0, 50, 150, 400])
             item = rng.choice("ABCD")
-            kind = rng.choice(["page_enter", "module_view", "cart", "order", "hover", "scroll", "page_leave",
-                               "visibility_hidden", "visibility_visible"])
+            kind = rng.choice(
+                [
+                    "page_enter",
+                    "module_view",
+                    "cart",
+                    "order",
+                    "hover",
+                    "scroll",
+                    "page_leave",
+                    "visibility_hidden",
+                    "visibility_visible",
+                ]
+            )
             fields = {}
             if kind == "page_enter":
                 fields["page_source"] = rng.choice(["home", "search", "sale"])
@@ -307,5 +337,9 @@ def test_dense_shuffles_within_window_give_the_same_tuples_and_cues():
         out = [m for e in shuffled for m in extractor.push(e)] + extractor.flush()
         assert extractor.too_late == 0
         assert by_session(out) == by_session(expected)
-        assert sorted(cues, key=lambda c: (c.session_id, c.enter_ms)) == sorted(expected_cues, key=lambda c: (c.session_id, c.enter_ms))
-        assert by_session(extract_population(shuffled, DEVICE_EXTRACTOR_CONFIG)["dev"]) == by_session(expected)
+        assert sorted(cues, key=lambda c: (c.session_id, c.enter_ms)) == sorted(
+            expected_cues, key=lambda c: (c.session_id, c.enter_ms)
+        )
+        assert by_session(extract_population(shuffled, DEVICE_EXTRACTOR_CONFIG)["dev"]) == by_session(
+            expected
+        )

@@ -39,7 +39,9 @@ def event_streams(draw, max_events: int = 80) -> list[RawEvent]:
     t = 1_700_000_000_000
     events: list[RawEvent] = []
     for _ in range(draw(st.integers(0, max_events))):
-        if events and draw(st.integers(0, 7)) == 0:  # a duplicate (an equal copy, as parsing a line twice gives)
+        if (
+            events and draw(st.integers(0, 7)) == 0
+        ):  # a duplicate (an equal copy, as parsing a line twice gives)
             original = events[-1] if draw(st.booleans()) else draw(st.sampled_from(events))
             events.append(dataclasses.replace(original))
             continue
@@ -116,7 +118,9 @@ def test_batch_equals_pushing_the_sorted_events_one_at_a_time(events, config):
 def test_device_with_a_window_on_jittered_input_builds_the_training_tuples(events, seed):
     """Input delivered out of order within the reorder window: same tuples per session, same counts."""
     training_config = ExtractorConfig(session_gap_s=60.0)
-    device_config = ExtractorConfig(session_gap_s=60.0, reorder_window_ms=DEVICE_EXTRACTOR_CONFIG.reorder_window_ms)
+    device_config = ExtractorConfig(
+        session_gap_s=60.0, reorder_window_ms=DEVICE_EXTRACTOR_CONFIG.reorder_window_ms
+    )
     rng = random.Random(seed)
     for device_id in {e.device_id for e in events}:
         device_events = [e for e in events if e.device_id == device_id]
@@ -134,7 +138,9 @@ def test_device_with_a_window_on_jittered_input_builds_the_training_tuples(event
         by_session = sorted(out, key=lambda m: m.session_id)  # sessions interleave differently; stable
         assert by_session == sorted(training, key=lambda m: m.session_id)
         assert (report.read, report.kept, report.skipped) == (
-            training_report.read, training_report.kept, training_report.skipped
+            training_report.read,
+            training_report.kept,
+            training_report.skipped,
         )
 
 
@@ -153,7 +159,9 @@ def test_many_events_per_call_give_the_same_tuples_and_cues(events, config, wind
             summaries: list = []
             extractor = TupleExtractor(run_config, on_visit=summaries.append)
             out = [m for event in device_events for m in extractor.push(event)] + extractor.flush()
-            runs.append((sorted(out, key=lambda m: m.session_id), sorted(summaries, key=lambda s: s.session_id)))
+            runs.append(
+                (sorted(out, key=lambda m: m.session_id), sorted(summaries, key=lambda s: s.session_id))
+            )
         assert runs[0] == runs[1]
         assert runs[0][0] == sorted(records, key=lambda m: m.session_id)
         assert sum(len(s.activities) for s in runs[0][1]) == len(records)

@@ -80,7 +80,9 @@ def browser():
             posted.extend(payload if isinstance(payload, list) else [payload])
 
     with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=chromium_binary(), headless=True, timeout=30_000)
+        chromium = playwright.chromium.launch(
+            executable_path=chromium_binary(), headless=True, timeout=30_000
+        )
         try:
             context = chromium.new_context(viewport=VIEWPORT)
             context.on("request", on_request)
@@ -109,12 +111,15 @@ def shown(page) -> tuple[list[dict], list[tuple[str, str, int]]]:
         " href: e.querySelector('a').getAttribute('href')}))",
     )
     tuples = page.eval_on_selector_all(
-        "#visit [data-activity]", "els => els.map(e => [e.dataset.item, e.dataset.activity, Number(e.dataset.dwell)])"
+        "#visit [data-activity]",
+        "els => els.map(e => [e.dataset.item, e.dataset.activity, Number(e.dataset.dwell)])",
     )
     return recs, [(item, activity, int(dwell)) for item, activity, dwell in tuples]
 
 
-def check_against_model(client, recs: list[dict], tuples: list[tuple[str, str, int]], source: str) -> list[str]:
+def check_against_model(
+    client, recs: list[dict], tuples: list[tuple[str, str, int]], source: str
+) -> list[str]:
     """The page's items are what the device's runtime recommends for the very tuples the page shows."""
     ids = [r["item"] for r in recs]
     expected = client.recommender.recommend(tuples, k=K)
@@ -184,7 +189,12 @@ def test_clicks_to_recommendations(kiosk, browser, tmp_path):
     page.click("#refresh")
     wait_recs(page, updates)
     recs, tuples = shown(page)
-    assert activities(tuples) == [(a, "Home2Product"), (a, "Detail_specification"), (a, "Cart"), (a, "Detail_comments")]
+    assert activities(tuples) == [
+        (a, "Home2Product"),
+        (a, "Detail_specification"),
+        (a, "Cart"),
+        (a, "Detail_comments"),
+    ]
     check_against_model(client, recs, tuples, "model")
     assert [(r["item"], r["score"]) for r in recs] != entered_scores  # the clicks changed what the model says
     assert page.locator('#log li[data-state="refused"]').count() == 0
@@ -225,11 +235,18 @@ def test_clicks_to_recommendations(kiosk, browser, tmp_path):
     assert all(result["ok"] for _, result in received), received
     with urllib.request.urlopen(server.url + "/health", timeout=5) as response:
         stats = json.load(response)["stats"]
-    assert stats["recorded"] == len(events) and not [key for key in stats if key.startswith("dropped_")], stats
+    assert stats["recorded"] == len(events) and not [key for key in stats if key.startswith("dropped_")], (
+        stats
+    )
     assert posted and all(event in events for event in posted)
-    assert {"page_enter", "module_view", "cart", "scroll", "hover", "page_leave"} <= {e["event_type"] for e in events}
+    assert {"page_enter", "module_view", "cart", "scroll", "hover", "page_leave"} <= {
+        e["event_type"] for e in events
+    }
     assert [(e["item_id"], e["page_source"]) for e in events if e["event_type"] == "page_enter"] == [
-        (a, "home"), (b, "shop_list"), (c, "search")]
+        (a, "home"),
+        (b, "shop_list"),
+        (c, "search"),
+    ]
     assert [e["item_id"] for e in events if e["event_type"] == "page_leave"] == [a, b, c]
     assert [e["item_id"] for e in events if e["event_type"] == "cart"] == [a]
     assert len({e["session_id"] for e in events}) == 1  # one tab, one session across the pages

@@ -208,5 +208,7 @@ def test_device_modules_do_not_import_torch():
         "bad = sorted(m for m in ('torch', 'onnx', 'onnxscript', 'pandas') if m in sys.modules); "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -37,7 +37,16 @@ def world(tmp_path_factory):
     v2 = base / "v2"
     build_package(rec.model, split.vocab, v2, private, 2, popular, int8=True)
     rec.save(base / "rib.pt")
-    return {"split": split, "model": rec.model, "private": private, "public": public, "v1": v1, "v2": v2, "base": base, "popular": popular}
+    return {
+        "split": split,
+        "model": rec.model,
+        "private": private,
+        "public": public,
+        "v1": v1,
+        "v2": v2,
+        "base": base,
+        "popular": popular,
+    }
 
 
 def history_of(split, n: int = 6, session: int = 0) -> list[MicroBehavior]:
@@ -46,8 +55,13 @@ def history_of(split, n: int = 6, session: int = 0) -> list[MicroBehavior]:
     hi = min(int(test.offsets[session + 1]), lo + n)
     vocab = split.vocab
     return [
-        MicroBehavior("s", int(test.timestamps_ms[i]), str(vocab.item_ids[test.items[i] - 1]),
-                      vocab.activities.names[int(test.activities[i])], float(test.dwell_seconds[i]))
+        MicroBehavior(
+            "s",
+            int(test.timestamps_ms[i]),
+            str(vocab.item_ids[test.items[i] - 1]),
+            vocab.activities.names[int(test.activities[i])],
+            float(test.dwell_seconds[i]),
+        )
         for i in range(lo, hi)
     ]
 
@@ -72,7 +86,9 @@ def test_recommend_matches_torch(world):
     assert all(abs(r.score - ref[index[r.item_id]]) < 1e-4 for r in recs)
     weights = [t.weight for t in recs[0].explanation]
     assert len(weights) == len(history) and math.isclose(sum(weights), 1.0, abs_tol=1e-5)
-    assert [t.dwell_bucket for t in recs[0].explanation] == [split.vocab.dwell.bucket_of(b.dwell_seconds) for b in history]
+    assert [t.dwell_bucket for t in recs[0].explanation] == [
+        split.vocab.dwell.bucket_of(b.dwell_seconds) for b in history
+    ]
 
 
 def test_unknown_items_skipped_and_counted(world):
@@ -110,7 +126,9 @@ def test_popularity_fallback(world):
     items, _ = world["popular"]
     cold = rec.recommend([], k=5)
     assert [r.item_id for r in cold] == items[:5] and all(r.source == "popularity" for r in cold)
-    unknown_only = rec.recommend([MicroBehavior("s", 1, "no-such-item", "Cart", 3.0)], k=5, exclude=[items[0]])
+    unknown_only = rec.recommend(
+        [MicroBehavior("s", 1, "no-such-item", "Cart", 3.0)], k=5, exclude=[items[0]]
+    )
     assert [r.item_id for r in unknown_only] == items[1:6]
     assert rec.stats["popularity_fallback"] == 2
 
@@ -118,9 +136,15 @@ def test_popularity_fallback(world):
 def test_dwell_uses_package_edges(world):
     rec = Recommender(world["v1"], world["public"])
     edges = rec.vocab.dwell
-    history = [MicroBehavior("s", 1, rec.vocab.item_ids[0], "Home2Product", s) for s in (0.5, 1e6, float("nan"))]
+    history = [
+        MicroBehavior("s", 1, rec.vocab.item_ids[0], "Home2Product", s) for s in (0.5, 1e6, float("nan"))
+    ]
     explanation = rec.recommend(history, k=1, exclude_seen=False)[0].explanation
-    assert [t.dwell_bucket for t in explanation] == [edges.bucket_of(0.5), edges.bucket_of(1e6), edges.unknown]
+    assert [t.dwell_bucket for t in explanation] == [
+        edges.bucket_of(0.5),
+        edges.bucket_of(1e6),
+        edges.unknown,
+    ]
 
 
 def test_incremental_steps_match_full_recommend(world):
@@ -189,7 +213,9 @@ def test_swap_and_keep_old_model_on_failure(world, tmp_path):
     other_private, other_public = generate_keypair(tmp_path / "other")
     foreign = tmp_path / "foreign"
     shutil.copytree(world["v2"], foreign)
-    (foreign / "manifest.sig").write_bytes(load_private_key(other_private).sign((foreign / "manifest.json").read_bytes()))
+    (foreign / "manifest.sig").write_bytes(
+        load_private_key(other_private).sign((foreign / "manifest.json").read_bytes())
+    )
     expect_failure(foreign, "bad_signature")
     expect_failure(world["v1"], "stale_version")
 
@@ -206,8 +232,12 @@ def test_swap_and_keep_old_model_on_failure(world, tmp_path):
 
 
 def test_latest_session():
-    records = [MicroBehavior("a", 5, "x", "Cart", 1.0), MicroBehavior("b", 9, "y", "Cart", 1.0),
-               MicroBehavior("b", 7, "z", "Cart", 1.0), MicroBehavior("a", 3, "w", "Cart", 1.0)]
+    records = [
+        MicroBehavior("a", 5, "x", "Cart", 1.0),
+        MicroBehavior("b", 9, "y", "Cart", 1.0),
+        MicroBehavior("b", 7, "z", "Cart", 1.0),
+        MicroBehavior("a", 3, "w", "Cart", 1.0),
+    ]
     assert [r.item_id for r in latest_session(records)] == ["z", "y"]
     assert latest_session([]) == []
 
@@ -233,21 +263,56 @@ def test_cli_edge_commands(world, tmp_path):
     assert result.exit_code == 0 and json.loads(result.output)["model_version"] == 2
     result = runner.invoke(edge_group, ["verify", str(world["v2"]), "--public-key", other_public])
     assert result.exit_code == 2 and "bad_signature" in result.output
-    result = runner.invoke(edge_group, ["verify", str(world["v2"]), "--public-key", public, "--installed-version", "2"])
+    result = runner.invoke(
+        edge_group, ["verify", str(world["v2"]), "--public-key", public, "--installed-version", "2"]
+    )
     assert result.exit_code == 2 and "stale_version" in result.output
 
     events = tmp_path / "events.jsonl"
-    events.write_text("\n".join(e.to_json() for e in generate_population(SyntheticConfig(n_devices=2), seed=7)) + "\n")
-    result = runner.invoke(edge_group, ["recommend", "--package", str(world["v2"]), "--events", str(events), "--public-key", public, "--json", "-k", "5"])
+    events.write_text(
+        "\n".join(e.to_json() for e in generate_population(SyntheticConfig(n_devices=2), seed=7)) + "\n"
+    )
+    result = runner.invoke(
+        edge_group,
+        [
+            "recommend",
+            "--package",
+            str(world["v2"]),
+            "--events",
+            str(events),
+            "--public-key",
+            public,
+            "--json",
+            "-k",
+            "5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     assert len(payload["recommendations"]) == 5 and payload["session_tuples"] > 0
-    result = runner.invoke(edge_group, ["recommend", "--package", str(world["v2"]), "--events", str(events), "--public-key", public])
+    result = runner.invoke(
+        edge_group,
+        ["recommend", "--package", str(world["v2"]), "--events", str(events), "--public-key", public],
+    )
     assert result.exit_code == 0 and "attention over the session" in result.output
 
     out = tmp_path / "pkg"
-    result = runner.invoke(edge_group, ["package", "--checkpoint", str(world["base"] / "rib.pt"), "--dataset", "synthetic",
-                                        "--out", str(out), "--key", str(world["private"]), "--model-version", "7"])
+    result = runner.invoke(
+        edge_group,
+        [
+            "package",
+            "--checkpoint",
+            str(world["base"] / "rib.pt"),
+            "--dataset",
+            "synthetic",
+            "--out",
+            str(out),
+            "--key",
+            str(world["private"]),
+            "--model-version",
+            "7",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert Recommender(out, world["public"], installed_version=6).model_version == 7
 
@@ -284,7 +349,11 @@ def test_top_k_is_exact(world):
         scores = scores.astype(np.float32, copy=True)
         scores[0] = -np.inf
         scores[list(banned)] = -np.inf
-        order = [int(i) for i in np.lexsort((np.arange(len(scores)), -scores)) if scores[i] > -np.inf and not np.isnan(scores[i])]
+        order = [
+            int(i)
+            for i in np.lexsort((np.arange(len(scores)), -scores))
+            if scores[i] > -np.inf and not np.isnan(scores[i])
+        ]
         return [(i, float(scores[i])) for i in order[:k]]
 
     for trial in range(60):
@@ -308,10 +377,15 @@ def test_refuses_a_full_graph_that_is_not_a_session_graph(world, tmp_path):
     shutil.copytree(world["v2"], package)
     for name in ("manifest.json", "manifest.sig"):
         (package / name).unlink()
-    graph = helper.make_graph([helper.make_node("Identity", ["items"], ["scores"])], "g",
-                              [helper.make_tensor_value_info("items", TensorProto.INT64, [1, None])],
-                              [helper.make_tensor_value_info("scores", TensorProto.INT64, None)])
-    (package / FULL_GRAPH).write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["items"], ["scores"])],
+        "g",
+        [helper.make_tensor_value_info("items", TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info("scores", TensorProto.INT64, None)],
+    )
+    (package / FULL_GRAPH).write_bytes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+    )
     sign_package(package, world["private"], 9, rec.manifest.model)
     with pytest.raises(PackageError) as err:
         rec.swap(package)

@@ -20,7 +20,14 @@ from edge_client.schema import (
     read_event_lines,
 )
 
-GOOD = {"device_id": "d1", "session_id": "s1", "timestamp_ms": 1_700_000_000_000, "event_type": "page_enter", "item_id": "42", "page_source": "search"}
+GOOD = {
+    "device_id": "d1",
+    "session_id": "s1",
+    "timestamp_ms": 1_700_000_000_000,
+    "event_type": "page_enter",
+    "item_id": "42",
+    "page_source": "search",
+}
 
 
 def test_valid_event_round_trips_through_json():
@@ -83,13 +90,21 @@ def test_reader_counts_bad_lines_and_keeps_good_ones():
     events = list(read_event_lines(lines, report))
     assert len(events) == 2
     assert report.read == 7 and report.kept == 2 and report.n_skipped == 5
-    assert report.skipped == {"bad_json": 1, "not_utf8": 1, "unknown_event_type": 1, "bad_type": 1, "too_large": 1}
+    assert report.skipped == {
+        "bad_json": 1,
+        "not_utf8": 1,
+        "unknown_event_type": 1,
+        "bad_type": 1,
+        "too_large": 1,
+    }
 
 
 def test_activity_vocabulary_defaults_and_validation():
     vocab = ActivityVocabulary()
     assert vocab.names == RIB_ACTIVITIES and len(vocab) == 10
-    assert vocab.index("Cart") == 8 and vocab.is_conversion("Order") and not vocab.is_conversion("Detail_bottom")
+    assert (
+        vocab.index("Cart") == 8 and vocab.is_conversion("Order") and not vocab.is_conversion("Detail_bottom")
+    )
     assert ActivityVocabulary.from_dict(vocab.to_dict()) == vocab
     with pytest.raises(SchemaError):
         vocab.index("Teleport")

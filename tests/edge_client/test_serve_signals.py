@@ -23,10 +23,29 @@ T0 = 1_700_000_000_000
 
 def start_serve(world, store: Path) -> tuple[subprocess.Popen, str, list[str]]:
     """Start ``python -m rib_edge.cli edge serve`` on an ephemeral loopback port; (process, base URL, output lines)."""
-    cmd = [sys.executable, "-m", "rib_edge.cli", "edge", "serve", "--store", str(store), "--package", str(world["package"]),
-           "--public-key", str(world["public"]), "--host", "127.0.0.1", "--port", "0", "--device", DEVICE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rib_edge.cli",
+        "edge",
+        "serve",
+        "--store",
+        str(store),
+        "--package",
+        str(world["package"]),
+        "--public-key",
+        str(world["public"]),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--device",
+        DEVICE,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines: list[str] = []
     watchdog = threading.Timer(120, proc.kill)  # never hang the suite
     watchdog.daemon = True
@@ -43,8 +62,12 @@ def start_serve(world, store: Path) -> tuple[subprocess.Popen, str, list[str]]:
 
 
 def post(url: str, payload: object) -> dict:
-    req = urllib.request.Request(url + "/events", data=json.dumps(payload).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/events",
+        data=json.dumps(payload).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=10) as response:
         return json.loads(response.read())
 
@@ -55,9 +78,27 @@ def test_serve_stops_on_signal_and_stores_the_open_page(world, tmp_path, signum)
     proc, url, lines = start_serve(world, store)
     try:
         events = [
-            {"session_id": "kiosk-1", "timestamp_ms": T0, "event_type": "page_enter", "item_id": "item-9", "page_source": "search"},
-            {"session_id": "kiosk-1", "timestamp_ms": T0 + 2000, "event_type": "module_view", "item_id": "item-9", "module": "specification"},
-            {"session_id": "kiosk-1", "timestamp_ms": T0 + 7000, "event_type": "scroll", "item_id": "item-9", "value": 0.8},
+            {
+                "session_id": "kiosk-1",
+                "timestamp_ms": T0,
+                "event_type": "page_enter",
+                "item_id": "item-9",
+                "page_source": "search",
+            },
+            {
+                "session_id": "kiosk-1",
+                "timestamp_ms": T0 + 2000,
+                "event_type": "module_view",
+                "item_id": "item-9",
+                "module": "specification",
+            },
+            {
+                "session_id": "kiosk-1",
+                "timestamp_ms": T0 + 7000,
+                "event_type": "scroll",
+                "item_id": "item-9",
+                "value": 0.8,
+            },
         ]
         body = post(url, events)
         assert body["accepted"] == 3 and body["rejected"] == 0
@@ -76,4 +117,6 @@ def test_serve_stops_on_signal_and_stores_the_open_page(world, tmp_path, signum)
         ("kiosk-1", "item-9", "SearchList2Product"),
         ("kiosk-1", "item-9", "Detail_specification"),
     ]
-    assert all(r.dwell_seconds == pytest.approx(7.0) for r in records)  # the dwell so far: enter -> last event
+    assert all(
+        r.dwell_seconds == pytest.approx(7.0) for r in records
+    )  # the dwell so far: enter -> last event

@@ -26,8 +26,13 @@ def start(world, store: Path, **kwargs):
 
 @pytest.fixture(scope="module")
 def running(world, tmp_path_factory):
-    client, server = start(world, tmp_path_factory.mktemp("server-store") / "store", rate_per_s=10_000, burst=10_000,
-                           pages_dir=REPO / "examples" / "kiosk")
+    client, server = start(
+        world,
+        tmp_path_factory.mktemp("server-store") / "store",
+        rate_per_s=10_000,
+        burst=10_000,
+        pages_dir=REPO / "examples" / "kiosk",
+    )
     yield client, server
     server.stop()
     client.close()
@@ -47,7 +52,9 @@ def request(server, method: str, path: str, body: bytes | None = None, headers: 
 
 
 def post_json(server, payload) -> tuple[int, object]:
-    status, _, body = request(server, "POST", "/events", json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    status, _, body = request(
+        server, "POST", "/events", json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    )
     return status, body
 
 
@@ -73,7 +80,9 @@ def test_events_and_recommendations(running, world):
 
 def test_per_event_reasons(running):
     _, server = running
-    status, body = post_json(server, [{"event_type": "teleport", "session_id": "s", "timestamp_ms": 1}, 7, {"x": 1}])
+    status, body = post_json(
+        server, [{"event_type": "teleport", "session_id": "s", "timestamp_ms": 1}, 7, {"x": 1}]
+    )
     assert status == 200 and body["accepted"] == 0
     assert [r["reason"] for r in body["results"]] == ["unknown_event_type", "bad_type", "unknown_field"]
 
@@ -129,9 +138,13 @@ def test_cross_site_pages_cannot_post(running):
     _, server = running
     event = json.dumps({"session_id": "x", "timestamp_ms": 1, "event_type": "cart", "item_id": "1"}).encode()
     for origin in ("https://evil.example", "null", "http://[::1", "http://127.0.0.1.evil.example"):
-        status, _, body = request(server, "POST", "/events", event, {"Origin": origin, "Content-Type": "text/plain"})
+        status, _, body = request(
+            server, "POST", "/events", event, {"Origin": origin, "Content-Type": "text/plain"}
+        )
         assert status == 403 and body["error"] == "bad_origin", origin
-    status, _, body = request(server, "POST", "/events", event, {"Origin": server.url})  # the kiosk page itself
+    status, _, body = request(
+        server, "POST", "/events", event, {"Origin": server.url}
+    )  # the kiosk page itself
     assert status == 200 and len(body["results"]) == 1
 
 
@@ -160,8 +173,19 @@ def test_cli_serve_refuses_remote(world, tmp_path):
 
     from rib_edge.cli_edge import edge_group
 
-    args = ["serve", "--store", str(tmp_path / "store"), "--package", str(world["package"]),
-            "--public-key", str(world["public"]), "--host", "0.0.0.0", "--port", "0"]
+    args = [
+        "serve",
+        "--store",
+        str(tmp_path / "store"),
+        "--package",
+        str(world["package"]),
+        "--public-key",
+        str(world["public"]),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "0",
+    ]
     result = CliRunner().invoke(edge_group, args)
     assert result.exit_code == 1 and "non-loopback" in result.output
 

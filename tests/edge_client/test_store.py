@@ -26,7 +26,9 @@ T0 = 1_700_000_000_000
 
 
 def rec(i: int, session: str | None = None) -> MicroBehavior:
-    return MicroBehavior(session or f"s{i // 10}", T0 + i * 1000, f"item-{i % 37}", "Detail_comments", float(i % 90))
+    return MicroBehavior(
+        session or f"s{i // 10}", T0 + i * 1000, f"item-{i % 37}", "Detail_comments", float(i % 90)
+    )
 
 
 def make(tmp_path: Path, name: str = "store", **kwargs) -> TupleStore:
@@ -166,7 +168,11 @@ def test_reordered_dropped_or_moved_frames_are_tamper(tmp_path):
     data = segment.read_bytes()
     header, frames = data[:60], _frames(data)
     assert len(frames) == 3
-    for variant in (header + frames[1] + frames[0] + frames[2], header + frames[0] + frames[2], header + frames[0] * 2):
+    for variant in (
+        header + frames[1] + frames[0] + frames[2],
+        header + frames[0] + frames[2],
+        header + frames[0] * 2,
+    ):
         segment.write_bytes(variant)
         with pytest.raises(StoreTamperError):
             make(tmp_path).read()
@@ -275,7 +281,9 @@ def test_retention_purge(tmp_path):
     store = make(tmp_path, retention_days=30, segment_bytes=600)
     now = T0 + 100 * DAY_MS
     ages_days = [120, 95, 31, 29.5, 10, 0, 45, 1]
-    records = [MicroBehavior(f"s{i}", int(now - age * DAY_MS), "i", "Cart", 1.0) for i, age in enumerate(ages_days)]
+    records = [
+        MicroBehavior(f"s{i}", int(now - age * DAY_MS), "i", "Cart", 1.0) for i, age in enumerate(ages_days)
+    ]
     for record in records:
         store.append([record])
     assert store.purge_expired(now) == 4

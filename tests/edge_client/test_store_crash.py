@@ -63,7 +63,11 @@ def record(i: int) -> MicroBehavior:
 
 
 def open_store(directory: Path) -> TupleStore:
-    return TupleStore(directory / "store", key_provider=KeyFileProvider(directory / "store.key"), segment_bytes=SEGMENT_BYTES)
+    return TupleStore(
+        directory / "store",
+        key_provider=KeyFileProvider(directory / "store.key"),
+        segment_bytes=SEGMENT_BYTES,
+    )
 
 
 def run_crash_campaign(directory: Path, kills: int, seed: int = 0, strict: bool = True) -> dict[str, object]:
@@ -80,7 +84,14 @@ def run_crash_campaign(directory: Path, kills: int, seed: int = 0, strict: bool 
     started = time.perf_counter()
     for round_no in range(kills):
         proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(directory), str(seed * 1_000_003 + round_no), str(4 * (round_no % 2))],
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                str(directory),
+                str(seed * 1_000_003 + round_no),
+                str(4 * (round_no % 2)),
+            ],
             stdout=subprocess.PIPE,
             cwd=ROOT,
             env=env,
@@ -91,7 +102,9 @@ def run_crash_campaign(directory: Path, kills: int, seed: int = 0, strict: bool 
             first = proc.stdout.readline().split()
             assert first and first[0] == "start", f"child did not start: {first}"
             # the writer sees exactly what the last reader saw (it recovers the torn tail on its first append)
-            assert int(first[1]) == read_back, f"kill {round_no}: writer opened {first[1]} records, reader saw {read_back}"
+            assert int(first[1]) == read_back, (
+                f"kill {round_no}: writer opened {first[1]} records, reader saw {read_back}"
+            )
             for _ in range(rng.randint(0, 25)):
                 line = proc.stdout.readline()
                 if not line:

@@ -42,7 +42,10 @@ def test_verify_package_allow_reinstall(packages, world):
     err = refused(lambda: verify_package(packages["v1"], public, 2, allow_reinstall=True), "stale_version")
     assert "older than the installed 2" in str(err)
     assert Recommender(packages["v2"], public, installed_version=2, allow_reinstall=True).model_version == 2
-    refused(lambda: Recommender(packages["v1"], public, installed_version=2, allow_reinstall=True), "stale_version")
+    refused(
+        lambda: Recommender(packages["v1"], public, installed_version=2, allow_reinstall=True),
+        "stale_version",
+    )
 
 
 def test_restart_reloads_the_same_version_and_refuses_an_older_one(packages, world, tmp_path):
@@ -53,7 +56,9 @@ def test_restart_reloads_the_same_version_and_refuses_an_older_one(packages, wor
     again = client_on(packages, world, store, "v2")  # the same package after a restart: loads
     assert again.recommender.model_version == 2 and again.installed_version == 2
     again.close()
-    refused(lambda: client_on(packages, world, store, "v1"), "stale_version")  # an older, genuinely signed one
+    refused(
+        lambda: client_on(packages, world, store, "v1"), "stale_version"
+    )  # an older, genuinely signed one
     assert recorded(store) == 2
     fresh = client_on(packages, world, tmp_path / "fresh", "v1")  # a device that never ran v2 takes v1
     assert fresh.installed_version == 1
@@ -150,8 +155,19 @@ def test_cli_serve_refuses_an_older_package_and_a_tampered_record(packages, worl
     client_on(packages, world, store, "v2").close()
 
     def serve(version: str):
-        args = ["serve", "--store", str(store), "--package", str(packages[version]), "--public-key", str(world["public"]),
-                "--port", "0", "--device", DEVICE]
+        args = [
+            "serve",
+            "--store",
+            str(store),
+            "--package",
+            str(packages[version]),
+            "--public-key",
+            str(world["public"]),
+            "--port",
+            "0",
+            "--device",
+            DEVICE,
+        ]
         return CliRunner().invoke(edge_group, args)
 
     result = serve("v1")

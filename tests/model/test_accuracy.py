@@ -30,7 +30,11 @@ def small_split() -> SplitData:
 
 
 def _item_only(split: SplitData) -> SplitData:
-    return SplitData(replace(split.train, has_activity=False, has_dwell=False), replace(split.test, has_activity=False, has_dwell=False), dict(split.info))
+    return SplitData(
+        replace(split.train, has_activity=False, has_dwell=False),
+        replace(split.test, has_activity=False, has_dwell=False),
+        dict(split.info),
+    )
 
 
 def test_json_contract_names_and_improvements(small_split, tmp_path):
@@ -65,7 +69,13 @@ def test_item_only_split_skips_micro_variants(small_split, tmp_path):
     assert missing_field(split.train, "SKU+Micro") == "no activities or dwell times in this data"
     payload = run_accuracy(split, "items-only", tmp_path, quick_settings(epochs=1, models=("POP", "RIB")))
     rows = {(r["model"], r["data_type"]): r for r in payload["rows"]}
-    assert set(rows) == {("POP", "SKU"), ("RIB", "SKU"), ("RIB", "SKU+Activity"), ("RIB", "SKU+Dwell"), ("RIB", "SKU+Micro")}
+    assert set(rows) == {
+        ("POP", "SKU"),
+        ("RIB", "SKU"),
+        ("RIB", "SKU+Activity"),
+        ("RIB", "SKU+Dwell"),
+        ("RIB", "SKU+Micro"),
+    }
     assert "skipped" not in rows[("RIB", "SKU")]
     assert rows[("RIB", "SKU+Dwell")]["skipped"] == "no dwell times in this data"
     assert rows[("RIB", "SKU+Activity")]["recall@20"] is None
@@ -83,22 +93,51 @@ def test_unknown_names_are_rejected():
 def test_cli_accuracy_subset(tmp_path):
     result = CliRunner().invoke(
         bench_accuracy_command,
-        ["--dataset", "synthetic", "--quick", "--models", "POP,S-KNN,RIB", "--data-types", "SKU,SKU+Micro", "--epochs", "1", "--out", str(tmp_path)],
+        [
+            "--dataset",
+            "synthetic",
+            "--quick",
+            "--models",
+            "POP,S-KNN,RIB",
+            "--data-types",
+            "SKU,SKU+Micro",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
     )
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
-    assert [(r["model"], r["data_type"]) for r in rows] == [("POP", "SKU"), ("S-KNN", "SKU"), ("RIB", "SKU"), ("RIB", "SKU+Micro")]
-    bad = CliRunner().invoke(bench_accuracy_command, ["--dataset", "synthetic", "--models", "NARM", "--out", str(tmp_path)])
+    assert [(r["model"], r["data_type"]) for r in rows] == [
+        ("POP", "SKU"),
+        ("S-KNN", "SKU"),
+        ("RIB", "SKU"),
+        ("RIB", "SKU+Micro"),
+    ]
+    bad = CliRunner().invoke(
+        bench_accuracy_command, ["--dataset", "synthetic", "--models", "NARM", "--out", str(tmp_path)]
+    )
     assert bad.exit_code != 0 and "unknown models" in bad.output
 
 
 def test_merge_parallel_runs(small_split, tmp_path):
     from model.accuracy import merge_accuracy
 
-    run_accuracy(small_split, "s", tmp_path / "a", quick_settings(epochs=1, models=("RIB",), data_types=("SKU", "SKU+Micro")))
+    run_accuracy(
+        small_split,
+        "s",
+        tmp_path / "a",
+        quick_settings(epochs=1, models=("RIB",), data_types=("SKU", "SKU+Micro")),
+    )
     run_accuracy(small_split, "s", tmp_path / "b", quick_settings(epochs=1, models=("POP", "S-KNN")))
     merged = merge_accuracy([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
-    assert [(r["model"], r["data_type"]) for r in merged["rows"]] == [("POP", "SKU"), ("S-KNN", "SKU"), ("RIB", "SKU"), ("RIB", "SKU+Micro")]
+    assert [(r["model"], r["data_type"]) for r in merged["rows"]] == [
+        ("POP", "SKU"),
+        ("S-KNN", "SKU"),
+        ("RIB", "SKU"),
+        ("RIB", "SKU+Micro"),
+    ]
     assert merged["best_baseline"]["recall@20"]["model"] in ("POP", "S-KNN")
     assert all("recall@20_vs_best_baseline" in r for r in merged["rows"] if r["model"] == "RIB")
     assert {d["a"] for d in merged["paired_diffs"]} == {"RIB SKU", "RIB SKU+Micro"}
@@ -109,11 +148,16 @@ def test_last_state_goes_to_rib_only(small_split, tmp_path):
     """The large-catalogue setting last_state needs attention: RIB gets it, RIB-Attention trains without it."""
     from model.train import load_checkpoint
 
-    settings = quick_settings(epochs=1, models=RIB_NAMES, data_types=("SKU",), rib_overrides={"last_state": True})
+    settings = quick_settings(
+        epochs=1, models=RIB_NAMES, data_types=("SKU",), rib_overrides={"last_state": True}
+    )
     payload = run_accuracy(small_split, "synthetic-small", tmp_path, settings)
     assert [r["model"] for r in payload["rows"]] == list(RIB_NAMES)
     assert all(r["recall@20"] is not None for r in payload["rows"])
-    configs = {name: load_checkpoint(tmp_path / "checkpoints" / f"{name}_SKU" / "rib.pt").rib_config for name in RIB_NAMES}
+    configs = {
+        name: load_checkpoint(tmp_path / "checkpoints" / f"{name}_SKU" / "rib.pt").rib_config
+        for name in RIB_NAMES
+    }
     assert configs["RIB"].last_state and configs["RIB"].use_attention
     assert not configs["RIB-Attention"].last_state and not configs["RIB-Attention"].use_attention
 
@@ -135,8 +179,13 @@ def test_item_catalog_replaces_word2vec_init(small_split, tmp_path):
     assert row["item_init"] == "item vectors" and row["recall@20"] is not None
     assert payload["settings"]["item_catalog"] == str(catalog)
     assert f"catalog `{catalog}`" in (tmp_path / "run" / "accuracy.md").read_text()
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "RIB_SKU" / "rib.pt").history["item_init"] == "item vectors"
-    default = run_accuracy(small_split, "synthetic-small", None, quick_settings(epochs=1, models=("RIB",), data_types=("SKU",)))
+    assert (
+        load_checkpoint(tmp_path / "run" / "checkpoints" / "RIB_SKU" / "rib.pt").history["item_init"]
+        == "item vectors"
+    )
+    default = run_accuracy(
+        small_split, "synthetic-small", None, quick_settings(epochs=1, models=("RIB",), data_types=("SKU",))
+    )
     assert default["rows"][0]["item_init"] == "word2vec"
 
 
@@ -146,14 +195,41 @@ def test_item_catalog_that_covers_no_item_fails_before_training(small_split, tmp
     catalog = tmp_path / "other_shop.csv"
     _write_catalog(catalog, [f"elsewhere-{i}" for i in range(10)])
     with pytest.raises(CatalogError, match="none of the"):
-        run_accuracy(small_split, "synthetic-small", tmp_path / "run", quick_settings(epochs=1, item_catalog=str(catalog)))
+        run_accuracy(
+            small_split,
+            "synthetic-small",
+            tmp_path / "run",
+            quick_settings(epochs=1, item_catalog=str(catalog)),
+        )
     assert not (tmp_path / "run").exists()  # nothing fitted, no checkpoint written
     result = CliRunner().invoke(
-        bench_accuracy_command, ["--dataset", "synthetic", "--quick", "--item-catalog", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]
+        bench_accuracy_command,
+        [
+            "--dataset",
+            "synthetic",
+            "--quick",
+            "--item-catalog",
+            str(tmp_path / "missing.csv"),
+            "--out",
+            str(tmp_path),
+        ],
     )
     assert result.exit_code != 0 and "is not a file" in result.output
     result = CliRunner().invoke(
-        bench_accuracy_command, ["--dataset", "synthetic", "--quick", "--models", "RIB", "--data-types", "SKU", "--item-catalog", str(catalog), "--out", str(tmp_path)]
+        bench_accuracy_command,
+        [
+            "--dataset",
+            "synthetic",
+            "--quick",
+            "--models",
+            "RIB",
+            "--data-types",
+            "SKU",
+            "--item-catalog",
+            str(catalog),
+            "--out",
+            str(tmp_path),
+        ],
     )
     assert result.exit_code != 0 and "none of the" in result.output
 
@@ -178,9 +254,16 @@ def test_item_table_is_chosen_on_validation_and_applied_to_every_rib_row(small_s
     # Small catalogue: each reported model is retrained on all training sessions for its best epoch count.
     assert all(r["refit_epochs"] == r["best_epoch"] for r in payload["rows"])
     # Item-only data: the selection runs on SKU; switched off, there is none.
-    only = run_accuracy(_item_only(small_split), "s", None, quick_settings(epochs=1, models=("RIB",), data_types=("SKU",)))
+    only = run_accuracy(
+        _item_only(small_split), "s", None, quick_settings(epochs=1, models=("RIB",), data_types=("SKU",))
+    )
     assert only["item_table_selection"]["data_type"] == "SKU"
-    off = run_accuracy(small_split, "s", None, quick_settings(epochs=1, models=("RIB",), data_types=("SKU",), select_item_table=False))
+    off = run_accuracy(
+        small_split,
+        "s",
+        None,
+        quick_settings(epochs=1, models=("RIB",), data_types=("SKU",), select_item_table=False),
+    )
     assert off["item_table_selection"] is None and "freeze_items" not in off["settings"]["rib_overrides"]
 
 

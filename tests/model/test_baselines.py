@@ -23,7 +23,10 @@ FAST = {"BPR-MF": {"factors": 16}}  # keep BPR quick on toys
 
 
 def make_split(
-    train: Sequence[Sequence[object]], test: Sequence[Sequence[object]], session_gap_ms: int = 100_000, constant_time: bool = False
+    train: Sequence[Sequence[object]],
+    test: Sequence[Sequence[object]],
+    session_gap_ms: int = 100_000,
+    constant_time: bool = False,
 ) -> SplitData:
     """A split whose sessions are exactly ``train`` and ``test`` (visit item sequences), in time order."""
     rows = []
@@ -43,7 +46,9 @@ def batch_of(data: SessionDataset, prefixes: Sequence[Sequence[object]] | None =
     if prefixes is not None:
         ids = data.vocab.item_ids
         wanted = {tuple(str(x) for x in p) for p in prefixes}
-        index = np.array([k for k in index if tuple(ids[data.visit_items(ex.starts[k], ex.ends[k]) - 1]) in wanted])
+        index = np.array(
+            [k for k in index if tuple(ids[data.visit_items(ex.starts[k], ex.ends[k]) - 1]) in wanted]
+        )
     return PrefixBatch(data, ex.starts[index], ex.ends[index])
 
 
@@ -58,7 +63,9 @@ def chain_split(n_chains: int = 30, length: int = 4, copies: int = 6, seed: int 
     chains = [[f"c{k}_{j}" for j in range(length)] for k in range(n_chains)]
     hot = [f"hot{h}" for h in range(5)]
     train = [c for c in chains for _ in range(copies)]
-    train += [list(rng.choice(hot, size=3, replace=False)) for _ in range(n_chains * copies)]  # POP's favourites
+    train += [
+        list(rng.choice(hot, size=3, replace=False)) for _ in range(n_chains * copies)
+    ]  # POP's favourites
     rng.shuffle(train)
     return make_split(train, chains)
 
@@ -123,7 +130,7 @@ def test_scoring_never_reads_past_the_prefix(name):
     items = test.items.copy()
     items[~inside] = rng.integers(1, test.n_items + 1, (~inside).sum())
     times = test.timestamps_ms.copy()
-    times[~inside] += rng.integers(-10**9, 10**9, (~inside).sum())
+    times[~inside] += rng.integers(-(10**9), 10**9, (~inside).sum())
     scrambled = dataclasses.replace(test, items=items, timestamps_ms=times)
     before = model.score(batch)
     after = model.score(PrefixBatch(scrambled, batch.starts, batch.ends))
@@ -297,7 +304,9 @@ def test_session_knn_equals_a_loop_reference(name, variant, overrides):
 
     train = [session(int(rng.integers(2, 8))) for _ in range(150)]
     test = [session(int(rng.integers(2, 10))) for _ in range(25)]
-    split = make_split(train, test, session_gap_ms=int(3.6e6 * 7))  # sessions ~7 h apart: the time decay bites
+    split = make_split(
+        train, test, session_gap_ms=int(3.6e6 * 7)
+    )  # sessions ~7 h apart: the time decay bites
     model = build(name, exclude_last=False, **overrides).fit(split.train)
     batch = batch_of(split.test)
     scores = model.score(batch)
@@ -359,7 +368,10 @@ def test_bpr_mf_learns_co_occurrence_and_is_seeded():
 def test_sr_and_sknn_beat_pop_on_yoochoose_100k(shared_data: Path):
     folder = shared_data / "yoochoose_100k"
     raw = pd.concat(
-        [pd.read_csv(folder / f"yoochoose-clicks-100k_{part}.tsv.gz", sep="\t") for part in ("train_full", "test")]
+        [
+            pd.read_csv(folder / f"yoochoose-clicks-100k_{part}.tsv.gz", sep="\t")
+            for part in ("train_full", "test")
+        ]
     )
     frame = pd.DataFrame(
         {

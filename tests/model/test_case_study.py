@@ -25,8 +25,12 @@ def trained(tmp_path_factory):
     paths = []
     for data_type in ("SKU+Micro", "SKU", "SKU+Activity"):  # out of order on purpose
         out = root / data_type.replace("+", "_")
-        train_rib(split.train, rib_config_for(split.train, data_type, **TINY),
-                  TrainConfig(epochs=1, w2v_epochs=1, checkpoint_dir=str(out), min_steps=0), progress=False)
+        train_rib(
+            split.train,
+            rib_config_for(split.train, data_type, **TINY),
+            TrainConfig(epochs=1, w2v_epochs=1, checkpoint_dir=str(out), min_steps=0),
+            progress=False,
+        )
         paths.append(out / "rib.pt")
     return split, paths
 
@@ -60,5 +64,17 @@ def test_png_and_cli(trained, tmp_path):
     assert (tmp_path / "cli" / "case_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "cli" / "case_study.json").read_text())
     assert len(saved["rows"]) == 3
-    bad = CliRunner().invoke(case_study_command, ["--dataset", "synthetic", "--session", "100000", "--checkpoint", str(paths[0]), "--out", str(tmp_path / "bad")])
+    bad = CliRunner().invoke(
+        case_study_command,
+        [
+            "--dataset",
+            "synthetic",
+            "--session",
+            "100000",
+            "--checkpoint",
+            str(paths[0]),
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+    )
     assert bad.exit_code != 0 and "out of range" in bad.output

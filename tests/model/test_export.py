@@ -56,16 +56,29 @@ def test_step_by_step_equals_full_graph_on_real_prefixes(trained, exported):
     full, step = session_for(exported.full), session_for(exported.step)
     for items, activities, dwell in real_prefixes(split.test, model.config.max_len, n=10):
         step_scores, _, step_weights = run_steps(step, model.config.hidden_dim, items, activities, dwell)
-        feed = {"items": items[None], "activities": activities[None], "dwell": dwell[None], "lengths": np.array([len(items)])}
+        feed = {
+            "items": items[None],
+            "activities": activities[None],
+            "dwell": dwell[None],
+            "lengths": np.array([len(items)]),
+        }
         scores, weights = full.run(None, feed_for(full, feed))[:2]
         assert np.abs(step_scores[-1] - scores[0]).max() < 1e-4
-        advanced, _, advanced_weights = run_steps(full, model.config.hidden_dim, items, activities, dwell)  # the device's step
+        advanced, _, advanced_weights = run_steps(
+            full, model.config.hidden_dim, items, activities, dwell
+        )  # the device's step
         assert np.abs(advanced - step_scores).max() < 1e-4
         assert np.abs(advanced_weights - weights[0]).max() < 1e-5
         assert np.abs(step_weights - weights[0]).max() < 1e-5
         with torch.no_grad():
-            ref = model(*(torch.from_numpy(a[None]) for a in (items, activities, dwell)), torch.ones(1, len(items), dtype=torch.bool))
-            all_prefixes = model.forward_all(*(torch.from_numpy(a[None]) for a in (items, activities, dwell)), torch.ones(1, len(items), dtype=torch.bool))
+            ref = model(
+                *(torch.from_numpy(a[None]) for a in (items, activities, dwell)),
+                torch.ones(1, len(items), dtype=torch.bool),
+            )
+            all_prefixes = model.forward_all(
+                *(torch.from_numpy(a[None]) for a in (items, activities, dwell)),
+                torch.ones(1, len(items), dtype=torch.bool),
+            )
         assert np.abs(scores[0] - ref[0].numpy()).max() < 1e-4
         assert np.abs(step_scores - all_prefixes[0].numpy()).max() < 1e-4
 
@@ -84,7 +97,18 @@ def test_full_graph_padded_batch_and_dynamic_length(trained, exported):
         with torch.no_grad():
             ref = model(items, acts, dwell, mask).numpy()
             ref_w = model.attention_weights(items, acts, dwell, mask).numpy()
-        scores, weights = full.run(None, feed_for(full, {"items": items.numpy(), "activities": acts.numpy(), "dwell": dwell.numpy(), "lengths": lengths.numpy()}))[:2]
+        scores, weights = full.run(
+            None,
+            feed_for(
+                full,
+                {
+                    "items": items.numpy(),
+                    "activities": acts.numpy(),
+                    "dwell": dwell.numpy(),
+                    "lengths": lengths.numpy(),
+                },
+            ),
+        )[:2]
         assert np.abs(scores - ref).max() < 1e-4
         assert np.abs(weights - ref_w).max() < 1e-5
         assert np.allclose(weights.sum(1), 1.0, atol=1e-5)
@@ -94,8 +118,12 @@ def test_chunked_advance_equals_one_call(trained, exported):
     """Advancing a state by chunks of any size gives the scores, weights and state of one whole call."""
     model, split = trained
     full = session_for(exported.full)
-    items, activities, dwell = next(p for p in real_prefixes(split.test, model.config.max_len, n=50) if len(p[0]) >= 6)
-    whole_state, whole = full_advance(full, initial_step_state(model.config.hidden_dim), items, activities, dwell)
+    items, activities, dwell = next(
+        p for p in real_prefixes(split.test, model.config.max_len, n=50) if len(p[0]) >= 6
+    )
+    whole_state, whole = full_advance(
+        full, initial_step_state(model.config.hidden_dim), items, activities, dwell
+    )
     state, att = initial_step_state(model.config.hidden_dim), []
     for start, stop in ((0, 3), (3, 5), (5, len(items))):
         state, out = full_advance(full, state, items[start:stop], activities[start:stop], dwell[start:stop])
@@ -113,7 +141,9 @@ def test_step_graph_weights_live_in_full(exported, tmp_path):
 
     step = onnx.load(str(exported.step), load_external_data=False)
     external = [t for t in step.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    assert external and all({e.key: e.value for e in t.external_data}["location"] == "full.onnx" for t in external)
+    assert external and all(
+        {e.key: e.value for e in t.external_data}["location"] == "full.onnx" for t in external
+    )
     assert exported.step.stat().st_size < exported.full.stat().st_size / 5
     # A step graph of another model's weights cannot be linked to this full graph.
     other = export_onnx(RIB(RIBConfig(n_items=300, hidden_dim=64)), tmp_path / "other", check=False)
@@ -130,11 +160,15 @@ def test_int8_top20_agreement(trained, exported, tmp_path, per_channel):
     full8 = quantize_int8(exported.full, tmp_path / "full8.onnx", per_channel=per_channel)
     graph = onnx.load(str(full8)).graph
     ops = [n.op_type for n in graph.node]  # one fused int8 output MatMul; the small layers stay fp32
-    assert ops.count("DynamicQuantizeMatMul") == 1 and not {"MatMulInteger", "DynamicQuantizeLinear"} & set(ops)
+    assert ops.count("DynamicQuantizeMatMul") == 1 and not {"MatMulInteger", "DynamicQuantizeLinear"} & set(
+        ops
+    )
     assert not {"out.weight", "embed.item_emb.weight"} & {t.name for t in graph.initializer}
     prefixes = real_prefixes(split.test, model.config.max_len, n=200)
     agreement = topk_agreement(exported.full, full8, prefixes, k=20)
-    print(f"int8 (per_channel={per_channel}) vs fp32 top-20 agreement on {len(prefixes)} real prefixes: {agreement:.4f}")
+    print(
+        f"int8 (per_channel={per_channel}) vs fp32 top-20 agreement on {len(prefixes)} real prefixes: {agreement:.4f}"
+    )
     assert agreement >= 0.95
     assert full8.stat().st_size < exported.full.stat().st_size
     # The int8 step graph (linked to the int8 full graph) steps to the int8 full graph's scores.
@@ -144,8 +178,18 @@ def test_int8_top20_agreement(trained, exported, tmp_path, per_channel):
     for items, activities, dwell in prefixes[:5]:
         stepped = run_steps(step, model.config.hidden_dim, items, activities, dwell)[0][-1]
         advanced = run_steps(full, model.config.hidden_dim, items, activities, dwell)[0][-1]
-        whole = full.run(None, feed_for(full, {"items": items[None], "activities": activities[None], "dwell": dwell[None],
-                                               "lengths": np.array([len(items)])}))[0][0]
+        whole = full.run(
+            None,
+            feed_for(
+                full,
+                {
+                    "items": items[None],
+                    "activities": activities[None],
+                    "dwell": dwell[None],
+                    "lengths": np.array([len(items)]),
+                },
+            ),
+        )[0][0]
         assert np.abs(stepped - advanced).max() < 1e-3 and np.abs(advanced - whole).max() < 0.05
 
 
@@ -156,11 +200,15 @@ def _dynamic_quantize_matmul(x: np.ndarray, weight_int8: np.ndarray) -> np.ndarr
 
     node = helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "", ""], ["y"], domain="com.microsoft")
     graph = helper.make_graph(
-        [node], "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [node],
+        "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], weight_int8.shape[1]])],
         [numpy_helper.from_array(weight_int8, "w"), numpy_helper.from_array(np.ones((), np.float32), "s")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -195,7 +243,9 @@ def test_int8_output_gemm_is_exact_on_this_cpu(exported, tmp_path):
     # Full-range weights are what would break it on a non-VNNI CPU; on this one, say which kernel it has.
     full_range = np.clip(weight.astype(np.int32) * 2, -127, 127).astype(np.int8)
     wide_error = np.abs(_dynamic_quantize_matmul(x, full_range) - exact(full_range)).max()
-    print(f"full-range int8 weights on this CPU: max error {wide_error:.4g} (0 with VNNI / ARM dot-product kernels)")
+    print(
+        f"full-range int8 weights on this CPU: max error {wide_error:.4g} (0 with VNNI / ARM dot-product kernels)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -257,8 +307,10 @@ def test_a_tied_output_is_folded_into_one_linear_and_exported(freeze_items, tmp_
 
 def _example_full_numpy(config):
     g = torch.Generator().manual_seed(11)
-    return tuple(torch.randint(low, high, (1, 6), generator=g).numpy()
-                 for low, high in ((1, config.n_items + 1), (0, config.n_activities), (0, config.n_dwell)))
+    return tuple(
+        torch.randint(low, high, (1, 6), generator=g).numpy()
+        for low, high in ((1, config.n_items + 1), (0, config.n_activities), (0, config.n_dwell))
+    )
 
 
 def test_refuses_configs_it_cannot_export(tmp_path):
@@ -266,7 +318,6 @@ def test_refuses_configs_it_cannot_export(tmp_path):
         check_exportable(RIBConfig(n_items=10, loss="paper"))
     with pytest.raises(ExportError):
         FullSession(RIB(RIBConfig(n_items=10, loss="paper")))
-
 
 
 def test_refuses_a_model_whose_forward_the_graphs_do_not_follow(tmp_path, monkeypatch):
@@ -309,7 +360,9 @@ def test_output_matmul_floor_benchmark(tmp_path):
     spec = importlib.util.spec_from_file_location("output_matmul", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = module.main(["--items", "2000", "--hidden", "32", "--calls", "3", "--runs", "1", "--out", str(tmp_path)])
+    result = module.main(
+        ["--items", "2000", "--hidden", "32", "--calls", "3", "--runs", "1", "--out", str(tmp_path)]
+    )
     saved = json.loads((tmp_path / "output_matmul.json").read_text())
     assert set(saved["variants"]) == set(module.VARIANTS) == set(result["variants"])
     rows = saved["variants"]

@@ -18,7 +18,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def make_model(seed: int = 0, **overrides: object) -> RIB:
     torch.manual_seed(seed)
-    settings = dict(n_items=N_ITEMS, n_activities=N_ACT, n_dwell=N_DWELL, item_dim=8, activity_dim=3, dwell_dim=2, hidden_dim=12, dropout=0.0, max_len=10)
+    settings = dict(
+        n_items=N_ITEMS,
+        n_activities=N_ACT,
+        n_dwell=N_DWELL,
+        item_dim=8,
+        activity_dim=3,
+        dwell_dim=2,
+        hidden_dim=12,
+        dropout=0.0,
+        max_len=10,
+    )
     settings.update(overrides)
     return RIB(RIBConfig(**settings)).eval()
 
@@ -39,7 +49,11 @@ ALL_VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("variant", ALL_VARIANTS, ids=lambda v: f"{v['use_activity']}-{v['use_dwell']}-{v['use_attention']}-{v['loss']}")
+@pytest.mark.parametrize(
+    "variant",
+    ALL_VARIANTS,
+    ids=lambda v: f"{v['use_activity']}-{v['use_dwell']}-{v['use_attention']}-{v['loss']}",
+)
 def test_shapes(variant):
     model = make_model(**variant)
     items, activities, dwell = random_inputs(4, 7)
@@ -86,14 +100,22 @@ def test_padding_never_matters(use_attention):
             garbage = random_inputs(1, pad, seed=pad + 10)  # padding content must not matter either
             parts = [garbage, (items, activities, dwell)] if before else [(items, activities, dwell), garbage]
             padded = [torch.cat([p[i] for p in parts], dim=1) for i in range(3)]
-            mask = torch.cat([torch.zeros(1, pad, dtype=torch.bool), torch.ones(1, 4, dtype=torch.bool)][:: 1 if before else -1], dim=1)
+            mask = torch.cat(
+                [torch.zeros(1, pad, dtype=torch.bool), torch.ones(1, 4, dtype=torch.bool)][
+                    :: 1 if before else -1
+                ],
+                dim=1,
+            )
             out = model(*padded, mask)
             torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
             if use_attention:
                 weights = model.attention_weights(*padded, mask)
                 assert torch.all(weights[~mask] == 0), "padding received attention"
                 torch.testing.assert_close(weights.sum(1), torch.ones(1))
-                torch.testing.assert_close(weights[mask], model.attention_weights(items, activities, dwell, torch.ones(1, 4, dtype=torch.bool))[0])
+                torch.testing.assert_close(
+                    weights[mask],
+                    model.attention_weights(items, activities, dwell, torch.ones(1, 4, dtype=torch.bool))[0],
+                )
 
 
 def test_attention_sums_to_one_over_valid_steps_in_a_batch():
@@ -115,7 +137,13 @@ def test_attention_sums_to_one_over_valid_steps_in_a_batch():
 
 @pytest.mark.parametrize(
     "variant",
-    [{"use_attention": True}, {"use_attention": False}, {"loss": "paper"}, {"last_state": True}, {"last_state": True, "tie_output": True, "cosine_scale": 12.0}],
+    [
+        {"use_attention": True},
+        {"use_attention": False},
+        {"loss": "paper"},
+        {"last_state": True},
+        {"last_state": True, "tie_output": True, "cosine_scale": 12.0},
+    ],
     ids=["attention", "last-hidden", "paper", "last-state", "last-state-cosine"],
 )
 def test_forward_all_equals_truncated_forward(variant):
@@ -189,7 +217,12 @@ def _per_sample_reference(model: nn.Module, inputs, last, targets) -> dict[str, 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # Opacus hooks on index-input embeddings
 @pytest.mark.parametrize(
     "overrides",
-    [{"loss": "softmax"}, {"loss": "paper"}, {"loss": "softmax", "tie_output": True}, {"loss": "softmax", "last_state": True}],
+    [
+        {"loss": "softmax"},
+        {"loss": "paper"},
+        {"loss": "softmax", "tie_output": True},
+        {"loss": "softmax", "last_state": True},
+    ],
     ids=["softmax", "paper", "tied", "last-state"],
 )
 def test_opacus_accepts_model_and_per_sample_grads_are_right(overrides):
@@ -228,7 +261,9 @@ def test_opacus_accepts_model_and_per_sample_grads_are_right(overrides):
         if not p.requires_grad:
             continue
         assert p.grad_sample is not None, f"no per-sample gradient for {name}"
-        torch.testing.assert_close(p.grad_sample, reference[name], rtol=1e-3, atol=1e-5, msg=f"per-sample grad of {name}")
+        torch.testing.assert_close(
+            p.grad_sample, reference[name], rtol=1e-3, atol=1e-5, msg=f"per-sample grad of {name}"
+        )
         checked += 1
     assert checked >= 8
 
@@ -241,8 +276,20 @@ def test_sampled_softmax_trains_and_full_scores_rank_the_planted_item_first():
 
     n_items = 300
     torch.manual_seed(0)
-    model = RIB(RIBConfig(n_items=n_items, n_activities=N_ACT, n_dwell=N_DWELL, item_dim=16, hidden_dim=32, dropout=0.0,
-                          max_len=6, loss="sampled", use_activity=False, use_dwell=False))
+    model = RIB(
+        RIBConfig(
+            n_items=n_items,
+            n_activities=N_ACT,
+            n_dwell=N_DWELL,
+            item_dim=16,
+            hidden_dim=32,
+            dropout=0.0,
+            max_len=6,
+            loss="sampled",
+            use_activity=False,
+            use_dwell=False,
+        )
+    )
     assert isinstance(model.out, SampledOutput) and isinstance(model.out, nn.Linear)
     successor = lambda x: x % n_items + 1  # noqa: E731  planted rule: i -> i + 1
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -276,10 +323,16 @@ def test_sampled_softmax_trains_and_full_scores_rank_the_planted_item_first():
 
 
 # ---- copy term ------------------------------------------------------------------------------------------
-COPY_VARIANTS = [{"copy": True, "use_attention": att, **data_type_flags(dt)} for att in (True, False) for dt in ("SKU", "SKU+Micro")]
+COPY_VARIANTS = [
+    {"copy": True, "use_attention": att, **data_type_flags(dt)}
+    for att in (True, False)
+    for dt in ("SKU", "SKU+Micro")
+]
 
 
-@pytest.mark.parametrize("variant", COPY_VARIANTS, ids=lambda v: f"att{v['use_attention']}-{v['use_activity']}")
+@pytest.mark.parametrize(
+    "variant", COPY_VARIANTS, ids=lambda v: f"att{v['use_attention']}-{v['use_activity']}"
+)
 def test_copy_term_padding_and_causality(variant):
     model = make_model(**variant, attention_micro=True)
     items, activities, dwell = random_inputs(3, 6)
@@ -293,9 +346,16 @@ def test_copy_term_padding_and_causality(variant):
     every = model.forward_all(items, activities, dwell, mask)
     for b, n in enumerate(lengths.tolist()):
         for t in range(n):
-            one = model(items[b : b + 1, : t + 1], activities[b : b + 1, : t + 1], dwell[b : b + 1, : t + 1], torch.ones(1, t + 1, dtype=torch.bool))
+            one = model(
+                items[b : b + 1, : t + 1],
+                activities[b : b + 1, : t + 1],
+                dwell[b : b + 1, : t + 1],
+                torch.ones(1, t + 1, dtype=torch.bool),
+            )
             torch.testing.assert_close(every[b, t], one[0], rtol=1e-4, atol=1e-5)
-    shifted = model(torch.roll(items, 2, 1), torch.roll(activities, 2, 1), torch.roll(dwell, 2, 1), torch.roll(mask, 2, 1))
+    shifted = model(
+        torch.roll(items, 2, 1), torch.roll(activities, 2, 1), torch.roll(dwell, 2, 1), torch.roll(mask, 2, 1)
+    )
     torch.testing.assert_close(shifted[1:], full[1:], rtol=1e-4, atol=1e-5)
     # The copy term only raises the items of the session: others keep the plain output-layer score.
     plain = model._project(model._pool_last(items, activities, dwell, mask)[0])
@@ -344,7 +404,13 @@ def test_opacus_per_sample_grads_with_copy_term_and_micro_attention():
     loss_of(gsm._module, slice(0, 3)).backward()
     names = []
     for name, p in dp_model.named_parameters():
-        torch.testing.assert_close(p.grad_sample, torch.stack(reference[name]), rtol=1e-3, atol=1e-5, msg=f"per-sample grad of {name}")
+        torch.testing.assert_close(
+            p.grad_sample,
+            torch.stack(reference[name]),
+            rtol=1e-3,
+            atol=1e-5,
+            msg=f"per-sample grad of {name}",
+        )
         names.append(name)
     assert {"copy_query.weight", "copy_key.weight", "copy_gate.weight", "att_micro.weight"} <= set(names)
 
@@ -356,7 +422,9 @@ def test_tied_output_scores_with_the_item_embeddings(loss):
     model = make_model(loss=loss, tie_output=True)
     assert model.out.scores.weight is model.item_emb.weight
     assert torch.all(model.item_emb.weight[0] == 0)  # padding row stays zero
-    assert 0.5 < float(model.item_emb.weight[1:].detach().std()) * 8**0.5 < 2.0  # entries ~ N(0, 1/item_dim), not N(0, 1)
+    assert (
+        0.5 < float(model.item_emb.weight[1:].detach().std()) * 8**0.5 < 2.0
+    )  # entries ~ N(0, 1/item_dim), not N(0, 1)
     n_params = sum(p.numel() for p in model.parameters())
     untied = sum(p.numel() for p in make_model(loss=loss).parameters())
     assert n_params < untied  # the item table is counted once
@@ -416,14 +484,18 @@ def test_cosine_scale_needs_tied_output():
 def test_last_state_puts_the_last_hidden_state_beside_the_attention_output():
     """last_state: the output reads [attention-pooled; h_last]; changing only the last step moves the second half."""
     model = make_model(last_state=True)
-    assert model.config.pooled_dim == 24 and model.out.in_features == 24 and model.copy_query.in_features == 24
+    assert (
+        model.config.pooled_dim == 24 and model.out.in_features == 24 and model.copy_query.in_features == 24
+    )
     items, activities, dwell = random_inputs(2, 6)
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     pooled = model.outputs_all(items, activities, dwell, mask).pooled
     hidden = model._hidden(items, activities, dwell)
     torch.testing.assert_close(pooled[..., 12:], hidden)
     plain = make_model(last_state=False)
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("out.", "copy_"))}, strict=False)
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith(("out.", "copy_"))}, strict=False
+    )
     torch.testing.assert_close(pooled[..., :12], plain.outputs_all(items, activities, dwell, mask).pooled)
     with pytest.raises(ValueError, match="use_attention"):
         RIBConfig(n_items=5, use_attention=False, last_state=True)

@@ -104,17 +104,31 @@ def _loss_before_after(data, steps: int = 15, **rib_overrides: object) -> tuple[
     torch.manual_seed(0)
     model = RIB(rib_config_for(data, "SKU+Micro", dropout=0.0, **{**TINY, **rib_overrides}))
     windows = make_windows(data, 50)
-    batches = [batch_tensors(data, windows, rows, torch.device("cpu")) for rows in length_batches(windows, 64, np.random.default_rng(0))[:4]]
+    batches = [
+        batch_tensors(data, windows, rows, torch.device("cpu"))
+        for rows in length_batches(windows, 64, np.random.default_rng(0))[:4]
+    ]
 
     def mean_loss() -> float:
         with torch.no_grad():
-            return float(np.mean([model.example_loss(b["items"], b["activities"], b["dwell"], b["mask"], b["positions"], b["targets"]).item() for b in batches]))
+            return float(
+                np.mean(
+                    [
+                        model.example_loss(
+                            b["items"], b["activities"], b["dwell"], b["mask"], b["positions"], b["targets"]
+                        ).item()
+                        for b in batches
+                    ]
+                )
+            )
 
     before = mean_loss()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(steps):
         b = batches[step % len(batches)]
-        loss = model.example_loss(b["items"], b["activities"], b["dwell"], b["mask"], b["positions"], b["targets"])
+        loss = model.example_loss(
+            b["items"], b["activities"], b["dwell"], b["mask"], b["positions"], b["targets"]
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -188,7 +202,9 @@ def test_micro_behaviors_beat_sku_on_planted_signal():
         config = rib_config_for(data.train, data_type, item_dim=32, hidden_dim=64)
         rec, _ = train_rib(data.train, config, train_config, progress=False)
         results[data_type] = evaluate(rec, data.test)
-    mean, low, high = paired_bootstrap_diff(results["SKU+Micro"].per_example("recall@20"), results["SKU"].per_example("recall@20"))
+    mean, low, high = paired_bootstrap_diff(
+        results["SKU+Micro"].per_example("recall@20"), results["SKU"].per_example("recall@20")
+    )
     assert low > 0, f"SKU+Micro - SKU Recall@20 = {mean:.4f} [{low:.4f}, {high:.4f}]"
 
 
@@ -196,7 +212,20 @@ def test_micro_behaviors_beat_sku_on_planted_signal():
 def test_cli_train_then_eval(tmp_path):
     runner = CliRunner()
     out = tmp_path / "run"
-    args = ["--dataset", "synthetic", "--data-type", "SKU+Micro", "--epochs", "1", "--out", str(out), "--item-dim", "16", "--hidden-dim", "32"]
+    args = [
+        "--dataset",
+        "synthetic",
+        "--data-type",
+        "SKU+Micro",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        "--item-dim",
+        "16",
+        "--hidden-dim",
+        "32",
+    ]
     result = runner.invoke(train_command, args)
     assert result.exit_code == 0, result.output
     assert (out / "rib.pt").exists() and (out / "history.json").exists()
@@ -211,7 +240,9 @@ def test_cli_train_then_eval(tmp_path):
 # ---- sampled softmax and copy term through the training loop ---------------------------------------
 @pytest.mark.parametrize("sampler", ["uniform", "popularity"])
 def test_sampled_softmax_training_loop_and_checkpoint(split, tmp_path, sampler):
-    config = replace(FAST, epochs=3, patience=5, n_negatives=32, negative_sampler=sampler, checkpoint_dir=str(tmp_path))
+    config = replace(
+        FAST, epochs=3, patience=5, n_negatives=32, negative_sampler=sampler, checkpoint_dir=str(tmp_path)
+    )
     rib_config = rib_config_for(split.train, "SKU+Micro", loss="sampled", copy=True, **TINY)
     rec, history = train_rib(split.train, rib_config, config, progress=False)
     losses = [e["train_loss"] for e in history["epochs"]]
@@ -226,7 +257,9 @@ def test_sampled_softmax_training_loop_and_checkpoint(split, tmp_path, sampler):
 def test_negative_sampler_log_q_is_a_log_probability(split):
     from model.train import NegativeSampler
 
-    sampler = NegativeSampler(split.train, replace(FAST, n_negatives=16, negative_sampler="popularity"), torch.device("cpu"))
+    sampler = NegativeSampler(
+        split.train, replace(FAST, n_negatives=16, negative_sampler="popularity"), torch.device("cpu")
+    )
     negatives, log_q = sampler.draw(50)
     assert negatives.shape == (16,) and int(negatives.min()) >= 1
     assert log_q.shape == (split.train.n_items + 1,)
@@ -238,16 +271,22 @@ def test_negative_sampler_log_q_is_a_log_probability(split):
 def test_time_budget_stops_training_and_keeps_the_best_state(split):
     """max_train_seconds ends the epoch that crosses it (validated, then stop); 0 s trains no step."""
     config = rib_config_for(split.train, **TINY)
-    _, history = train_rib(split.train, config, replace(FAST, epochs=50, patience=50, max_train_seconds=0.0), progress=False)
+    _, history = train_rib(
+        split.train, config, replace(FAST, epochs=50, patience=50, max_train_seconds=0.0), progress=False
+    )
     assert history["stopped_by_time_budget"] and history["steps"] == 0 and len(history["epochs"]) == 1
-    _, history = train_rib(split.train, config, replace(FAST, epochs=3, max_train_seconds=None), progress=False)
+    _, history = train_rib(
+        split.train, config, replace(FAST, epochs=3, max_train_seconds=None), progress=False
+    )
     assert not history["stopped_by_time_budget"] and history["steps"] > 0
 
 
 def test_lr_decay_multiplies_the_learning_rate_every_epoch(split):
     """lr_decay = 0.5 halves the learning rate each epoch (recorded per epoch); outside (0, 1] is refused."""
     config = rib_config_for(split.train, **TINY)
-    _, history = train_rib(split.train, config, replace(FAST, epochs=3, patience=3, lr_decay=0.5), progress=False)
+    _, history = train_rib(
+        split.train, config, replace(FAST, epochs=3, patience=3, lr_decay=0.5), progress=False
+    )
     rates = [e["lr"] for e in history["epochs"]]
     assert rates == pytest.approx([FAST.lr, FAST.lr / 2, FAST.lr / 4])
     for bad in (0.0, 1.5):
@@ -279,7 +318,10 @@ def test_refit_on_all_trains_the_selected_epochs_on_every_training_session(split
     history = rec.history
     best_epoch = history["best_epoch"]
     assert history["n_fit_sessions"] < split.train.n_sessions  # the selection run held validation out
-    assert history["refit"]["n_fit_sessions"] == split.train.n_sessions and history["refit"]["epochs"] == best_epoch
+    assert (
+        history["refit"]["n_fit_sessions"] == split.train.n_sessions
+        and history["refit"]["epochs"] == best_epoch
+    )
     # The same as training best_epoch epochs on everything with the same seed, and that is what was saved.
     direct = RIBRecommender(config, replace(FAST, epochs=best_epoch, val_fraction=0.0)).fit(split.train)
     for name, value in direct.model.state_dict().items():

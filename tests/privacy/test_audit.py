@@ -236,7 +236,9 @@ def test_audit_with_a_frozen_public_item_table(split, tmp_path):
         audit_module.train_model = original
     assert len(tables) == 2 * (2 + 2)  # per epsilon: two shadows, two targets
     start = audit_module.fresh_model(
-        audit_module.rib_config_for_audit(split.train, config), 0, audit_module.item_vectors_for_audit(split.train, config)
+        audit_module.rib_config_for_audit(split.train, config),
+        0,
+        audit_module.item_vectors_for_audit(split.train, config),
     ).item_emb.weight.detach()
     for table in tables:
         torch.testing.assert_close(table, start, rtol=0, atol=0)

@@ -21,7 +21,13 @@ def test_synth_then_extract_counts_bad_lines(runner, tmp_path):
     assert result.exit_code == 0, result.output
     good_lines = events.read_bytes().count(b"\n")
     with events.open("ab") as handle:
-        handle.write(b"{broken\n\xff\xfe\n" + json.dumps({"device_id": "d", "session_id": "s", "timestamp_ms": 1, "event_type": "warp"}).encode() + b"\n")
+        handle.write(
+            b"{broken\n\xff\xfe\n"
+            + json.dumps(
+                {"device_id": "d", "session_id": "s", "timestamp_ms": 1, "event_type": "warp"}
+            ).encode()
+            + b"\n"
+        )
     out = tmp_path / "tuples.csv"
     result = runner.invoke(main, ["data", "extract", str(events), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -39,7 +45,9 @@ def test_extract_of_an_empty_file_is_a_clear_error(runner, tmp_path):
 
 
 def test_bench_baselines_writes_rows_contract(runner, tmp_path):
-    result = runner.invoke(main, ["bench", "baselines", "--dataset", "synthetic", "--models", "POP,SR", "--out", str(tmp_path)])
+    result = runner.invoke(
+        main, ["bench", "baselines", "--dataset", "synthetic", "--models", "POP,SR", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads((tmp_path / "baselines.json").read_text())
     rows = {row["model"]: row for row in payload["rows"]}
@@ -53,9 +61,13 @@ def test_bench_baselines_writes_rows_contract(runner, tmp_path):
 
 
 def test_bench_rejects_unknown_model_and_dataset(runner, tmp_path):
-    result = runner.invoke(main, ["bench", "baselines", "--dataset", "synthetic", "--models", "GPT", "--out", str(tmp_path)])
+    result = runner.invoke(
+        main, ["bench", "baselines", "--dataset", "synthetic", "--models", "GPT", "--out", str(tmp_path)]
+    )
     assert result.exit_code != 0 and "unknown model" in result.output
-    result = runner.invoke(main, ["bench", "baselines", "--dataset", "no-such-dataset", "--out", str(tmp_path)])
+    result = runner.invoke(
+        main, ["bench", "baselines", "--dataset", "no-such-dataset", "--out", str(tmp_path)]
+    )
     assert result.exit_code != 0 and "Traceback" not in result.output
 
 
@@ -103,7 +115,9 @@ def test_train_from_a_catalog_item_init(runner, tmp_path):
     assert f"item init from {path}: {len(items)} of {len(items)} items" in result.output
     assert json.loads((out / "history.json").read_text())["item_init"] == "item vectors"
     (tmp_path / "other.csv").write_text("item_id,brand\nnot-an-item,b\n")
-    result = runner.invoke(main, [*args, "--out", str(tmp_path / "x"), "--item-catalog", str(tmp_path / "other.csv")])
+    result = runner.invoke(
+        main, [*args, "--out", str(tmp_path / "x"), "--item-catalog", str(tmp_path / "other.csv")]
+    )
     assert result.exit_code != 0 and "describes none" in result.output and "Traceback" not in result.output
 
 
@@ -113,12 +127,17 @@ def test_train_with_a_frozen_tied_item_table(runner, tmp_path):
 
     out = tmp_path / "run"
     args = ["train", "--dataset", "synthetic", "--epochs", "1", "--item-dim", "8", "--hidden-dim", "8"]
-    result = runner.invoke(main, [*args, "--out", str(out), "--tie-output", "--freeze-items", "--refit-on-all"])
+    result = runner.invoke(
+        main, [*args, "--out", str(out), "--tie-output", "--freeze-items", "--refit-on-all"]
+    )
     assert result.exit_code == 0, result.output
     rec = load_checkpoint(out / "rib.pt")
     assert rec.rib_config.tie_output and rec.rib_config.freeze_items
     assert not rec.model.item_emb.weight.requires_grad
     refit = json.loads((out / "history.json").read_text())["refit"]
-    assert refit["epochs"] == rec.history["best_epoch"] and f"refit {refit['epochs']} epochs on all" in result.output
+    assert (
+        refit["epochs"] == rec.history["best_epoch"]
+        and f"refit {refit['epochs']} epochs on all" in result.output
+    )
     result = runner.invoke(main, [*args, "--out", str(tmp_path / "x"), "--tie-output", "--loss", "paper"])
     assert result.exit_code != 0 and "tie_output" in result.output and "Traceback" not in result.output

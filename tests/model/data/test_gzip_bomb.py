@@ -97,7 +97,9 @@ def test_gzip_bomb_is_refused_in_bounded_memory(tmp_path, bomb, build):
 
 def _csv_bytes(n_sessions: int) -> bytes:
     rows = log_rows(n_sessions)
-    return ("\n".join([",".join(rows[0])] + [",".join(str(v) for v in r.values()) for r in rows]) + "\n").encode()
+    return (
+        "\n".join([",".join(rows[0])] + [",".join(str(v) for v in r.values()) for r in rows]) + "\n"
+    ).encode()
 
 
 def _members(data: bytes, n: int) -> bytes:
@@ -110,7 +112,10 @@ def test_multi_member_gzip_still_loads(tmp_path):
     data = _csv_bytes(80)
     (tmp_path / "one.csv.gz").write_bytes(gzip.compress(data))
     (tmp_path / "many.csv.gz").write_bytes(_members(data, 5))
-    one, many = load_interactions_file(tmp_path / "one.csv.gz"), load_interactions_file(tmp_path / "many.csv.gz")
+    one, many = (
+        load_interactions_file(tmp_path / "one.csv.gz"),
+        load_interactions_file(tmp_path / "many.csv.gz"),
+    )
     assert len(many.frame) == len(one.frame) == 320
     assert many.frame.equals(one.frame)
 

@@ -64,7 +64,7 @@ def write_csv(path: Path, rows: list[dict], timestamp=lambda t: str(t), sep: str
         ("s", str),
         ("ms", lambda t: str(t * 1000 + 250)),
         ("iso", lambda t: pd.Timestamp(t, unit="s").strftime("%Y-%m-%dT%H:%M:%S")),
-        ("iso", lambda t: (pd.Timestamp(t, unit="s", tz="UTC").tz_convert("Asia/Tokyo").isoformat())),
+        ("iso", lambda t: pd.Timestamp(t, unit="s", tz="UTC").tz_convert("Asia/Tokyo").isoformat()),
     ],
 )
 def test_timestamp_units_are_detected(tmp_path, unit, encode):
@@ -126,7 +126,10 @@ def test_gzip_csv_with_an_unterminated_quote(tmp_path):
 
 
 def test_jsonl_reader_counts_bad_lines_and_events(tmp_path):
-    good = {"session": 1, "events": [{"aid": 5, "ts": 1_659_304_800_000 + k, "type": "clicks"} for k in range(3)]}
+    good = {
+        "session": 1,
+        "events": [{"aid": 5, "ts": 1_659_304_800_000 + k, "type": "clicks"} for k in range(3)],
+    }
     lines = [
         json.dumps(good).encode(),
         b'{"session": 2, "events": [',  # cut mid-line
@@ -142,7 +145,9 @@ def test_jsonl_reader_counts_bad_lines_and_events(tmp_path):
     assert report.skipped == Counter({"malformed_line": 2, "missing_field": 1, "not_utf8": 1})
     frame, _ = finish_frame(frame, report, "otto")
     assert len(frame) == 3
-    assert report.skipped == Counter({"malformed_line": 2, "missing_field": 2, "not_utf8": 1, "bad_timestamp": 1})
+    assert report.skipped == Counter(
+        {"malformed_line": 2, "missing_field": 2, "not_utf8": 1, "bad_timestamp": 1}
+    )
 
 
 @pytest.mark.parametrize(
@@ -226,7 +231,9 @@ def test_mapping_file_maps_drops_and_refuses_unknown_actions(tmp_path):
     rows[0]["action"] = "remove_from_cart"
     path = write_csv(tmp_path / "log.csv", rows)
     toml = tmp_path / "mapping.toml"
-    toml.write_text('drop = ["remove_from_cart"]\nconversions = ["Cart"]\n[actions]\nview = "View"\nadd_to_cart = "Cart"\n')
+    toml.write_text(
+        'drop = ["remove_from_cart"]\nconversions = ["Cart"]\n[actions]\nview = "View"\nadd_to_cart = "Cart"\n'
+    )
     split = load_dataset(str(path), mapping=toml)
     assert split.vocab.activities.names == ("View", "Cart")
     assert split.info["skips"]["skipped"] == {"dropped_action": 1}
@@ -249,7 +256,9 @@ def test_second_load_is_a_cache_hit_with_equal_arrays(tmp_path):
     assert cached.exists() and cached.parent == cache_dir()
     for part in ("train", "test"):
         for name, array in getattr(first, part).arrays().items():
-            assert np.array_equal(array, getattr(second, part).arrays()[name], equal_nan=array.dtype.kind == "f"), name
+            assert np.array_equal(
+                array, getattr(second, part).arrays()[name], equal_nan=array.dtype.kind == "f"
+            ), name
     assert np.array_equal(first.vocab.item_ids, second.vocab.item_ids)
     assert second.info["skips"] == first.info["skips"]
     assert not load_dataset(str(path), refresh=True).info["cache"]["hit"]
@@ -283,10 +292,18 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path):
 # Exact figures from shared/data/README.md: rows read, distinct items before the protocol, action counts.
 README_COUNTS = {
     "jdata2018_mkmsr_demo": (27_183 + 3_177, None, None),
-    "jdata2016_sample": (3 * 29_999, None, {"browse": 12_023 + 11_403 + 10_800, "remove_cart": 175 + 210 + 205}),
+    "jdata2016_sample": (
+        3 * 29_999,
+        None,
+        {"browse": 12_023 + 11_403 + 10_800, "remove_cart": 175 + 210 + 205},
+    ),
     "diginetica_sample": (12_391, 7_139, {"view": 12_391}),
     "yoochoose_100k": (70_278 + 13_568, 2_933, {"click": 83_846}),
-    "taobao_userbehavior_timeslice": (110_300, 84_793, {"pv": 98_361, "cart": 6_063, "fav": 3_383, "buy": 2_493}),
+    "taobao_userbehavior_timeslice": (
+        110_300,
+        84_793,
+        {"pv": 98_361, "cart": 6_063, "fav": 3_383, "buy": 2_493},
+    ),
     "taobao_userbehavior_sample": (4_321, 3_276, {"pv": 3_926, "cart": 190, "fav": 128, "buy": 77}),
     "otto_sample": (862, 510, {"clicks": 800, "carts": 52, "orders": 10}),
 }
@@ -331,7 +348,9 @@ def test_protocol_invariants_on_shared_data(shared_data, name):
 
 def test_custom_mapping_on_a_registered_dataset(shared_data, tmp_path):
     toml = tmp_path / "taobao.toml"
-    toml.write_text('drop = ["fav"]\nconversions = ["Cart", "Order"]\n[actions]\npv = "View"\ncart = "Cart"\nbuy = "Order"\n')
+    toml.write_text(
+        'drop = ["fav"]\nconversions = ["Cart", "Order"]\n[actions]\npv = "View"\ncart = "Cart"\nbuy = "Order"\n'
+    )
     split = load_dataset("taobao_userbehavior_sample", data_dir=shared_data, mapping=toml)
     assert split.vocab.activities.names == ("View", "Cart", "Order")
     assert split.info["skips"]["skipped"] == {"dropped_action": 128}
@@ -341,9 +360,9 @@ def _test_session_ends(split) -> np.ndarray:
     return np.maximum.reduceat(split.test.timestamps_ms, split.test.offsets[:-1])
 
 
-
-
-@pytest.mark.parametrize("name", ["jdata2016_sample", "yoochoose_100k", "diginetica_sample", "taobao_userbehavior_timeslice"])
+@pytest.mark.parametrize(
+    "name", ["jdata2016_sample", "yoochoose_100k", "diginetica_sample", "taobao_userbehavior_timeslice"]
+)
 def test_no_training_tuple_at_or_after_the_split(shared_data, name):
     # Test sessions are chosen by their raw end time; filtering may remove their late visits, so the
     # guarantee is about training: nothing in it happens at or after the split.

@@ -85,13 +85,27 @@ def test_infer_orders_by_frequency_then_name_and_detects_conversions():
 
 
 @pytest.mark.parametrize(
-    "name", ["cart", "add_cart", "carts", "orders", "Order", "buy", "Purchase", "clickout item", "checkout", "add-to-cart"]
+    "name",
+    [
+        "cart",
+        "add_cart",
+        "carts",
+        "orders",
+        "Order",
+        "buy",
+        "Purchase",
+        "clickout item",
+        "checkout",
+        "add-to-cart",
+    ],
 )
 def test_conversion_names(name):
     assert looks_like_conversion(name)
 
 
-@pytest.mark.parametrize("name", ["pv", "view", "remove_cart", "delete order", "cartoon", "border", "buyer_view", "click"])
+@pytest.mark.parametrize(
+    "name", ["pv", "view", "remove_cart", "delete order", "cartoon", "border", "buyer_view", "click"]
+)
 def test_non_conversion_names(name):
     assert not looks_like_conversion(name)
 

@@ -39,7 +39,14 @@ def test_visits_dwell_and_repeat_collapse():
 
 
 def test_sessionize_by_user_gap():
-    rows = pd.DataFrame({"user_id": ["u", "u", "u", "v"], "timestamp_ms": [0, 60_000, 60_000 + 31 * 60_000, 5], "item_id": list("abcd"), "activity": "view"})
+    rows = pd.DataFrame(
+        {
+            "user_id": ["u", "u", "u", "v"],
+            "timestamp_ms": [0, 60_000, 60_000 + 31 * 60_000, 5],
+            "item_id": list("abcd"),
+            "activity": "view",
+        }
+    )
     out = sessionize(rows, 1800)
     assert out["session_id"].tolist()[0] == out["session_id"].tolist()[1] != out["session_id"].tolist()[2]
     with pytest.raises(SchemaError):
@@ -114,12 +121,22 @@ def test_missing_activity_is_an_error_not_a_silent_drop():
 
 def test_save_load_round_trip(tmp_path):
     events = generate_population(SyntheticConfig(n_devices=40), seed=2)
-    split = build_split(events_to_frame(events), "synthetic", RIB_ACTIVITY_VOCAB, ProtocolConfig(test_fraction=0.2))
+    split = build_split(
+        events_to_frame(events), "synthetic", RIB_ACTIVITY_VOCAB, ProtocolConfig(test_fraction=0.2)
+    )
     split.save(tmp_path / "split.npz")
     loaded = SplitData.load(tmp_path / "split.npz")
     for part in ("train", "test"):
         a, b = getattr(split, part), getattr(loaded, part)
-        for name in ("items", "activities", "dwell_buckets", "timestamps_ms", "visit_starts", "offsets", "session_ids"):
+        for name in (
+            "items",
+            "activities",
+            "dwell_buckets",
+            "timestamps_ms",
+            "visit_starts",
+            "offsets",
+            "session_ids",
+        ):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert loaded.vocab.dwell == split.vocab.dwell and loaded.vocab.activities == split.vocab.activities
     assert loaded.info == split.info

@@ -30,7 +30,8 @@ def example_pairs(dataset) -> Counter:
     """(prefix items, target) for every example, as a multiset."""
     ex = dataset.examples()
     return Counter(
-        (tuple(dataset.items[s:e].tolist()), int(t)) for s, e, t in zip(ex.starts, ex.ends, ex.targets, strict=True)
+        (tuple(dataset.items[s:e].tolist()), int(t))
+        for s, e, t in zip(ex.starts, ex.ends, ex.targets, strict=True)
     )
 
 
