@@ -25,8 +25,8 @@ from aggregator.evaluation import CentralEvaluator, SkipGramEvaluator
 from aggregator.release import publish_release
 from aggregator.strategy import SeededClientManager, build_strategy, sampled_per_round
 from aggregator.workflow import FederatedRun
-from edge_client.fl_config import ConfigError, FederationConfig
-from edge_client.training import run_rib_config
+from federation.config import ConfigError, FederationConfig
+from federation.task import run_rib_config
 from model import skipgram
 from model.data.dataset import SplitData
 from model.device import pick_device

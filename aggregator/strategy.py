@@ -32,7 +32,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, Strategy
 
-from edge_client.fl_config import FederationConfig
+from federation.config import FederationConfig
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class RoundRecorder(Strategy):
         if not usable:
             return None, {}
         if self.dp_wrapper is not None:
-            # Noise calibrated to the updates actually averaged (uniform weights: see edge_client.training).
+            # Noise calibrated to the updates actually averaged (uniform weights: see federation.training).
             self.dp_wrapper.num_sampled_clients = len(usable)
             record["dp_noise_std"] = (
                 self.dp_wrapper.noise_multiplier * self.dp_wrapper.clipping_norm / len(usable)

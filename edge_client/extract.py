@@ -4,7 +4,7 @@ The batch path (``extract_population``, what the training loaders call) sorts ev
 time and feeds them through the very same ``TupleExtractor`` state machine (``_apply``): ``push`` hands it
 one event per call, the batch path a whole session per call. There is no second implementation, so the
 tuples a model is trained on and the tuples a device builds agree exactly (tested, skip counts included).
-Speed targets (benchmarks/extract.py, one core): batch >= 1M events/s from parsed events, streaming
+Speed targets (experiments/extract.py, one core): batch >= 1M events/s from parsed events, streaming
 <= 20 us/event; hence ``_apply`` keeps the open visit in locals, records (named tuples) are built
 with ``tuple.__new__``, and the batch path pauses the cyclic garbage collector.
 
@@ -252,7 +252,7 @@ class TupleExtractor:
         whole sorted session, so training and device tuples come from one code path. ``close_open`` closes
         the visit still open after the events (``flush``). Written for speed: the open visit lives in
         locals, globals are bound to locals, and the loop allocates nothing per event beyond a visit's
-        activities and records (the batch path is held to >= 1M events/s, benchmarks/extract.py).
+        activities and records (the batch path is held to >= 1M events/s, experiments/extract.py).
         """
         report = self.report
         cues = self.on_visit is not None

@@ -20,7 +20,7 @@ The GRU: ``nn.GRU`` runs fused kernels Opacus cannot hook, so training swaps in 
 leaves with the plain layout that exports to ONNX and that ``model.local.get_weights`` reads. Noise lands
 on the item embedding's padding row too, which torch never trains; it is put back after every step.
 
-grad_sample_mode, measured on RIB (DPGRU + embeddings + attention + copy term; ``benchmarks/dp_step.py``,
+grad_sample_mode, measured on RIB (DPGRU + embeddings + attention + copy term; ``experiments/dp_step.py``,
 results in ``benchmarks/results/dp_step``):
 - "ghost" (ghost clipping, Li et al. 2022): works and gives the exact per-window norms. Linear and
   Embedding layers get norms without per-sample gradients (the (n_items + 1) x hidden output layer is the
@@ -191,7 +191,7 @@ def to_plain_gru(model: RIB) -> RIB:
 
 
 # --------------------------------------------------------------------------------------------------
-# Faster per-sample samplers (same results as Opacus' own; see benchmarks/dp_step.py)
+# Faster per-sample samplers (same results as Opacus' own; see experiments/dp_step.py)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -473,7 +473,7 @@ class PrivateStep:
 
     Holds the per-sample hooks and Opacus' DP optimizer for one grad_sample_mode; ``close()`` removes
     every trace from the model. ``train_local_private`` drives it with Poisson batches;
-    ``benchmarks/dp_step.py`` times it on a fixed batch.
+    ``experiments/dp_step.py`` times it on a fixed batch.
     """
 
     def __init__(

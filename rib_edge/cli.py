@@ -206,8 +206,8 @@ def bench_baselines(
     dataset: str, mapping: Path | None, out_dir: Path | None, models: str | None, min_item_support: int | None
 ) -> None:
     """POP, Item-KNN, BPR-MF, SR, S-KNN, V-SKNN, STAN through the one evaluator."""
+    from experiments.benchmark import markdown_table, run_models, write_bench
     from model.baselines import BASELINES
-    from model.benchmark import markdown_table, run_models, write_bench
 
     names = [m.strip() for m in models.split(",")] if models else list(BASELINES)
     unknown = [m for m in names if m not in BASELINES]

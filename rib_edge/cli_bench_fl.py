@@ -104,7 +104,7 @@ def bench_fl_command(
     spread_seeds: tuple[int, ...],
 ) -> None:
     """Centralized RIB vs federated RIB vs user-level DP: writes OUT/fl.json, OUT/fl.md and PNG plots."""
-    from simulations.bench_fl import bench_fl
+    from experiments.bench_fl import bench_fl
 
     started = time.perf_counter()
 

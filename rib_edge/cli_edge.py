@@ -7,17 +7,13 @@ cryptography); ``edge package`` and ``bench edge`` import torch inside the comma
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 import click
 
 from rib_edge.cli_common import echo_step, mapping_option, open_or_fail
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _package_error(err) -> click.ClickException:
@@ -340,18 +336,6 @@ def serve(
     click.echo(f"stopped ({name}); {client.stats['stored_records']} tuples stored this run")
 
 
-def _load_bench_module():
-    # benchmarks/ is not an installed package (and a PyPI 'benchmarks' can shadow it): load by path.
-    path = REPO / "benchmarks" / "edge.py"
-    spec = importlib.util.spec_from_file_location("rib_edge_benchmarks_edge", path)
-    if spec is None or spec.loader is None:
-        raise click.ClickException(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @click.command("edge")
 @click.option(
     "--out",
@@ -393,7 +377,8 @@ def bench_edge_command(
     shared_train_seconds: float,
 ) -> None:
     """int8 vs fp32 ONNX: latency (full session, incremental step), size, top-20 agreement; extraction, RSS."""
-    bench = _load_bench_module()
+    from experiments import edge as bench
+
     result = bench.run_edge_bench(
         out_dir,
         n_items=n_items,

@@ -131,7 +131,7 @@ def fl_run(
     import tomllib
 
     from aggregator.deploy import REPO_ROOT, submit_run
-    from edge_client.fl_config import ConfigError, FederationConfig
+    from federation.config import ConfigError, FederationConfig
 
     overrides: dict[str, object] = {}
     for item in run_config:

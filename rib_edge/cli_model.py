@@ -266,8 +266,8 @@ def bench_accuracy_command(
     merge_dirs: tuple[Path, ...],
 ) -> None:
     """Paper Table 3 for one dataset: baselines, then RIB-Attention and RIB per data type (JSON + markdown)."""
-    from model.accuracy import DATA_TYPE_NAMES as TYPES
-    from model.accuracy import MODEL_NAMES, AccuracySettings, merge_accuracy, run_accuracy
+    from experiments.accuracy import DATA_TYPE_NAMES as TYPES
+    from experiments.accuracy import MODEL_NAMES, AccuracySettings, merge_accuracy, run_accuracy
 
     if merge_dirs:
         out_dir = out_dir or Path("benchmarks/results/accuracy") / Path(dataset).name
@@ -344,7 +344,7 @@ def case_study_command(
     out_dir: Path | None,
 ) -> None:
     """Figure-8 case study: attention weight of every tuple of one test session, per data type (text + PNG)."""
-    from model.case_study import case_study, case_study_text, write_case_study
+    from experiments.case_study import case_study, case_study_text, write_case_study
 
     split = open_or_fail(dataset, mapping)
     try:

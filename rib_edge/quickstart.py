@@ -33,9 +33,9 @@ def run_quickstart(
     progress: Callable[[str], None] = print,
 ) -> str:
     """Run every stage, write artifacts under ``out_dir``, return a printable summary."""
+    from experiments.benchmark import markdown_table, run_models, write_bench
     from model.analysis import write_stats
     from model.baselines import BASELINES
-    from model.benchmark import markdown_table, run_models, write_bench
     from model.train import RIBRecommender, TrainConfig
 
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Run a federated RIB simulation over a population with Flower's simulation engine (Ray backend).
 
-The apps are the real ones (``aggregator.server_app``, ``edge_client.fl_client_app``); every virtual device is a
+The apps are the real ones (``aggregator.server_app``, ``federation.client_app``); every virtual device is a
 Flower SuperNode whose ClientApp opens its own encrypted store from the population directory when sampled,
 so no device holds a model in memory between rounds. Heterogeneity enters as one outermost client mod,
 ``heterogeneity_mod``: when a training message reaches a device it asks the population's ``Heterogeneity``
@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_client.fl_config import FederationConfig
+from federation.config import FederationConfig
 from simulations.heterogeneity import Heterogeneity
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def run_simulation_plan(
     from flwr.simulation import run_simulation
 
     from aggregator.server_app import make_server_app
-    from edge_client.fl_client_app import make_client_app
+    from federation.client_app import make_client_app
 
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     backend: dict[str, Mapping] = {

@@ -1,4 +1,4 @@
-"""The fuzzing harness shared by the ``test_fuzz_*`` modules and ``benchmarks/security.py fuzz``.
+"""The fuzzing harness shared by the ``test_fuzz_*`` modules and ``experiments/security.py fuzz``.
 
 Each fuzzed surface is a ``FuzzSurface``: a hypothesis strategy, a ``setup`` that builds what the property
 needs (a store, a running server, a package...) and a ``check(ctx, example)`` that raises AssertionError
@@ -85,7 +85,7 @@ def assert_clear_error(err: BaseException, reasons: Iterable[str] | None = None)
     assert len(message) <= 4096, f"{type(err).__name__} message of {len(message)} characters"
 
 
-# The largest traced peak run_bounded has seen in this process (``benchmarks/security.py fuzz`` reports it per surface).
+# The largest traced peak run_bounded has seen in this process (``experiments/security.py fuzz`` reports it per surface).
 MAX_TRACED_PEAK = [0]
 # RIB_EDGE_FUZZ_TRACE=0 turns the per-case memory bound off: a leak check measures RSS without tracemalloc.
 TRACE_MEMORY = os.environ.get("RIB_EDGE_FUZZ_TRACE", "1") != "0"

@@ -13,11 +13,11 @@ pytest.importorskip("flwr")
 from aggregator.deploy import Deployment, key_value_arg, submit_run  # noqa: E402
 from aggregator.release import publish_release  # noqa: E402
 from aggregator.server_app import initial_weights  # noqa: E402
-from edge_client.fl_config import FederationConfig  # noqa: E402
 from edge_client.keys import KeyFileProvider  # noqa: E402
 from edge_client.package import generate_keypair  # noqa: E402
 from edge_client.store import TupleStore  # noqa: E402
-from edge_client.training import federated_rib_config  # noqa: E402
+from federation.config import FederationConfig  # noqa: E402
+from federation.task import federated_rib_config  # noqa: E402
 from model.data.dataset import SplitData  # noqa: E402
 
 

@@ -18,11 +18,11 @@ from flwr.simulation import run_simulation  # noqa: E402
 
 from aggregator.checkpoint import CheckpointStore  # noqa: E402
 from aggregator.server_app import make_server_app  # noqa: E402
-from edge_client.fl_client_app import describe_message, make_client_app  # noqa: E402
-from edge_client.fl_config import FederationConfig  # noqa: E402
 from edge_client.keys import KeyFileProvider  # noqa: E402
 from edge_client.package import generate_keypair, verify_package  # noqa: E402
 from edge_client.store import TupleStore  # noqa: E402
+from federation.client_app import describe_message, make_client_app  # noqa: E402
+from federation.config import FederationConfig  # noqa: E402
 
 N_DEVICES = 6
 BACKEND = {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}}
@@ -222,8 +222,8 @@ def test_a_federated_word2vec_stage_seeds_the_rib_run_after_it(population, tmp_p
 
 def test_item_catalog_sets_the_starting_item_embeddings(population, tmp_path):
     from aggregator.server_app import initial_weights
-    from edge_client.fl_config import ConfigError
-    from edge_client.training import federated_rib_config
+    from federation.config import ConfigError
+    from federation.task import federated_rib_config
     from model.catalog import catalog_from_rows
     from model.data.dataset import SplitData
 
@@ -288,7 +288,7 @@ def test_a_frozen_public_item_table_stays_fixed_through_dp_rounds_and_ships(popu
     store = CheckpointStore(fed.checkpoint_dir)
     first, last = store.load(0).weights, store.load(2).weights
     from aggregator.server_app import initial_weights
-    from edge_client.training import run_rib_config
+    from federation.task import run_rib_config
     from model.local import frozen_indices
     from model.rib import RIB
 

@@ -10,7 +10,7 @@ pytest.importorskip("flwr")
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
 
 from aggregator.strategy import SeededClientManager, build_strategy  # noqa: E402
-from edge_client.fl_config import FederationConfig  # noqa: E402
+from federation.config import FederationConfig  # noqa: E402
 
 
 class _Proxy:

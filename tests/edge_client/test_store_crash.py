@@ -9,7 +9,7 @@ kill a fresh reader must return exactly records 0..n-1 with n >= every count ack
 (nothing acknowledged lost, nothing corrupt, no gaps or duplicates; a torn tail is ignored and counted),
 and the next child carries on from there (so every kill is also followed by appends to the recovered store).
 
-CI runs ``CRASH_KILLS`` (default 20) kills; ``benchmarks/security.py crash`` runs the same campaign with 200 or more
+CI runs ``CRASH_KILLS`` (default 20) kills; ``experiments/security.py crash`` runs the same campaign with 200 or more
 and writes ``benchmarks/results/security/crash.json``.
 """
 

@@ -4,7 +4,7 @@ tampered store is detected (or, for rollbacks, behaves exactly as ``edge_client.
 Packages: a device serves v2; every case damages a copy of a genuine newer package (v3) or offers an older,
 equal, unsigned or foreign-key one, through the runtime's install path (``Recommender.swap``). Each must be
 refused with the ``PackageError.reason`` that names the damage, and the device must keep serving v2 with
-the very same recommendations. ``benchmarks/security.py tamper`` runs the same cases with a flipped bit at every
+the very same recommendations. ``experiments/security.py tamper`` runs the same cases with a flipped bit at every
 offset of every small file (and hundreds of offsets per graph).
 
 Store: two stores with different keys, written through several segments. Flipped bytes, truncated or

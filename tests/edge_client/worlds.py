@@ -2,7 +2,7 @@
 
 ``shared_world`` trains a small RIB on a small synthetic population (a few seconds) and exports a signed
 fp32 package; ``shared_packages`` adds the packages the tamper and package-fuzz tests swap against. The
-``world`` and ``packages`` session fixtures (``conftest.py``) and ``benchmarks/security.py`` all use
+``world`` and ``packages`` session fixtures (``conftest.py``) and ``experiments/security.py`` all use
 these, so one process trains at most once.
 """
 

@@ -148,7 +148,7 @@ def test_the_synthetic_population_has_a_catalog_of_its_categories():
 
 
 def test_frozen_items_are_never_trained_and_are_listed_as_frozen(tmp_path):
-    from edge_client.training import federated_rib_config
+    from federation.task import federated_rib_config
     from model.data.open import synthetic_split
     from model.data.synthetic import SyntheticConfig
     from model.local import LocalTrainConfig, frozen_indices, get_weights, train_local

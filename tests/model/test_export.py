@@ -351,15 +351,11 @@ def test_build_package_refuses_mismatched_vocab(trained, tmp_path):
 
 
 def test_output_matmul_floor_benchmark(tmp_path):
-    """benchmarks/output_matmul.py: every precision runs, fp32 agrees with itself, int8 tracks fp32's top 20."""
-    import importlib.util
+    """experiments/output_matmul.py: every precision runs, fp32 agrees with itself, int8 tracks fp32's top 20."""
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "output_matmul.py"
-    spec = importlib.util.spec_from_file_location("output_matmul", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from experiments import output_matmul as module
+
     result = module.main(
         ["--items", "2000", "--hidden", "32", "--calls", "3", "--runs", "1", "--out", str(tmp_path)]
     )

@@ -2,7 +2,7 @@
 
 Run by path (opacus ships a top-level ``benchmarks`` package that shadows this directory)::
 
-    .venv/bin/python benchmarks/output_matmul.py [--items 100000] [--hidden 100] [--runs 3] [--out DIR]
+    python -m experiments.output_matmul [--items 100000] [--hidden 100] [--runs 3] [--out DIR]
 
 The step graph's cost is dominated by one (1 x hidden) @ (hidden x items) MatMul (issue 5: ~10M MACs at
 100k items). This times that MatMul on its own, as one-node graphs at 1 intra-op thread: fp32; int8 from
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "results" / "edge"
+from experiments.paths import RESULTS
+
+OUT = RESULTS / "edge"
 VARIANTS = ("fp32", "int8 per-tensor", "int8 per-channel", "int4 (fp32 compute)", "int4 (int8 compute)")
 
 

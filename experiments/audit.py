@@ -359,7 +359,7 @@ def dp_auc_bound(epsilon: float, delta: float, grid: int = 100_001) -> float:
 
 def rib_config_for_audit(data: SessionDataset, config: AuditConfig) -> RIBConfig:
     """The federation's RIB (``federated_rib_config``: full softmax, DP-SGD-ready) at the audit's sizes."""
-    from edge_client.training import federated_rib_config
+    from federation.task import federated_rib_config
 
     return federated_rib_config(
         data.vocab,

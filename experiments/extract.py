@@ -1,6 +1,6 @@
 """Extraction and tuple-store throughput on a synthetic population; writes extract.json and extract.md.
 
-    .venv/bin/python benchmarks/extract.py [--devices 2000] [--repeats 7] [--baseline GIT_REV]
+    python -m experiments.extract [--devices 2000] [--repeats 7]
                                            [--out benchmarks/results/edge] [--profile]
 
 What the figures count (one thread; events pre-generated, never part of a timing):
@@ -13,7 +13,6 @@ What the figures count (one thread; events pre-generated, never part of a timing
   drove the extractor before it fed whole sessions; the same state machine, one call per event).
 - ``stream*``: ``TupleExtractor.push`` per device in us/event: no window, the device's 2 s reorder window, and
   with the micro-intent cue callback. Target <= 20 us/event.
-- ``--baseline REV``: ``edge_client/extract.py`` at git revision REV, timed interleaved with the current one.
 - the encrypted store's append (one fsync per append) and read throughput in records/s.
 Each extraction figure is the median (and best) of ``--repeats`` interleaved runs in wall-clock time and in
 process CPU time; on a shared box, CPU time is the steadier of the two. Each run starts after a full garbage
@@ -25,29 +24,25 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import importlib.util
 import json
 import os
 import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from edge_client.extract import DEVICE_EXTRACTOR_CONFIG, ExtractorConfig, TupleExtractor, extract_population
+from edge_client.keys import KeyFileProvider
+from edge_client.schema import SkipReport, read_event_lines
+from edge_client.store import TupleStore
+from experiments.paths import RESULTS
+from model.data.synthetic import SyntheticConfig, generate_population
 
-from edge_client.extract import DEVICE_EXTRACTOR_CONFIG, ExtractorConfig, TupleExtractor, extract_population  # noqa: E402
-from edge_client.keys import KeyFileProvider  # noqa: E402
-from edge_client.schema import SkipReport, read_event_lines  # noqa: E402
-from edge_client.store import TupleStore  # noqa: E402
-from model.data.synthetic import SyntheticConfig, generate_population  # noqa: E402
-
-OUT = ROOT / "benchmarks" / "results" / "edge"
+OUT = RESULTS / "edge"
 BATCH_TARGET_EVENTS_PER_S = 1_000_000
 STREAM_TARGET_US_PER_EVENT = 20.0
 
@@ -113,21 +108,6 @@ def from_json(lines: list[bytes]) -> dict[str, list]:
     return extract_population(read_event_lines(lines, report), report=report)
 
 
-def load_baseline(rev: str):
-    """``edge_client/extract.py`` as of git revision ``rev``, imported under another name."""
-    source = subprocess.run(
-        ["git", "show", f"{rev}:edge_client/extract.py"], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as handle:
-        handle.write(source)
-    spec = importlib.util.spec_from_file_location("extract_baseline", handle.name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["extract_baseline"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    os.unlink(handle.name)
-    return module
-
-
 def bench_store(records: list, batch: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         store = TupleStore(Path(tmp) / "store", key_provider=KeyFileProvider(Path(tmp) / "store.key"))
@@ -160,8 +140,6 @@ def markdown(result: dict[str, object]) -> str:
     rate_row(
         "batch", "batch `extract_population`, parsed events (events/s)", f">= {BATCH_TARGET_EVENTS_PER_S:,}"
     )
-    if "baseline_batch" in timings:
-        rate_row("baseline_batch", f"batch, baseline `{result['baseline']}` (events/s)", "")
     rate_row("batch_push", "batch, sorted events through `push` one at a time (events/s)", "")
     rate_row("batch_json", "batch from JSON lines: parse + validate + extract (events/s)", "")
     rate_row("parse_json", "JSON lines -> `RawEvent` only (events/s)", "")
@@ -169,10 +147,6 @@ def markdown(result: dict[str, object]) -> str:
         ("stream", "streaming `push`, no window"),
         ("stream_window2s", "streaming `push`, 2 s reorder window (device)"),
         ("stream_window2s_cues", "streaming `push`, 2 s window + micro-intent cues"),
-        (
-            "baseline_stream_window2s_cues",
-            f"streaming, 2 s window + cues, baseline `{result.get('baseline')}`",
-        ),
     ):
         if name in timings:
             t = timings[name]
@@ -207,9 +181,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument(
-        "--baseline", default=None, help="git revision whose edge_client/extract.py to time alongside"
-    )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
@@ -238,20 +209,6 @@ def main() -> None:
         "stream_window2s": lambda: stream(by_device, DEVICE_EXTRACTOR_CONFIG, False),
         "stream_window2s_cues": lambda: stream(by_device, DEVICE_EXTRACTOR_CONFIG, True),
     }
-    if args.baseline:
-        args.baseline = subprocess.run(
-            ["git", "rev-parse", "--short", args.baseline],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        baseline = load_baseline(args.baseline)
-        assert baseline.extract_population(events) == population
-        cases["baseline_batch"] = lambda: baseline.extract_population(events)
-        cases["baseline_stream_window2s_cues"] = lambda: stream(
-            by_device, baseline.DEVICE_EXTRACTOR_CONFIG, True, baseline.TupleExtractor
-        )
     timings = interleaved(args.repeats, cases)
 
     def per_s(name: str, key: str = "wall_median_s") -> int:
@@ -266,7 +223,6 @@ def main() -> None:
         "events": n_events,
         "tuples": len(records),
         "repeats": args.repeats,
-        "baseline": args.baseline,
         "batch_equals_push": batch_equals_push,
         "batch_events_per_s": per_s("batch"),
         "batch_events_per_s_cpu": per_s("batch", "cpu_median_s"),
@@ -276,9 +232,6 @@ def main() -> None:
         "batch_json_events_per_s_cpu": per_s("batch_json", "cpu_median_s"),
         "parse_json_events_per_s": per_s("parse_json"),
     }
-    if args.baseline:
-        result["baseline_batch_events_per_s"] = per_s("baseline_batch")
-        result["baseline_batch_events_per_s_cpu"] = per_s("baseline_batch", "cpu_median_s")
     for name in ("stream", "stream_window2s", "stream_window2s_cues"):
         result[f"{name}_us_per_event"] = round(timings[name]["wall_median_s"] / n_events * 1e6, 3)
         result[f"{name}_us_per_event_cpu"] = round(timings[name]["cpu_median_s"] / n_events * 1e6, 3)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_client.fl_config import ConfigError, FederationConfig
+from federation.config import ConfigError, FederationConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

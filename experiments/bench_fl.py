@@ -39,14 +39,15 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.paths import REPO_ROOT
+from experiments.paths import RESULTS as RESULTS_ROOT
+
 FEDAVG_TARGET = 0.95  # issue 6: federated (no DP) Recall@20 >= 0.95 x centralized
 DP_TARGET = 0.90  # issue 6: user-level DP at epsilon <= 8 >= 0.90 x centralized non-private
 DP_TARGET_MAX_EPSILON = 8.0
 DP_STEP_TARGET = 2.0  # issue 6: DP-SGD step time / non-private step time
 DATA_TYPE = "SKU+Micro"
 MAX_LEN = 50  # FederationConfig's default window, so the centralized model is the federation's model
-RESULTS_ROOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-DP_STEP_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "dp_step.py"
 
 Progress = Callable[[str], None]
 
@@ -410,7 +411,7 @@ def aggregation_seconds(fed, population: int, participants: int, reps: int = 3) 
 
     from aggregator.server_app import initial_weights
     from aggregator.strategy import build_strategy
-    from edge_client.training import run_rib_config
+    from federation.task import run_rib_config
     from model.data.dataset import SplitData
 
     vocab = SplitData.load(fed.eval_split_path()).vocab
@@ -494,7 +495,7 @@ def dp_step_ratio(
                 "n_items": run.get("n_items"),
                 "source": _shown(path),
             }
-    if not measure or not DP_STEP_SCRIPT.exists():
+    if not measure:
         return {"value": None, "source": "not measured"}
     _say(progress, f"no {path}: measuring the DP-SGD step ratio with a small budget")
     return _measure_dp_step(dataset)
@@ -503,32 +504,26 @@ def dp_step_ratio(
 def _shown(path: Path) -> str:
     """A path relative to the repository when inside it (results stay portable)."""
     try:
-        return str(path.resolve().relative_to(RESULTS_ROOT.parents[1]))
+        return str(path.resolve().relative_to(REPO_ROOT))
     except ValueError:
         return str(path)
 
 
 def _measure_dp_step(dataset: str) -> dict[str, object]:
-    """Run benchmarks/dp_step.py's measuring function on the dataset's catalogue with few repetitions."""
+    """Run experiments/dp_step.py's measuring function on the dataset's catalogue with few repetitions."""
     import argparse
-    import importlib.util
-    import warnings
 
-    # By path: opacus ships a top-level ``benchmarks`` package that shadows the repo's directory.
-    spec = importlib.util.spec_from_file_location("rib_edge_dp_step_bench", DP_STEP_SCRIPT)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    from experiments import dp_step
+
     args = argparse.Namespace(batch_size=32, max_len=50, item_dim=64, hidden=100, reps=5, warmup=1, seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        data, name = module.load_data(dataset, 1)
-        run = module.run(args, data, name, 0)
+    data, name = dp_step.load_data(dataset, 1)
+    run = dp_step.run(args, data, name, 0)
     best = run["best"]
     return {
         "value": run["configs"][best]["ratio"],
         "config": best,
         "n_items": run["n_items"],
-        "source": "measured here (benchmarks/dp_step.py run(), 5 reps)",
+        "source": "measured here (experiments.dp_step run(), 5 reps)",
     }
 
 
@@ -572,7 +567,7 @@ def bench_fl(
     from aggregator.checkpoint import CheckpointStore
     from aggregator.evaluation import CentralEvaluator
     from aggregator.strategy import sampled_per_round
-    from edge_client.training import federated_rib_config, run_rib_config
+    from federation.task import federated_rib_config, run_rib_config
     from model.evaluate import paired_bootstrap_diff
     from simulations.engine import federation_from, read_metrics
     from simulations.population import build_population, open_population

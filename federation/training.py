@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_client.fl_config import FederationConfig
 from edge_client.keys import KeyProvider, default_key_provider
 from edge_client.store import TupleStore
 from model.data.dataset import SessionDataset, Vocabulary
@@ -210,42 +209,3 @@ class DeviceTrainer:
 def set_torch_threads(n: int = 1) -> None:
     """Devices train with few threads (and simulations run many devices per core)."""
     torch.set_num_threads(max(1, int(n)))
-
-
-def federated_rib_config(
-    vocab: Vocabulary,
-    data_type: str,
-    item_dim: int,
-    hidden_dim: int,
-    max_len: int,
-    tie_output: bool = False,
-    freeze_items: bool = False,
-) -> RIBConfig:
-    """The RIB every party of a federation builds: sizes from the shared vocabulary, full softmax (DP-SGD-ready)."""
-    from model.rib import data_type_flags
-
-    return RIBConfig(
-        n_items=vocab.n_items,
-        n_activities=len(vocab.activities.names),
-        n_dwell=vocab.dwell.vocab_size,
-        item_dim=item_dim,
-        hidden_dim=hidden_dim,
-        max_len=max_len,
-        loss="softmax",
-        tie_output=tie_output,
-        freeze_items=freeze_items,
-        **data_type_flags(data_type),
-    )
-
-
-def run_rib_config(vocab: Vocabulary, fed: FederationConfig) -> RIBConfig:
-    """``federated_rib_config`` with a run config's model keys (``fed``: a FederationConfig)."""
-    return federated_rib_config(
-        vocab,
-        fed.data_type,
-        fed.item_dim,
-        fed.hidden_dim,
-        fed.max_len,
-        tie_output=fed.tie_output,
-        freeze_items=fed.freeze_item_embeddings,
-    )

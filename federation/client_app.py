@@ -1,4 +1,4 @@
-"""The Flower ClientApp of a device: federated glue only (training itself is ``edge_client.training``).
+"""The Flower ClientApp of a device: federated glue only (training itself is ``federation.training``).
 
 Which device a ClientApp instance is:
 
@@ -9,7 +9,7 @@ Which device a ClientApp instance is:
   comes from the population's split (every virtual device shares one process-wide copy).
 
 What leaves the device is the new weights, the averaging weight and the scalar metrics named in
-``edge_client.training.METRIC_KEYS``. ``egress_guard_mod`` enforces that on every reply: an array whose
+``federation.training.METRIC_KEYS``. ``egress_guard_mod`` enforces that on every reply: an array whose
 shape is not a model shape, a metric not on the list, or a string anywhere fails the round instead of
 leaving. SecAgg+ (``secaggplus_mod``) and client-side update clipping (``fixedclipping_mod``) are Flower's
 own mods; they run only when the server's instructions ask for them, so one ClientApp serves every run.
@@ -40,13 +40,13 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from edge_client.fl_config import FederationConfig
-from edge_client.training import (
+from federation.config import FederationConfig
+from federation.task import run_rib_config
+from federation.training import (
     METRIC_KEYS,
     DeviceTrainer,
     DeviceTrainingConfig,
     TrainingRefused,
-    run_rib_config,
     set_torch_threads,
 )
 from model.data.dataset import SplitData, Vocabulary

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from simulations.bench_fl import bench_fl  # noqa: E402
+from experiments.bench_fl import bench_fl  # noqa: E402
 
 ROW_KEYS = {"setting", "epsilon", "delta", "rounds", "recall@20", "mrr@20", "ratio_to_centralized"}
 
@@ -18,7 +18,7 @@ ROW_KEYS = {"setting", "epsilon", "delta", "rounds", "recall@20", "mrr@20", "rat
 def test_bench_fl_writes_table_targets_and_plots(tmp_path):
     dp_step = (
         tmp_path / "dp_step.json"
-    )  # the DP-SGD benchmark's file, in the layout benchmarks/dp_step.py writes
+    )  # the DP-SGD benchmark's file, in the layout experiments/dp_step.py writes
     dp_step.write_text(
         json.dumps({"runs": [{"n_items": 50, "best": "ghost", "configs": {"ghost": {"ratio": 1.5}}}]})
     )
@@ -113,11 +113,11 @@ def test_pooled_w2v_checkpoint_loads_as_an_initial_checkpoint_with_word2vec_item
     """The diagnostic init: the run's own RIB config, item rows from Word2vec, the rest the seeded random init."""
     import torch
 
-    from edge_client.training import federated_rib_config
+    from experiments.bench_fl import pooled_w2v_checkpoint
+    from federation.task import federated_rib_config
     from model.data.open import open_dataset
     from model.rib import RIB
     from model.train import load_checkpoint
-    from simulations.bench_fl import pooled_w2v_checkpoint
 
     split = open_dataset("synthetic")
     config = federated_rib_config(split.vocab, "SKU+Micro", 8, 8, 20)
@@ -143,8 +143,8 @@ def test_pooled_w2v_checkpoint_loads_as_an_initial_checkpoint_with_word2vec_item
 
 def test_federated_w2v_stage_writes_an_initial_checkpoint_and_is_reused(tmp_path):
     """The deployable init: a skip-gram federation on the devices' own stores, then a RIB starting point."""
+    from experiments.bench_fl import base_settings, federated_w2v_checkpoint
     from model.train import load_checkpoint
-    from simulations.bench_fl import base_settings, federated_w2v_checkpoint
     from simulations.population import build_population
 
     pop_dir = tmp_path / "population"
@@ -176,7 +176,7 @@ def test_bad_w2v_stage_variants_fail_before_any_run(tmp_path, variant, message):
 
 
 def test_targets_never_count_the_pooled_word2vec_diagnostic_as_deployable():
-    from simulations.bench_fl import targets
+    from experiments.bench_fl import targets
 
     rows = [{"setting": "fedavg", "ratio_to_centralized": 0.85, "epsilon": None}]
     variants = [

@@ -11,11 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.data.open import synthetic_split
-from model.data.synthetic import SyntheticConfig
-from model.local import WindowDataset
-from privacy.accountant import epsilon_for
-from privacy.audit import (
+from experiments.audit import (
     AuditConfig,
     auc,
     auc_ci,
@@ -33,6 +29,10 @@ from privacy.audit import (
     target_met,
     tpr_at_fpr,
 )
+from model.data.open import synthetic_split
+from model.data.synthetic import SyntheticConfig
+from model.local import WindowDataset
+from privacy.accountant import epsilon_for
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Secure RNG", "ignore:Optimal order", "ignore:.*autocast", "ignore:Full backward hook is firing"
@@ -214,7 +214,7 @@ def test_tiny_audit_end_to_end(split):
 def test_audit_with_a_frozen_public_item_table(split, tmp_path):
     """Every model of the audit starts from the same catalog table and never moves it, DP or not."""
     from model.catalog import dataset_catalog
-    from privacy import audit as audit_module
+    from experiments import audit as audit_module
 
     catalog = dataset_catalog("synthetic").write_csv(tmp_path / "catalog.csv")
     config = AuditConfig(
@@ -246,14 +246,9 @@ def test_audit_with_a_frozen_public_item_table(split, tmp_path):
 
 
 def _frontier_module():
-    import importlib.util
-    from pathlib import Path
+    from experiments import dp_frontier
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "dp_frontier.py"
-    spec = importlib.util.spec_from_file_location("dp_frontier", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return dp_frontier
 
 
 def _fake_audit(dataset: str, clip: float, rows: list[tuple[object, float, float, float]]) -> dict:

@@ -1,6 +1,6 @@
 """Population set-up at scale: time, peak RSS and disk of building virtual-device populations.
 
-    .venv/bin/python benchmarks/simulation_population.py [--sizes 10000,100000] [--real] [--work DIR]
+    python -m experiments.population_scale [--sizes 10000,100000] [--real] [--work DIR]
 
 (Run it by path: opacus installs a top-level ``benchmarks`` package that shadows this directory.)
 
@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from experiments.paths import RESULTS as _RESULTS
 
-RESULTS = REPO / "benchmarks" / "results" / "simulation"
+RESULTS = _RESULTS / "simulation"
 REAL_SOURCES = ("jdata2016_sample", "jdata2018_mkmsr_demo", "taobao_userbehavior_timeslice", "yoochoose_100k")
 
 

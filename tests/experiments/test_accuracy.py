@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from click.testing import CliRunner
 
-from model.accuracy import (
+from experiments.accuracy import (
     BASELINE_NAMES,
     DATA_TYPE_NAMES,
     RIB_NAMES,
@@ -122,7 +122,7 @@ def test_cli_accuracy_subset(tmp_path):
 
 
 def test_merge_parallel_runs(small_split, tmp_path):
-    from model.accuracy import merge_accuracy
+    from experiments.accuracy import merge_accuracy
 
     run_accuracy(
         small_split,
@@ -235,7 +235,7 @@ def test_item_catalog_that_covers_no_item_fails_before_training(small_split, tmp
 
 
 def test_item_table_is_chosen_on_validation_and_applied_to_every_rib_row(small_split, tmp_path):
-    from model.accuracy import ITEM_TABLES
+    from experiments.accuracy import ITEM_TABLES
     from model.train import load_checkpoint
 
     settings = quick_settings(epochs=2, models=RIB_NAMES, data_types=("SKU", "SKU+Micro"))

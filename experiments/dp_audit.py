@@ -2,10 +2,10 @@
 
 Run by path (opacus ships a top-level ``benchmarks`` package that shadows this directory)::
 
-    .venv/bin/python benchmarks/dp_audit.py [--dataset jdata2016_sample] [--epsilons 1,4,8,inf]
+    python -m experiments.dp_audit [--dataset jdata2016_sample] [--epsilons 1,4,8,inf]
         [--shadows 4] [--epochs 15] [--lr 0.003] [--batch-size 32] [--max-grad-norm 1.0] [--seed 0]
 
-The protocol is ``privacy.audit.audit`` (loss-threshold and offline-LiRA shadow attacks on sessions; epsilon
+The protocol is ``experiments.audit.audit`` (loss-threshold and offline-LiRA shadow attacks on sessions; epsilon
 cross-checked with dp_accounting). Without ../shared/data the dataset falls back to "synthetic". Writes
 ``dp_audit.json``, ``dp_audit.md`` (the table, also printed) and ``dp_audit.png`` (AUC vs epsilon with
 95% intervals) to ``--out`` (default ``benchmarks/results/security``).
@@ -19,16 +19,13 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from experiments.paths import RESULTS
 
-OUT = ROOT / "benchmarks" / "results" / "security"
+OUT = RESULTS / "security"
 DEFAULT_DATASET = "jdata2016_sample"
 
 
@@ -186,8 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     warnings.filterwarnings("ignore", message="Secure RNG")
     warnings.filterwarnings("ignore", message="Full backward hook")
 
+    from experiments.audit import AuditConfig, audit, target_met
     from model.data.open import SYNTHETIC, open_dataset
-    from privacy.audit import AuditConfig, audit, target_met
 
     dataset = args.dataset
     if dataset != SYNTHETIC and not _shared_data_available():

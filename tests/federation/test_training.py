@@ -7,17 +7,17 @@ import pytest
 
 pytest.importorskip("torch")
 
-from edge_client.fl_client_app import EgressError, check_egress, training_config  # noqa: E402
-from edge_client.fl_config import FederationConfig  # noqa: E402
 from edge_client.keys import KeyFileProvider  # noqa: E402
 from edge_client.schema import MicroBehavior  # noqa: E402
 from edge_client.store import StoreTamperError, TupleStore  # noqa: E402
-from edge_client.training import (  # noqa: E402
+from federation.client_app import EgressError, check_egress, training_config  # noqa: E402
+from federation.config import FederationConfig  # noqa: E402
+from federation.task import federated_rib_config  # noqa: E402
+from federation.training import (  # noqa: E402
     METRIC_KEYS,
     DeviceTrainer,
     DeviceTrainingConfig,
     TrainingRefused,
-    federated_rib_config,
 )
 from model.data.local import records_to_dataset  # noqa: E402
 from model.local import LocalTrainConfig, get_weights  # noqa: E402

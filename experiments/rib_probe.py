@@ -1,9 +1,9 @@
 """Validation-only RIB probe: train for a fixed wall-clock budget, report validation Recall@20 / MRR@20 per epoch.
 
-    .venv/bin/python benchmarks/rib_probe.py --dataset srgnn_diginetica --minutes 10 \
+    python -m experiments.rib_probe --dataset srgnn_diginetica --minutes 10 \
         --rib '{"cosine_scale": 12.0}' [--train '{"lr": 0.003}'] [--out probe.json]
 
-Starts from the settings ``rib-edge bench accuracy`` uses for the dataset (model/accuracy.py), without the
+Starts from the settings ``rib-edge bench accuracy`` uses for the dataset (experiments/accuracy.py), without the
 Word2vec init and with a 5,000-example validation sample, then applies the overrides. The validation split
 is carved from the end of the training period, so probing never looks at the test split. Run probes side by
 side (one thread each) so they share the box equally: the budget is wall-clock time.
@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from model.accuracy import AccuracySettings, rib_settings  # noqa: E402
-from model.data.loaders import load_dataset  # noqa: E402
-from model.train import TrainConfig, rib_config_for, train_rib  # noqa: E402
+from experiments.accuracy import AccuracySettings, rib_settings
+from model.data.loaders import load_dataset
+from model.train import TrainConfig, rib_config_for, train_rib
 
 
 def main() -> None:

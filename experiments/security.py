@@ -2,9 +2,9 @@
 
 Run by path (opacus ships a top-level ``benchmarks`` package that shadows this directory)::
 
-    .venv/bin/python benchmarks/security.py fuzz   [--examples 10000] [--surfaces a,b] [--jobs 1]
-    .venv/bin/python benchmarks/security.py crash  [--kills 200]
-    .venv/bin/python benchmarks/security.py tamper [--graph-offsets 512]
+    python -m experiments.security fuzz   [--examples 10000] [--surfaces a,b] [--jobs 1]
+    python -m experiments.security crash  [--kills 200]
+    python -m experiments.security tamper [--graph-offsets 512]
 
 - ``fuzz`` runs every ``FuzzSurface`` of the ``test_fuzz_*`` modules (the very ``check`` functions the
   tests run) on ``--examples`` generated cases each, one child process per surface, counting cases, crashes
@@ -34,11 +34,10 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from experiments.paths import REPO_ROOT as ROOT
+from experiments.paths import RESULTS
 
-OUT = ROOT / "benchmarks" / "results" / "security"
+OUT = RESULTS / "security"
 FUZZ_MODULES = (
     "tests.edge_client.test_fuzz_events",
     "tests.edge_client.test_fuzz_server",

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.benchmark import environment
+from experiments.benchmark import environment
 from model.data.dataset import SessionDataset, SplitData
 from model.evaluate import EvalResult, evaluate, paired_bootstrap_diff
 

@@ -1,7 +1,7 @@
 """One federation's settings, read from Flower's run config (``[tool.flwr.app.config]`` in pyproject.toml).
 
 Both sides read the same keys: the ServerApp (``aggregator.server_app``) and the ClientApp
-(``edge_client.fl_client_app``). Keys are kebab-case as Flower writes them; ``FederationConfig.from_run_config``
+(``federation.client_app``). Keys are kebab-case as Flower writes them; ``FederationConfig.from_run_config``
 is the one place they are parsed and checked, so a typo or a bad value fails at start-up with the key's name.
 Standard library only: the device side imports it without torch or flwr.
 """

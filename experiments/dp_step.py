@@ -1,6 +1,6 @@
 """DP-SGD step time / non-private step time for RIB on one fixed batch, and where the DP time goes.
 
-    .venv/bin/python benchmarks/dp_step.py [--dataset jdata2016_sample] [--reps 15] [--batch-size 32]
+    python -m experiments.dp_step [--dataset jdata2016_sample] [--reps 15] [--batch-size 32]
 
 (run by path: Opacus ships a top-level ``benchmarks`` package that shadows this directory as a module.)
 
@@ -40,17 +40,15 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import opacus
+import torch
+from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
 
-import numpy as np  # noqa: E402
-import opacus  # noqa: E402
-import torch  # noqa: E402
-from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping  # noqa: E402
-
-from model.local import LocalTrainConfig, WindowDataset, make_optimizer, window_losses  # noqa: E402
-from model.rib import RIB  # noqa: E402
-from model.train import rib_config_for  # noqa: E402
-from privacy.dp_sgd import PrivateStep, attach_grad_sampler, to_dp_gru  # noqa: E402
+from model.local import LocalTrainConfig, WindowDataset, make_optimizer, window_losses
+from model.rib import RIB
+from model.train import rib_config_for
+from privacy.dp_sgd import PrivateStep, attach_grad_sampler, to_dp_gru
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dp_step"
 BASELINE = "non-private"

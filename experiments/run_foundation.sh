@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Section-3 statistics and the baseline table on every shared dataset (needs ../shared/data).
-# Usage: bash benchmarks/run_foundation.sh [RIB_EDGE_BIN]
+# Usage: bash experiments/run_foundation.sh [RIB_EDGE_BIN]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-.venv/bin/rib-edge}

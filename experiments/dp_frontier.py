@@ -2,9 +2,9 @@
 
 Run by path (opacus ships a top-level ``benchmarks`` package that shadows this directory)::
 
-    .venv/bin/python benchmarks/dp_frontier.py AUDIT_JSON [AUDIT_JSON ...] [--out DIR]
+    python -m experiments.dp_frontier AUDIT_JSON [AUDIT_JSON ...] [--out DIR]
 
-Each input is a ``dp_audit.json`` written by ``benchmarks/dp_audit.py`` (any epsilons, any clip norm). Every
+Each input is a ``dp_audit.json`` written by ``experiments/dp_audit.py`` (any epsilons, any clip norm). Every
 row of every input becomes one point (epsilon, clip C, test Recall@20, loss-attack AUC, LiRA-offline AUC).
 Writes ``frontier.md`` and ``frontier.png`` (Recall@20 on x, AUC on y: down and right is better) to ``--out``
 (default ``benchmarks/results/security/clip_sweep``). Why it exists: at a fixed epsilon the clip norm C still
@@ -20,8 +20,9 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "results" / "security" / "clip_sweep"
+from experiments.paths import RESULTS
+
+OUT = RESULTS / "security" / "clip_sweep"
 
 
 def _epsilon(value: object) -> float:
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     boots = sorted({int(p["n_boot"]) for p in points})  # type: ignore[call-overload]
     text = (
         f"# DP-SGD utility vs membership leakage: {points[0]['dataset']}\n\n"
-        "One point per audited (ε, clip C), from `benchmarks/dp_audit.py` runs (`--max-grad-norm C`), ordered "
+        "One point per audited (ε, clip C), from `experiments/dp_audit.py` runs (`--max-grad-norm C`), ordered "
         f"by test Recall@20; intervals are percentile bootstraps ({'/'.join(map(str, boots))} resamples). "
         "Target: both attacks' AUC ≤ 0.55.\n\n" + markdown(points)
     )

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from model.case_study import case_study, case_study_text, pick_session, session_prefix, write_case_study
+from experiments.case_study import case_study, case_study_text, pick_session, session_prefix, write_case_study
 from model.data.open import open_dataset
 from model.train import TrainConfig, rib_config_for, train_rib
 from rib_edge.cli_model import case_study_command
