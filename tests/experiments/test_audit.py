@@ -213,8 +213,8 @@ def test_tiny_audit_end_to_end(split):
 
 def test_audit_with_a_frozen_public_item_table(split, tmp_path):
     """Every model of the audit starts from the same catalog table and never moves it, DP or not."""
-    from model.catalog import dataset_catalog
     from experiments import audit as audit_module
+    from model.catalog import dataset_catalog
 
     catalog = dataset_catalog("synthetic").write_csv(tmp_path / "catalog.csv")
     config = AuditConfig(
