@@ -78,6 +78,7 @@ def simulate_command(
     preset: str, population_dir: Path | None, ray_address: str | None, num_cpus: int, out_dir: Path, **flags
 ) -> None:
     """Simulate federated RIB over many virtual devices; re-running the same command resumes a killed run."""
+    from aggregator.workflow import describe_round
     from simulations.engine import simulate
     from simulations.presets import PresetError, load_preset
 
@@ -92,13 +93,14 @@ def simulate_command(
     )
 
     def on_round(row: dict) -> None:
-        eps = row.get("epsilon")
-        click.echo(
-            f"[{time.perf_counter() - started:7.1f}s] round {row['round']:>3}: "
-            f"recall@20={row.get('recall@20', float('nan')):.4f} mrr@20={row.get('mrr@20', float('nan')):.4f} "
-            f"eps={'-' if eps is None else f'{eps:.2f}'} participants={row.get('participants', '-')} "
-            f"failed={row.get('dropouts', '-')} round_s={row.get('seconds', 0.0):.1f}"
-        )
+        if row["round"] == 0:
+            shown = (
+                f"recall@20 {row['recall@20']:.4f} mrr@20 {row['mrr@20']:.4f}" if "recall@20" in row else ""
+            )
+            line = f"the starting model: {shown}"
+        else:
+            line = describe_round(row)
+        click.echo(f"[{time.perf_counter() - started:7.1f}s] round {row['round']:>3}: {line}")
 
     def on_build(done: int, total: int) -> None:
         if done == total or done % max(1, total // 20) == 0:

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from federation.config import FederationConfig
+from federation.task import SIMULATED_PREFIX as FAILURE_PREFIX
 from simulations.heterogeneity import Heterogeneity
 
 log = logging.getLogger(__name__)
-
-FAILURE_PREFIX = "rib-edge-simulated:"
 
 
 @dataclass
