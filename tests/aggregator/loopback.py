@@ -34,14 +34,20 @@ class LoopbackGrid(Grid):
     """Nodes ``1000 + partition`` whose ClientApps run in this process when a message reaches them."""
 
     def __init__(
-        self, fed: FederationConfig, partitions: Iterable[int], mods_for: Callable[[int], list] | None = None
+        self,
+        fed: FederationConfig,
+        partitions: Iterable[int],
+        mods_for: Callable[[int], list] | None = None,
+        node_config_for: Callable[[int], dict] | None = None,
     ):
         self._run = Run.create_empty(7)
         self.apps, self.contexts = {}, {}
         for partition in partitions:
             node = 1000 + partition
             self.apps[node] = make_client_app(extra_mods=mods_for(partition) if mods_for else None, fed=fed)
-            self.contexts[node] = Context(7, node, {"partition-id": partition}, RecordDict(), {})
+            # Simulation nodes are a partition of the population; deployment nodes name their store and package.
+            node_config = node_config_for(partition) if node_config_for else {"partition-id": partition}
+            self.contexts[node] = Context(7, node, node_config, RecordDict(), {})
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -82,12 +88,15 @@ class LoopbackGrid(Grid):
 
 
 def run_federation(
-    fed: FederationConfig, partitions: Iterable[int], mods_for: Callable[[int], list] | None = None
+    fed: FederationConfig,
+    partitions: Iterable[int],
+    mods_for: Callable[[int], list] | None = None,
+    node_config_for: Callable[[int], dict] | None = None,
 ) -> tuple[RoundRecorder, Sequence[dict], BaseException | None]:
     """Run (or resume) ``fed`` over the population's devices ``partitions``, one loopback node each:
     (strategy, history rows, the run's error)."""
     threads = torch.get_num_threads()  # the ClientApp sets 1 thread for its training; give it back after
-    grid = LoopbackGrid(fed, partitions, mods_for)
+    grid = LoopbackGrid(fed, partitions, mods_for, node_config_for)
     run, strategy = make_run(fed, len(grid.apps))
     context = LegacyContext(
         context=Context(7, SERVER_NODE, {}, RecordDict(), {}),
