@@ -214,16 +214,31 @@ def fl_join(
     default=Path(".rib-edge/flwr"),
     show_default=True,
 )
+@click.option(
+    "--wait-s",
+    type=click.FloatRange(min=0),
+    default=30,
+    show_default=True,
+    help="How long to wait for a SuperLink on this machine to answer (one started just before).",
+)
 def fl_run(
-    superlink: str, run_config: tuple[str, ...], root_certificates, insecure: bool, flwr_home: Path
+    superlink: str,
+    run_config: tuple[str, ...],
+    root_certificates,
+    insecure: bool,
+    flwr_home: Path,
+    wait_s: float,
 ) -> None:
-    """Submit the rib-edge Flower app to a SuperLink, stream its rounds, exit 0 only if every round trained."""
+    """Submit the rib-edge Flower app to a SuperLink, stream its rounds, exit 0 only if every round trained.
+
+    Exit status: 0 every round trained; 1 the run failed (the reason is the last line); 2 a bad run config or
+    a file it names is missing; 130 interrupted (the run is stopped)."""
     from aggregator.deploy import REPO_ROOT, is_loopback, stream_run
 
     local = is_loopback(superlink)
     overrides = checked_run_config(parse_run_config(run_config), local)
     tls = _tls(root_certificates, insecure=insecure)
-    if local and not _wait_for_superlink(superlink):
+    if local and not _wait_for_superlink(superlink, wait_s):
         raise click.ClickException(f"no SuperLink answers on {superlink}: start one with `rib-edge fl serve`")
     try:
         outcome = stream_run(superlink, overrides, flwr_home.resolve(), click.echo, REPO_ROOT, tls)
