@@ -44,6 +44,7 @@ FUZZ_MODULES = (
     "tests.edge_client.test_fuzz_store",
     "tests.edge_client.test_fuzz_package",
     "tests.model.data.test_fuzz_loaders",
+    "tests.aggregator.test_fuzz_replies",
 )
 
 
