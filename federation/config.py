@@ -73,8 +73,10 @@ class FederationConfig:
     dp_delta: float = 0.0  # 0: 1 / population
     # Server-side checks of every reply (aggregator/validation.py). An update farther than max-update-norm
     # (L2) from the global model is dropped as too_large (0: no bound; unchecked under SecAgg+, where the server
-    # sees only the sum). Honest updates measured 0.04-45 across the run settings this project uses
-    # (benchmarks/results/fl_validation/update_norms.md). Under DP the server also clips to dp-clipping-norm.
+    # sees only the sum). Honest updates measured 0.05-44 across the local settings this project uses
+    # (benchmarks/results/fl_validation/update_norms.md); Adam moves each trained weight by about local-lr per
+    # step, so catalogues far beyond 10^5 items with many local steps may need more. Under DP the server also
+    # clips to dp-clipping-norm.
     max_update_norm: float = 100.0
     max_device_examples: int = 10_000  # a device's averaging weight is clamped to this (1 under DP)
     # Record-level DP-SGD on devices (Opacus) and each device's lifetime budget.

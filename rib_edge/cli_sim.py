@@ -8,18 +8,18 @@ from pathlib import Path
 
 import click
 
-# Flags that override a preset's settings (None = keep the preset's value).
+# Flags that override a preset's settings (None = keep the preset's value): option name -> preset key.
 _OVERRIDES = {
     "dataset": "dataset",
     "devices": "devices",
-    "rounds": "rounds",
-    "fraction": "fraction",
-    "local_steps": "local_steps",
-    "dp_epsilon": "dp_epsilon",
+    "rounds": "num-server-rounds",
+    "fraction": "fraction-fit",
+    "local_steps": "local-steps",
+    "dp_epsilon": "dp-epsilon",
     "dropout": "dropout",
     "availability": "availability",
-    "straggler_fraction": "straggler_fraction",
-    "deadline_s": "deadline_s",
+    "straggler_fraction": "straggler-fraction",
+    "deadline_s": "deadline-s",
     "strategy": "strategy",
     "seed": "seed",
 }
@@ -73,20 +73,37 @@ _OVERRIDES = {
     show_default=True,
     help="CPUs for the local Ray backend.",
 )
+@click.option(
+    "--run-config",
+    "-c",
+    multiple=True,
+    help="key=value of the run config overriding the preset (repeatable).",
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 def simulate_command(
-    preset: str, population_dir: Path | None, ray_address: str | None, num_cpus: int, out_dir: Path, **flags
+    preset: str,
+    population_dir: Path | None,
+    ray_address: str | None,
+    num_cpus: int,
+    run_config: tuple[str, ...],
+    out_dir: Path,
+    **flags,
 ) -> None:
     """Simulate federated RIB over many virtual devices; re-running the same command resumes a killed run."""
     from aggregator.workflow import describe_round
+    from rib_edge.cli_fl import parse_run_config
     from simulations.engine import simulate
-    from simulations.presets import PresetError, load_preset
+    from simulations.presets import PresetError, check_settings, load_preset
 
     try:
         settings = load_preset(preset)
+        settings.update({_OVERRIDES[k]: v for k, v in flags.items() if v is not None})
+        settings.update(parse_run_config(run_config))
+        check_settings(preset, settings)
     except PresetError as err:
-        raise click.ClickException(str(err)) from err
-    settings.update({_OVERRIDES[k]: v for k, v in flags.items() if v is not None})
+        exc = click.ClickException(str(err))
+        exc.exit_code = 2
+        raise exc from None
     started = time.perf_counter()
     click.echo(
         f"preset {preset}: {json.dumps({k: v for k, v in settings.items() if k != 'description'}, default=str)}"
