@@ -9,7 +9,15 @@ from pathlib import Path
 
 import click
 
-from rib_edge.cli_common import DatasetChoice, FiniteFloatRange, dataset_options, seed_option, warn_small_test
+from edge_client.schema import SchemaError
+from rib_edge.cli_common import (
+    BadInput,
+    DatasetChoice,
+    FiniteFloatRange,
+    dataset_options,
+    seed_option,
+    warn_small_test,
+)
 
 
 def _epsilons(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[float, ...]:
@@ -139,6 +147,8 @@ def bench_fl_command(
             mapping=data.options.mapping,
             protocol=data.protocol(),
         )
+    except SchemaError as err:  # the dataset, its mapping or its settings: the user's input
+        raise BadInput(str(err)) from err
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
     click.echo("")

@@ -105,9 +105,13 @@ def package(
     per_tensor: bool,
 ) -> None:
     """Export a checkpoint to ONNX (parity-checked), quantize to int8 and sign it as a device package."""
-    from edge_client.package import PackageError
+    from edge_client.package import PackageError, load_private_key
     from model.export import ExportError, build_package, popularity_from
 
+    try:
+        load_private_key(key)  # a bad key fails now, not after the export
+    except PackageError as err:
+        raise BadInput(f"--key {key}: {err}") from err
     rec = load_checkpoint_or_fail(checkpoint, device="cpu")
     split = data.open()
     check_checkpoint_data(rec, split, data.name)
@@ -209,6 +213,8 @@ def recommend(
             population = extract_population(read_event_lines(handle, parsed), report=extracted)
     except OSError as err:
         raise BadInput(f"cannot read {events}: {err.strerror or err}") from err
+    if not parsed.kept:
+        raise BadInput(f"{events}: no valid events ({parsed.summary()})")
     if device_id is not None:
         if device_id not in population:
             raise BadInput(f"{events} holds no micro behaviors of device {device_id!r}")

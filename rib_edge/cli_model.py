@@ -279,8 +279,8 @@ def bench_accuracy_command(
         out_dir = out_dir or Path("benchmarks/results/accuracy") / data.label
         try:
             merge_accuracy(merge_dirs, out_dir)
-        except ValueError as err:
-            raise BadInput(str(err)) from err
+        except (ValueError, OSError) as err:
+            raise BadInput(f"--merge: {err}") from err
         click.echo(
             f"merged {len(merge_dirs)} runs into {out_dir / 'accuracy.json'} and {out_dir / 'accuracy.md'}"
         )

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from rib_edge.cli_common import DatasetChoice, FiniteFloatRange, dataset_options
+from edge_client.schema import SchemaError
+from rib_edge.cli_common import BadInput, DatasetChoice, FiniteFloatRange, dataset_options
 
 # Flags that override a preset's settings (None = keep the preset's value).
 _OVERRIDES = {
@@ -95,7 +96,7 @@ def simulate_command(
     try:
         settings = load_preset(preset)
     except PresetError as err:
-        raise click.ClickException(str(err)) from err
+        raise BadInput(str(err)) from err
     settings.update({_OVERRIDES[k]: v for k, v in flags.items() if v is not None})
     if data.name is not None:
         settings["dataset"] = data.name
@@ -126,6 +127,8 @@ def simulate_command(
 
     try:
         summary = simulate(settings, out_dir, population_dir, ray_address, num_cpus, on_round, on_build)
+    except SchemaError as err:  # the dataset, its mapping or its settings: the user's input
+        raise BadInput(str(err)) from err
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
     keys = (

@@ -107,6 +107,9 @@ def test_edge_recommend_groups_sessions_by_device(hotel, tmp_path):
     assert answer["device_id"] == "old-kiosk" and answer["session_tuples"] == 6
     result = run("edge", "recommend", *common, "--device", "nobody")
     assert result.exit_code == 2 and "no micro behaviors of device 'nobody'" in result.output
+    events.write_bytes(b"\xff\xfe garbage\n{not json\n")
+    result = run("edge", "recommend", *common)
+    assert result.exit_code == 2 and "no valid events (read 2, kept 0" in result.output
 
 
 def test_eval_refuses_a_dataset_with_other_vocabularies(hotel, tmp_path):
