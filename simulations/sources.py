@@ -194,7 +194,7 @@ class InteractionSource(PopulationSource):
         frame = sessionize(mapped.drop(columns="action").reset_index(drop=True), self.config.session_gap_s)
         has_user = "user_id" in frame and frame["user_id"].notna().all()
         if partition == "user" and not has_user:
-            raise SchemaError("missing_field", f"{self.name}: partition='user' needs a user id on every row")
+            raise SchemaError("missing_field", f"{self.name}: devices by user need a user_id on every row")
         self.partition = ("user" if has_user else "session") if partition == "auto" else partition
 
         # Train/test side of every session exactly as build_split decides it (session end over tuples).

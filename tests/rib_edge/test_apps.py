@@ -218,3 +218,16 @@ def test_a_seven_action_log_runs_through_bench_fl(hotel, tmp_path):
     assert payload["data"]["protocol"]["test_fraction"] == 0.3
     assert [row["setting"] for row in payload["rows"]] == ["centralized", "fedavg"]
     assert payload["small_test"] is True and "warning: small test set" in result.output
+
+
+def test_edge_serve_on_a_busy_port_names_the_flag(hotel, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = ["--store", tmp_path / "store", "--package", hotel["package"], "--public-key", hotel["public"]]
+        result = run("edge", "serve", *args, "--port", port)
+    assert result.exit_code == 2
+    assert result.output.strip() == f"Error: port {port} on 127.0.0.1 is busy; choose another with --port"

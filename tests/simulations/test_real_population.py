@@ -70,7 +70,7 @@ def test_session_partition_without_user_ids(shared_data, tmp_path):
     pop = open_population(tmp_path / "pop")
     for index in pop.ok_indices():
         assert len({r.session_id for r in pop.records(int(index))}) == 1  # one session per device
-    with pytest.raises(SchemaError, match="partition='user' needs a user id"):
+    with pytest.raises(SchemaError, match="devices by user need a user_id on every row"):
         build_population("diginetica_sample", tmp_path / "d", partition="user", data_dir=shared_data)
     info = build_population(
         "taobao_userbehavior_sample", tmp_path / "t", partition="session", data_dir=shared_data
