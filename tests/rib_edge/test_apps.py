@@ -43,31 +43,68 @@ def hotel(tmp_path_factory):
     }
 
 
-def test_the_package_ships_the_apps_own_vocabulary_and_the_device_records_it(hotel, tmp_path):
+def test_the_package_ships_the_apps_own_vocabulary_and_the_kiosk_serves_it(hotel, tmp_path):
+    """The kiosk's local server (what `edge serve` runs) takes the app's action events, stores their tuples
+    and recommends from them with the hotel model."""
+    import urllib.request
+
     from edge_client.client import EdgeClient
+    from edge_client.server import serve
 
     vocab = json.loads((hotel["package"] / "vocab.json").read_text())
     assert vocab["activities"]["names"] == list(HOTEL_ACTIVITIES)
     client = EdgeClient(tmp_path / "store", hotel["package"], hotel["public"], device_id="kiosk")
-    rooms = ["room-3", "room-4", "room-5"]
-    t = 1_700_300_000_000
-    for room, actions in zip(
-        rooms, (["ViewRoom", "Photos"], ["ViewRoom", "Reviews", "Map"], ["ViewRoom"]), strict=True
-    ):
-        for action in actions:
-            result = client.record(
-                {
-                    "session_id": "s1",
-                    "timestamp_ms": t,
-                    "event_type": "action",
-                    "item_id": room,
-                    "action": action,
-                }
-            )
-            assert result.ok, result
-            t += 20_000
-    session = client.current_session()
-    assert [(r.item_id, r.activity) for r in session] == [
+    server = serve(client, port=0)
+
+    def call(method: str, path: str, payload=None):
+        body = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(
+            server.url + path, data=body, method=method, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        t = 1_700_300_000_000
+        events = []
+        visits = (
+            ("room-3", ["ViewRoom", "Photos"]),
+            ("room-4", ["ViewRoom", "Reviews", "Map"]),
+            ("room-5", ["ViewRoom"]),
+        )
+        for room, actions in visits:
+            for action in actions:
+                events.append(
+                    {
+                        "session_id": "s1",
+                        "timestamp_ms": t,
+                        "event_type": "action",
+                        "item_id": room,
+                        "action": action,
+                    }
+                )
+                t += 20_000
+        # The kiosk's JD page entry is not this model's activity: refused, with the names it knows.
+        events.append(
+            {
+                "session_id": "s1",
+                "timestamp_ms": t,
+                "event_type": "action",
+                "item_id": "room-6",
+                "action": "Home2Product",
+            }
+        )
+        answer = call("POST", "/events", events)
+        assert [r["ok"] for r in answer["results"]] == [True] * 6 + [False]
+        assert (
+            answer["results"][-1]["reason"] == "unknown_action"
+            and "ViewRoom" in answer["results"][-1]["message"]
+        )
+        recs = call("GET", "/recommendations?k=5")
+    finally:
+        server.stop()
+    explanation = recs["recommendations"][0]["explanation"]
+    assert [(t["item_id"], t["activity"]) for t in explanation] == [
         ("room-3", "ViewRoom"),
         ("room-3", "Photos"),
         ("room-4", "ViewRoom"),
@@ -75,13 +112,9 @@ def test_the_package_ships_the_apps_own_vocabulary_and_the_device_records_it(hot
         ("room-4", "Map"),
         ("room-5", "ViewRoom"),
     ]
-    recs = client.recommend(k=5)
     # Every tuple reaches the model: none is skipped as an unknown activity.
-    assert recs[0].source == "model" and all(t.used for t in recs[0].explanation)
+    assert recs["recommendations"][0]["source"] == "model" and all(t["used"] for t in explanation)
     assert "unknown_activity" not in client.recommender.stats
-    # The kiosk's JD page entries are not this model's activities; an action it does not know is refused.
-    assert client.record({"session_id": "s1", "timestamp_ms": t, "event_type": "action", "item_id": "room-6",
-                          "action": "Home2Product"}).reason == "unknown_action"  # fmt: skip
     client.close()
 
 
