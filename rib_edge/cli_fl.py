@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from rib_edge.cli_common import BadInput, check_port_free
+
 _existing = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
@@ -39,7 +41,7 @@ def fl_group() -> None:
 
 @fl_group.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=9092, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True)
 @click.option(
     "--database",
     type=click.Path(dir_okay=False),
@@ -59,6 +61,7 @@ def fl_serve(
     tls = _tls(ssl_ca_certfile, ssl_certfile, ssl_keyfile, insecure)
     if tls is not None and (ssl_certfile is None or ssl_keyfile is None):
         raise click.UsageError("TLS needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile")
+    check_port_free(host, port)
     _exec(superlink_command(port, host=host, database=database, tls=tls))
 
 
@@ -78,7 +81,11 @@ def fl_serve(
 )
 @click.option("--public-key", type=_existing, required=True, help="Release signing public key (PEM).")
 @click.option(
-    "--port", type=int, default=9094, show_default=True, help="Local port of the SuperNode's runtime API."
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=9094,
+    show_default=True,
+    help="Local port of the SuperNode's runtime API.",
 )
 @click.option("--root-certificates", type=_existing, default=None, help="CA certificate of the SuperLink.")
 @click.option("--insecure", is_flag=True, help="No TLS (loopback tests only).")
@@ -98,7 +105,7 @@ def fl_join(
     try:
         verify_package(package_dir, public_key)
     except PackageError as err:
-        raise click.ClickException(f"refusing to join with an unverified package: {err}") from err
+        raise BadInput(f"refusing to join with an unverified package ({err.reason}): {err}") from err
     node = {
         "device-dir": str(device_dir.resolve()),
         "package-dir": str(package_dir.resolve()),
@@ -108,6 +115,7 @@ def fl_join(
         command = supernode_command(superlink, node, port, _tls(root_certificates, insecure=insecure))
     except ValueError as err:
         raise click.ClickException(str(err)) from err
+    check_port_free("127.0.0.1", port)
     _exec(command)
 
 

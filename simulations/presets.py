@@ -12,6 +12,10 @@ PRESETS_FILE = "presets.toml"
 DEFAULTS: dict[str, object] = {
     "description": "",
     "dataset": "synthetic",
+    "mapping": None,
+    "min_item_support": None,
+    "test_fraction": None,
+    "test_days": None,
     "partition": "auto",
     "devices": None,
     "min_examples": 0,
@@ -38,6 +42,10 @@ DEFAULTS: dict[str, object] = {
 _TYPES: dict[str, tuple[type, ...]] = {
     "description": (str,),
     "dataset": (str,),
+    "mapping": (str,),
+    "min_item_support": (int,),
+    "test_fraction": (int, float),
+    "test_days": (int, float),
     "partition": (str,),
     "devices": (int,),
     "min_examples": (int,),
@@ -126,6 +134,9 @@ def _check_values(name: str, settings: dict[str, object]) -> None:
         ("strategy", settings["strategy"] in ("fedavg", "fedadam")),
         ("dp_epsilon", settings["dp_epsilon"] is None or settings["dp_epsilon"] > 0),
         ("dp_delta", settings["dp_delta"] is None or 0 < settings["dp_delta"] < 1),
+        ("min_item_support", settings["min_item_support"] is None or settings["min_item_support"] >= 1),
+        ("test_fraction", settings["test_fraction"] is None or 0 < settings["test_fraction"] < 1),
+        ("test_days", settings["test_days"] is None or settings["test_days"] > 0),
     )
     bad = [key for key, ok in checks if not ok]
     if bad:
