@@ -74,16 +74,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something already listens on (or holds) ``host:port``."""
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, int(port)))
-        except OSError:
-            return True
-    return False
-
-
 def is_loopback(address: str) -> bool:
     """Whether a ``host:port`` address names this machine (then the run config's paths are local paths)."""
     host = address.rsplit(":", 1)[0].strip("[]")

@@ -7,8 +7,9 @@
   extractor (``DEVICE_EXTRACTOR_CONFIG``: 2 s reorder window) and appends the micro behaviors of every
   visit that closed to the encrypted ``TupleStore``. Raw events are never persisted. It never raises into
   the host app: bad input, a full buffer or a store failure comes back as a ``RecordResult`` with a short
-  reason code (the schema's codes plus ``wrong_device``, ``too_many_sessions``, ``backpressure``,
-  ``too_late``, ``store_error``, ``closed``, ``internal_error``), and every drop is counted in ``stats``.
+  reason code (the schema's codes plus ``unknown_action``, ``wrong_device``, ``too_many_sessions``,
+  ``backpressure``, ``too_late``, ``store_error``, ``closed``, ``internal_error``), and every drop is
+  counted in ``stats``. An ``action`` event must name an activity of the installed package.
 - A JSON object without ``device_id`` gets the client's own (a browser tracker does not know it); an event
   of another device is refused (``wrong_device``).
 - Memory is bounded: at most ``max_open_sessions`` sessions with extractor state (sessions idle past the
@@ -58,7 +59,7 @@ from pathlib import Path
 from edge_client.extract import DEVICE_EXTRACTOR_CONFIG, TupleExtractor
 from edge_client.package import Manifest
 from edge_client.runtime import Recommendation, Recommender, latest_session
-from edge_client.schema import MicroBehavior, RawEvent, SchemaError, SkipReport, parse_event_line
+from edge_client.schema import EventType, MicroBehavior, RawEvent, SchemaError, SkipReport, parse_event_line
 from edge_client.store import StoreError, StoreTamperError, TupleStore
 
 DEFAULT_DEVICE_ID = "local"
@@ -229,6 +230,16 @@ class EdgeClient:
     def _record_locked(self, event: RawEvent) -> RecordResult:
         if self._closed:
             return self._drop_locked("closed", "the client is closed")
+        if event.event_type is EventType.ACTION:
+            # An app's own action must be an activity the installed model knows; anything else would be
+            # stored only to be skipped at every recommendation (a typo, or a kiosk built for another model).
+            names = self.recommender.vocab.activities.names
+            if event.action not in names:
+                return self._drop_locked(
+                    "unknown_action",
+                    f"action {event.action[:40]!r} is not an activity of the installed model "
+                    f"({', '.join(names[:8])}{' ...' if len(names) > 8 else ''})",
+                )
         extractor = self._extractor
         records: list[MicroBehavior] = []
         if event.session_id not in extractor._sessions and extractor.open_sessions >= self.max_open_sessions:

@@ -10,8 +10,9 @@ with ``tuple.__new__``, and the batch path pauses the cyclic garbage collector.
 
 Rules (RIB Section 3.1 and Table 1):
 - ``page_enter`` opens a product visit; its ``page_source`` gives the entry activity (Home2Product ...).
-- ``module_view``, ``cart`` and ``order`` add an activity to the open visit of that item (an action on an
-  item with no open page, e.g. carting from a list tile, opens a visit of its own).
+- ``module_view``, ``cart``, ``order`` and an app's own ``action`` events (whose activity is the name they
+  carry) add an activity to the open visit of that item (an action on an item with no open page, e.g.
+  carting from a list tile, opens a visit of its own).
 - Consecutive identical activities within a visit are one micro behavior.
 - A visit closes at ``page_leave``, at the next ``page_enter``, or when the session goes idle for
   ``session_gap_s``. Its dwell is close - enter, minus time the page was hidden, capped at ``max_dwell_s``.
@@ -65,7 +66,7 @@ DEVICE_REORDER_WINDOW_MS = 2000
 _BEFORE_ANY = float("-inf")  # a session's last / newest timestamp before its first event
 # Event types and activities as module constants (``_apply`` binds them to locals).
 _PAGE_ENTER, _MODULE_VIEW = EventType.PAGE_ENTER, EventType.MODULE_VIEW
-_CART, _ORDER = EventType.CART, EventType.ORDER
+_CART, _ORDER, _ACTION = EventType.CART, EventType.ORDER, EventType.ACTION
 _PAGE_LEAVE, _HOVER, _SCROLL = EventType.PAGE_LEAVE, EventType.HOVER, EventType.SCROLL
 _HIDDEN, _VISIBLE = EventType.VISIBILITY_HIDDEN, EventType.VISIBILITY_VISIBLE
 _CART_ACTIVITY, _ORDER_ACTIVITY = EVENT_TO_ACTIVITY[_CART.value], EVENT_TO_ACTIVITY[_ORDER.value]
@@ -261,7 +262,7 @@ class TupleExtractor:
         hovered = state.hovered
         module_activity = MODULE_TO_ACTIVITY
         source_activity = SOURCE_TO_ACTIVITY
-        page_enter, module_view, cart, order = _PAGE_ENTER, _MODULE_VIEW, _CART, _ORDER
+        page_enter, module_view, cart, order, action = _PAGE_ENTER, _MODULE_VIEW, _CART, _ORDER, _ACTION
         page_leave, hidden_event, visible_event, scroll = _PAGE_LEAVE, _HIDDEN, _VISIBLE, _SCROLL
         close = self._close
         out: list[MicroBehavior] = []
@@ -316,8 +317,10 @@ class TupleExtractor:
             last_event = event
             kept += 1
             kind = event.event_type
-            if kind is module_view or kind is cart or kind is order:
-                if kind is module_view:
+            if kind is module_view or kind is cart or kind is order or kind is action:
+                if kind is action:
+                    activity = event.action
+                elif kind is module_view:
                     activity = module_activity[event.module]
                 else:
                     activity = _CART_ACTIVITY if kind is cart else _ORDER_ACTIVITY

@@ -5,6 +5,9 @@ package (model, privacy, aggregator, simulations, cli) imports its formats from 
 
 Formats:
 - A raw UI event is one JSON object per line (``RawEvent``). Raw events never leave the device.
+- Any app's own behaviors: an ``action`` event names its activity itself (``"action": "Play"``), a name
+  from the activity vocabulary the model package ships, so a hotel, media or grocery kiosk records its
+  own actions (as many as its vocabulary holds) without mapping them onto the JD page sources and modules.
 - A micro-behavior tuple is ``(item, activity, dwell_bucket)`` (RIB, WSDM 2018, Section 2). The device
   stores ``MicroBehavior`` records that keep the dwell in seconds; the bucket is computed with the dwell
   edges shipped with the model, so a new model with new edges re-buckets the same history.
@@ -51,6 +54,7 @@ class EventType(StrEnum):
     VISIBILITY_HIDDEN = "visibility_hidden"  # tab/app went to background: dwell clock pauses
     VISIBILITY_VISIBLE = "visibility_visible"  # back in foreground: dwell clock resumes
     PAGE_LEAVE = "page_leave"  # left the product page
+    ACTION = "action"  # an app's own action on an item; needs action (an activity name of the package)
 
 
 # How the shopper reached the product page (RIB Table 1, a1..a5).
@@ -94,8 +98,16 @@ _EVENT_FIELDS = (
     "page_source",
     "module",
     "value",
+    "action",
 )
-_NEEDS_ITEM = {EventType.PAGE_ENTER, EventType.MODULE_VIEW, EventType.CART, EventType.ORDER, EventType.HOVER}
+_NEEDS_ITEM = {
+    EventType.PAGE_ENTER,
+    EventType.MODULE_VIEW,
+    EventType.CART,
+    EventType.ORDER,
+    EventType.HOVER,
+    EventType.ACTION,
+}
 
 
 def _check_id(name: str, value: object, required: bool) -> str | None:
@@ -147,6 +159,7 @@ class RawEvent:
     page_source: str | None = None
     module: str | None = None
     value: float | None = None
+    action: str | None = None
 
     @classmethod
     def from_dict(cls, record: Mapping[str, object]) -> RawEvent:
@@ -184,6 +197,12 @@ class RawEvent:
             "page_source", record.get("page_source"), event_type, EventType.PAGE_ENTER, PAGE_SOURCES
         )
         module = _check_choice("module", record.get("module"), event_type, EventType.MODULE_VIEW, MODULES)
+        action = record.get("action")
+        if event_type is EventType.ACTION:
+            # Any name an activity vocabulary can hold; whether the installed model knows it is the client's check.
+            action = _check_id("action", action, required=True)
+        elif action is not None:
+            raise SchemaError("bad_value", f"action only belongs to action events, not {event_type.value}")
         value = record.get("value")
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
@@ -193,7 +212,7 @@ class RawEvent:
                 raise SchemaError("bad_value", f"scroll depth {value} must be in [0, 1]")
             if event_type is EventType.HOVER and value < 0:
                 raise SchemaError("bad_value", "hover duration must be >= 0 ms")
-        return cls(device_id, session_id, ts, event_type, item_id, page_source, module, value)
+        return cls(device_id, session_id, ts, event_type, item_id, page_source, module, value, action)
 
     def to_dict(self) -> dict[str, object]:
         """The event as a JSON-ready dict (None fields dropped)."""

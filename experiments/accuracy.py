@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.benchmark import environment
+from experiments.benchmark import environment, mark_small_test
 from model.data.dataset import SessionDataset, SplitData
 from model.evaluate import EvalResult, evaluate, paired_bootstrap_diff
 
@@ -326,6 +326,7 @@ def run_accuracy(
         "paired_diffs": _paired_diffs(results, best, n_boot, settings.seed),
         "checkpoints": checkpoints,
     }
+    mark_small_test(payload, (split.info.get("test") or {}).get("examples"), rows)
     if out_dir is not None:
         write_accuracy(Path(out_dir), payload, results)
     return payload

@@ -38,8 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.benchmark import mark_small_test
 from experiments.paths import REPO_ROOT
 from experiments.paths import RESULTS as RESULTS_ROOT
+from model.data.protocol import ProtocolConfig
 
 # A variant is checked as a preset table over the shared settings' population keys.
 SIMULATION_DEFAULTS_FOR_CHECK = {
@@ -516,8 +518,13 @@ def bench_fl(
     dp_step_json: str | Path | None = None,
     measure_dp_step: bool = True,
     spread_seeds: Sequence[int] = (),
+    mapping: str | Path | None = None,
+    protocol: ProtocolConfig | None = None,
 ) -> dict[str, object]:
     """Run every setting on one population and write fl.json, fl.md and the plots; returns fl.json's object.
+
+    ``mapping`` (an activity mapping TOML) and ``protocol`` (item support, test period) change how the
+    dataset becomes the population, as ``--mapping``, ``--min-item-support`` and the split settings do.
 
     ``variants``: extra federated runs reported beside the table (not in ``rows``), each a mapping with
     ``name`` and run-config keys overriding the shared settings (``strategy``, ``local-steps``, ``local-lr``,
@@ -562,7 +569,10 @@ def bench_fl(
     # 1. One population, partitioned by user, for every setting.
     t0 = time.perf_counter()
     _say(progress, f"population: {dataset} by user -> {pop_dir}")
-    build_population(dataset, pop_dir, partition="user", max_devices=devices, seed=seed, min_examples=1)
+    build_population(
+        dataset, pop_dir, partition="user", max_devices=devices, seed=seed, min_examples=1, mapping=mapping,
+        protocol=protocol,
+    )  # fmt: skip
     population = open_population(pop_dir)
     n = population.n_devices
     split = population.split()
@@ -805,7 +815,14 @@ def bench_fl(
         # This call's wall times: a reused setting costs only its re-scoring here (see rounds_seconds_total).
         "timings_this_invocation": {**timings, "total_seconds": time.perf_counter() - wall_started},
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
+        "data": {
+            "mapping": None if mapping is None else str(mapping),
+            "protocol": split.info.get("protocol"),
+            "activities": list(split.vocab.activities.names),
+        },
     }
+    # The rows carry no per-row interval here: the evaluation's example count decides.
+    mark_small_test(result, len(evaluator.examples))
     (out / "fl.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (out / "fl.md").write_text(markdown(result))
     result["plots"] = plot_curves(

@@ -15,6 +15,34 @@ from model.evaluate import EvalResult, evaluate
 from model.recommender import SessionRecommender
 
 Progress = Callable[[str], None]
+# Below this many test examples, or with a wider Recall@20 95 % interval, a bench's figures are mostly noise.
+SMALL_TEST_EXAMPLES = 1000
+SMALL_TEST_HALF_WIDTH = 0.05
+
+
+def small_test(n_examples: int | None, rows: Sequence[dict] = ()) -> list[str]:
+    """Why a test set is too small for its intervals to mean much (empty when it is not): fewer than
+    ``SMALL_TEST_EXAMPLES`` examples, or some row's Recall@20 95 % interval wider than +-``SMALL_TEST_HALF_WIDTH``.
+    Benches record ``"small_test"`` and these reasons in their JSON."""
+    reasons = []
+    if n_examples is not None and n_examples < SMALL_TEST_EXAMPLES:
+        reasons.append(f"{n_examples} test examples (< {SMALL_TEST_EXAMPLES:,})")
+    widths = [
+        (float(row["recall@20_ci95"][1]) - float(row["recall@20_ci95"][0])) / 2
+        for row in rows
+        if row.get("recall@20_ci95")
+    ]
+    if widths and max(widths) > SMALL_TEST_HALF_WIDTH:
+        reasons.append(f"a Recall@20 95% interval of +-{max(widths):.3f} (> +-{SMALL_TEST_HALF_WIDTH})")
+    return reasons
+
+
+def mark_small_test(payload: dict, n_examples: int | None, rows: Sequence[dict] = ()) -> list[str]:
+    """Record ``small_test`` (and its reasons) in a bench's JSON object; returns the reasons."""
+    reasons = small_test(n_examples, rows)
+    payload["small_test"] = bool(reasons)
+    payload["small_test_reasons"] = reasons
+    return reasons
 
 
 def run_models(
@@ -122,6 +150,7 @@ def write_bench(
         "rows": rows,
         **(extra or {}),
     }
+    mark_small_test(payload, (split.info.get("test") or {}).get("examples"), rows)
     json_path = out_dir / f"{bench}.json"
     json_path.write_text(json.dumps(payload, indent=2))
     md_path = out_dir / f"{bench}.md"

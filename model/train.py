@@ -16,6 +16,7 @@ One file, no framework: ``train_rib`` is a plain loop.
 from __future__ import annotations
 
 import copy
+import hashlib
 import resource
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.data.dataset import SessionDataset
+from model.data.dataset import SessionDataset, Vocabulary
 from model.device import pick_device
 from model.evaluate import evaluate
 from model.recommender import PrefixBatch
@@ -34,6 +35,22 @@ from model.word2vec import ItemVectors, Word2VecConfig, train_item_vectors
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "rib.pt"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable RIB checkpoint, or a checkpoint that does not fit a dataset's vocabularies."""
+
+
+def vocabulary_record(vocab: Vocabulary) -> dict[str, object]:
+    """What a checkpoint remembers of the vocabularies it was trained with: item ids (hashed, in index
+    order), activity names (in index order) and dwell edges. A model's indices mean nothing under others."""
+    digest = hashlib.sha256("\n".join(str(item) for item in vocab.item_ids).encode("utf-8")).hexdigest()
+    return {
+        "n_items": vocab.n_items,
+        "items_sha256": digest,
+        "activities": list(vocab.activities.names),
+        "dwell_edges_s": list(vocab.dwell.edges_s),
+    }
 
 
 @dataclass(frozen=True)
@@ -228,6 +245,7 @@ class RIBRecommender:
         self.progress = progress
         self.model: RIB | None = None
         self.history: dict[str, object] = {}
+        self.vocabulary: dict[str, object] | None = None  # vocabulary_record of the training data
         self.device = pick_device(self.train_config.device)
 
     @property
@@ -244,6 +262,7 @@ class RIBRecommender:
         """Train on ``train`` (validation carved from its end); keeps the best state."""
         if self.rib_config is None:
             self.rib_config = rib_config_for(train, self.data_type, **self.rib_overrides)
+        self.vocabulary = vocabulary_record(train.vocab)
         _train(self, train, self.progress)
         if (
             self.train_config.refit_on_all
@@ -348,6 +367,7 @@ class RIBRecommender:
             "rib_config": self.rib_config.to_dict(),
             "train_config": self.train_config.to_dict(),
             "history": _jsonable(self.history),
+            **({"vocabulary": self.vocabulary} if self.vocabulary is not None else {}),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -361,24 +381,90 @@ class RIBRecommender:
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> RIBRecommender:
-        """A ready-to-score recommender from a checkpoint written by ``save``."""
-        payload = torch.load(
-            Path(path), map_location="cpu", weights_only=True
-        )  # plain data only: no pickled code
+        """A ready-to-score recommender from a checkpoint written by ``save``; CheckpointError says why a
+        file is not one (empty, not a torch file, another format, a damaged or mismatched state)."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        try:
+            # Plain data only: no pickled code. Whatever a damaged file makes torch raise, it is not a checkpoint.
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - UnpicklingError, EOFError, RuntimeError (zip), ...
+            raise CheckpointError(f"{path}: not a RIB checkpoint ({_first_line(err)})") from None
+        if not isinstance(payload, dict) or not {"state_dict", "rib_config", "train_config"} <= set(payload):
+            raise CheckpointError(f"{path}: not a RIB checkpoint (no model state and configs in it)")
         if payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format')!r}")
-        stored = dict(payload["rib_config"])
-        stored.setdefault("copy", False)  # checkpoints from before the copy term have none
-        rib_config = RIBConfig.from_dict(stored)
-        train_config = TrainConfig.from_dict(payload["train_config"])
-        if device is not None:
-            train_config = replace(train_config, device=device)
-        rec = cls(rib_config, train_config)
-        rec.model = RIB(rib_config).to(rec.device)
-        rec.model.load_state_dict(payload["state_dict"])
+            raise CheckpointError(f"{path}: unsupported checkpoint format {payload.get('format')!r}")
+        try:
+            stored = dict(payload["rib_config"])
+            stored.setdefault("copy", False)  # checkpoints from before the copy term have none
+            rib_config = RIBConfig.from_dict(stored)
+            train_config = TrainConfig.from_dict(payload["train_config"])
+            if device is not None:
+                train_config = replace(train_config, device=device)
+            rec = cls(rib_config, train_config)
+            rec.model = RIB(rib_config).to(rec.device)
+            rec.model.load_state_dict(payload["state_dict"])
+        except (TypeError, ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: damaged RIB checkpoint ({_first_line(err)})") from None
         rec.model.eval()
         rec.history = payload.get("history", {})
+        vocabulary = payload.get("vocabulary")
+        rec.vocabulary = vocabulary if isinstance(vocabulary, dict) else None
         return rec
+
+    def check_vocabulary(self, vocab: Vocabulary) -> None:
+        """CheckpointError unless ``vocab`` is the vocabulary this model was trained with (items in the same
+        order, the same activities, the same dwell buckets). A checkpoint written before it recorded its
+        vocabulary is checked on the sizes alone."""
+        config = self.rib_config
+        assert config is not None
+        data = vocabulary_record(vocab)
+        differences = []
+        if self.vocabulary is None:
+            sizes = {
+                "items": (config.n_items, vocab.n_items),
+                "activities": (config.n_activities, len(vocab.activities)),
+                "dwell buckets": (config.n_dwell, vocab.dwell.vocab_size),
+            }
+            differences = [
+                f"{k}: {a} in the checkpoint, {b} in the data" for k, (a, b) in sizes.items() if a != b
+            ]
+        else:
+            mine = self.vocabulary
+            if mine.get("n_items") != data["n_items"]:
+                differences.append(
+                    f"items: {mine.get('n_items')} in the checkpoint, {data['n_items']} in the data"
+                )
+            elif mine.get("items_sha256") != data["items_sha256"]:
+                differences.append(
+                    f"items: the same count ({data['n_items']}) but other ids or another order"
+                )
+            if mine.get("activities") != data["activities"]:
+                differences.append(
+                    f"activities: {_names(mine.get('activities'))} in the checkpoint, "
+                    f"{_names(data['activities'])} in the data"
+                )
+            if [float(e) for e in mine.get("dwell_edges_s", [])] != data["dwell_edges_s"]:
+                differences.append(
+                    f"dwell edges: {mine.get('dwell_edges_s')} s in the checkpoint, {data['dwell_edges_s']} s in the data"
+                )
+        if differences:
+            raise CheckpointError(
+                "the checkpoint was trained on other vocabularies (another dataset, mapping or split settings?): "
+                + "; ".join(differences)
+            )
+
+
+def _names(names: object, shown: int = 6) -> str:
+    names = list(names) if isinstance(names, (list, tuple)) else []
+    more = f" ... ({len(names)} in all)" if len(names) > shown else ""
+    return "[" + ", ".join(map(str, names[:shown])) + more + "]"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:160]}" if text else type(err).__name__
 
 
 def load_checkpoint(path: str | Path, device: str | None = None) -> RIBRecommender:

@@ -14,12 +14,18 @@ from pathlib import Path
 import click
 
 from edge_client.schema import SchemaError
-from rib_edge.cli_common import DATASET_HELP, echo_step, mapping_option, open_or_fail, support_option
+from rib_edge.cli_common import (
+    BadInput,
+    DatasetChoice,
+    OneLineErrors,
+    dataset_options,
+    echo_step,
+    seed_option,
+    warn_small_test,
+)
 
-dataset_option = click.option("--dataset", "dataset", required=True, help=DATASET_HELP)
 
-
-@click.group()
+@click.group(cls=OneLineErrors)
 @click.version_option(package_name="rib-edge")
 def main() -> None:
     """rib-edge: on-device next-product recommendation from micro behaviors (RIB)."""
@@ -34,8 +40,14 @@ def main() -> None:
     default=Path("quickstart_out"),
     show_default=True,
 )
-@click.option("--devices", default=300, show_default=True, help="Synthetic devices (shoppers).")
-@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--devices",
+    type=click.IntRange(min=20),
+    default=300,
+    show_default=True,
+    help="Synthetic devices (shoppers; >= 20, enough for a test period).",
+)
+@seed_option
 def quickstart(out_dir: Path, devices: int, seed: int) -> None:
     """End to end on the built-in synthetic population: raw events -> tuples -> models -> recommendations."""
     from rib_edge.quickstart import run_quickstart
@@ -43,7 +55,7 @@ def quickstart(out_dir: Path, devices: int, seed: int) -> None:
     try:
         summary = run_quickstart(out_dir, n_devices=devices, seed=seed, progress=echo_step)
     except SchemaError as err:
-        raise click.ClickException(str(err)) from err
+        raise BadInput(str(err)) from err
     click.echo(summary)
 
 
@@ -72,14 +84,12 @@ def data_list() -> None:
 
 
 @data.command("prepare")
-@click.argument("dataset")
-@mapping_option
-@support_option
+@dataset_options(argument=True)
 @click.option("--refresh", is_flag=True, help="Rebuild the cached arrays.")
-def data_prepare(dataset: str, mapping: Path | None, min_item_support: int | None, refresh: bool) -> None:
+def data_prepare(data: DatasetChoice, refresh: bool) -> None:
     """Load DATASET through the protocol (cached) and print its counts."""
     started = time.perf_counter()
-    split = open_or_fail(dataset, mapping, refresh, min_item_support)
+    split = data.open(refresh)
     click.echo(
         json.dumps(
             {
@@ -93,8 +103,7 @@ def data_prepare(dataset: str, mapping: Path | None, min_item_support: int | Non
 
 
 @data.command("stats")
-@click.argument("dataset")
-@mapping_option
+@dataset_options(argument=True)
 @click.option(
     "--out",
     "out_dir",
@@ -102,16 +111,13 @@ def data_prepare(dataset: str, mapping: Path | None, min_item_support: int | Non
     default=None,
     help="Default: benchmarks/results/stats/<dataset>.",
 )
-@support_option
-def data_stats(
-    dataset: str, mapping: Path | None, out_dir: Path | None, min_item_support: int | None
-) -> None:
+def data_stats(data: DatasetChoice, out_dir: Path | None) -> None:
     """The paper's Section-3 views of DATASET: counts, activity and dwell distributions, conversion rates."""
     from model.analysis import format_stats, write_stats
 
-    split = open_or_fail(dataset, mapping, min_item_support=min_item_support)
-    out_dir = out_dir or Path("benchmarks/results/stats") / Path(dataset).name
-    stats = write_stats(split, out_dir, Path(dataset).name)
+    split = data.open()
+    out_dir = out_dir or Path("benchmarks/results/stats") / data.label
+    stats = write_stats(split, out_dir, data.label)
     click.echo(format_stats(stats))
     click.echo(f"wrote {out_dir}/stats.json and plots")
 
@@ -124,8 +130,8 @@ def data_stats(
     required=True,
     help="JSON-lines file of raw UI events.",
 )
-@click.option("--devices", default=300, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--devices", type=click.IntRange(min=1), default=300, show_default=True)
+@seed_option
 def data_synth(out_path: Path, devices: int, seed: int) -> None:
     """Write a synthetic population's raw UI events (JSON lines)."""
     from model.data.events import write_events_file
@@ -142,22 +148,27 @@ def data_synth(out_path: Path, devices: int, seed: int) -> None:
     "out_path",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="CSV of micro-behavior tuples.",
+    help="Interactions CSV (the generic format: --dataset of every command reads it as it is).",
 )
 def data_extract(events: Path, out_path: Path) -> None:
-    """Turn a raw-event JSON-lines file into micro-behavior tuples with the device's extractor."""
+    """Turn a raw-event JSON-lines file into micro-behavior tuples with the device's extractor.
+
+    The CSV is in the generic interactions format (session_id, user_id, timestamp, item_id, action =
+    the activity, dwell_seconds), so `data prepare`, `train` and every bench take it as --dataset.
+    """
     from edge_client.schema import SkipReport
-    from model.data.events import events_to_frame, read_events_file
+    from model.data.events import events_to_frame, read_events_file, write_interactions
 
     parsed, extracted = SkipReport(), SkipReport()
     try:
         frame = events_to_frame(read_events_file(events, parsed), report=extracted)
     except SchemaError as err:
-        raise click.ClickException(str(err)) from err
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out_path, index=False)
+        raise BadInput(str(err)) from err
+    if frame.empty:
+        raise BadInput(f"{events}: no micro behaviors in it ({extracted.summary()})")
+    count = write_interactions(frame, out_path)
     click.echo(
-        f"parse: {parsed.summary()}\nextract: {extracted.summary()}\nwrote {len(frame)} tuples to {out_path}"
+        f"parse: {parsed.summary()}\nextract: {extracted.summary()}\nwrote {count} tuples to {out_path}"
     )
     for example in parsed.examples + extracted.examples:
         click.echo(f"  skipped: {example}", err=True)
@@ -179,7 +190,7 @@ def data_catalog(dataset: str, out_path: Path) -> None:
     try:
         catalog = dataset_catalog(dataset)
     except CatalogError as err:
-        raise click.ClickException(str(err)) from err
+        raise BadInput(str(err)) from err
     catalog.write_csv(out_path)
     click.echo(f"wrote {len(catalog)} items ({', '.join(catalog.fields)}) to {out_path}")
 
@@ -191,8 +202,7 @@ def bench() -> None:
 
 
 @bench.command("baselines")
-@dataset_option
-@mapping_option
+@dataset_options()
 @click.option(
     "--out",
     "out_dir",
@@ -201,12 +211,9 @@ def bench() -> None:
     help="Default: benchmarks/results/<dataset>.",
 )
 @click.option("--models", default=None, help="Comma-separated subset, e.g. POP,SR,S-KNN (default: all).")
-@support_option
-def bench_baselines(
-    dataset: str, mapping: Path | None, out_dir: Path | None, models: str | None, min_item_support: int | None
-) -> None:
+def bench_baselines(data: DatasetChoice, out_dir: Path | None, models: str | None) -> None:
     """POP, Item-KNN, BPR-MF, SR, S-KNN, V-SKNN, STAN through the one evaluator."""
-    from experiments.benchmark import markdown_table, run_models, write_bench
+    from experiments.benchmark import markdown_table, run_models, small_test, write_bench
     from model.baselines import BASELINES
 
     names = [m.strip() for m in models.split(",")] if models else list(BASELINES)
@@ -215,15 +222,18 @@ def bench_baselines(
         raise click.BadParameter(
             f"unknown model(s) {unknown}; choose from {list(BASELINES)}", param_hint="--models"
         )
-    split = open_or_fail(dataset, mapping, min_item_support=min_item_support)
+    split = data.open()
     echo_step(
-        f"{dataset}: {split.train.n_sessions} train / {split.test.n_sessions} test sessions, {split.vocab.n_items} items"
+        f"{data.name}: {split.train.n_sessions} train / {split.test.n_sessions} test sessions, {split.vocab.n_items} items"
     )
     rows, _ = run_models(split, {name: BASELINES[name] for name in names}, progress=echo_step)
-    out_dir = out_dir or Path("benchmarks/results") / Path(dataset).name
-    json_path, md_path = write_bench(out_dir, "baselines", dataset, split, rows)
+    out_dir = out_dir or Path("benchmarks/results") / data.label
+    json_path, md_path = write_bench(
+        out_dir, "baselines", data.name, split, rows, {"data_options": data.options.to_dict()}
+    )
     click.echo(markdown_table(rows))
     click.echo(f"wrote {json_path} and {md_path}")
+    warn_small_test(small_test(split.info["test"]["examples"], rows))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import click
+
+from edge_client.schema import SchemaError
+from rib_edge.cli_common import (
+    BadInput,
+    DatasetChoice,
+    FiniteFloatRange,
+    dataset_options,
+    seed_option,
+    warn_small_test,
+)
 
 
 def _epsilons(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[float, ...]:
@@ -15,17 +26,20 @@ def _epsilons(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple
         values = tuple(float(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected a comma list of numbers, got {value!r}") from None
-    if any(not v > 0 for v in values):
-        raise click.BadParameter("every epsilon must be > 0")
+    if any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise click.BadParameter("every epsilon must be a finite number > 0")
     return values
 
 
 def _seeds(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
     """Parse --spread-seeds: a comma list of integers (empty: none)."""
     try:
-        return tuple(int(part) for part in value.split(",") if part.strip())
+        seeds = tuple(int(part) for part in value.split(",") if part.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if any(seed < 0 for seed in seeds):
+        raise click.BadParameter("seeds must be >= 0")
+    return seeds
 
 
 def _variants(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[dict]:
@@ -42,8 +56,9 @@ def _variants(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 
 
 @click.command("fl")
-@click.option(
-    "--dataset", default="jdata2016_sample", show_default=True, help="'synthetic' or a shared dataset."
+@dataset_options(
+    default="jdata2016_sample",
+    help="'synthetic', a shared dataset or an interactions file with user ids (devices are users).",
 )
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option(
@@ -54,9 +69,9 @@ def _variants(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     help="Population, checkpoints and run directories (default: OUT). Finished runs there are reused.",
 )
 @click.option("--rounds", type=click.IntRange(min=1), default=15, show_default=True)
-@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True)
+@click.option("--fraction", type=FiniteFloatRange(0, 1, min_open=True), default=0.2, show_default=True)
 @click.option("--local-steps", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--local-lr", type=click.FloatRange(min=0, min_open=True), default=5e-3, show_default=True)
+@click.option("--local-lr", type=FiniteFloatRange(min=0, min_open=True), default=5e-3, show_default=True)
 @click.option(
     "--epsilons",
     default="1,4,8",
@@ -72,7 +87,7 @@ def _variants(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     default=None,
     help="Synthetic: how many devices; real data: a seeded sample of users.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option
 @click.option(
     "--variants",
     default=None,
@@ -87,7 +102,7 @@ def _variants(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     help="Also train the centralized references with these seeds (comma list) to show the seed spread.",
 )
 def bench_fl_command(
-    dataset: str,
+    data: DatasetChoice,
     out_dir: Path,
     work_dir: Path | None,
     rounds: int,
@@ -112,8 +127,8 @@ def bench_fl_command(
         click.echo(f"[{time.perf_counter() - started:7.1f}s] {message}")
 
     try:
-        bench_fl(
-            dataset,
+        result = bench_fl(
+            data.name,
             out_dir,
             rounds=rounds,
             fraction=fraction,
@@ -129,7 +144,11 @@ def bench_fl_command(
             variants=variants,
             num_cpus=num_cpus,
             spread_seeds=spread_seeds,
+            mapping=data.options.mapping,
+            protocol=data.protocol(),
         )
+    except SchemaError as err:  # the dataset, its mapping or its settings: the user's input
+        raise BadInput(str(err)) from err
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
     click.echo("")
@@ -138,3 +157,4 @@ def bench_fl_command(
         f"written: {out_dir / 'fl.json'}, {out_dir / 'fl.md'}, {out_dir / 'fl_recall_vs_round.png'}, "
         f"{out_dir / 'fl_epsilon_vs_round.png'}"
     )
+    warn_small_test(result.get("small_test_reasons", []))

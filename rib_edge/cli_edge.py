@@ -7,19 +7,26 @@ cryptography); ``edge package`` and ``bench edge`` import torch inside the comma
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from pathlib import Path
 
 import click
 
-from rib_edge.cli_common import echo_step, mapping_option, open_or_fail
+from rib_edge.cli_common import (
+    BadInput,
+    DatasetChoice,
+    FiniteFloatRange,
+    check_checkpoint_data,
+    dataset_options,
+    echo_step,
+    load_checkpoint_or_fail,
+)
 
 
 def _package_error(err) -> click.ClickException:
-    exc = click.ClickException(f"package refused ({err.reason}): {err}")
-    exc.exit_code = 2
-    return exc
+    return BadInput(f"package refused ({err.reason}): {err}")
 
 
 public_key_option = click.option(
@@ -52,7 +59,9 @@ def keygen(out_dir: Path, force: bool) -> None:
     try:
         private, public = generate_keypair(out_dir, overwrite=force)
     except FileExistsError as err:
-        raise click.ClickException(str(err)) from err
+        raise BadInput(f"{out_dir} already holds a key pair; add --force to replace it") from err
+    except OSError as err:
+        raise BadInput(f"cannot write keys to {out_dir}: {err.strerror or err}") from err
     click.echo(f"private key: {private} (keep it off devices)\npublic key:  {public} (ship it with the app)")
 
 
@@ -63,10 +72,7 @@ def keygen(out_dir: Path, force: bool) -> None:
     required=True,
     help="RIB checkpoint (rib.pt).",
 )
-@click.option(
-    "--dataset", required=True, help="The dataset the checkpoint was trained on (vocabulary and popularity)."
-)
-@mapping_option
+@dataset_options(help="The dataset the checkpoint was trained on (vocabulary and popularity).")
 @click.option(
     "--out",
     "out_dir",
@@ -91,8 +97,7 @@ def keygen(out_dir: Path, force: bool) -> None:
 @click.option("--per-tensor", is_flag=True, help="Per-tensor int8 weights instead of per-channel.")
 def package(
     checkpoint: Path,
-    dataset: str,
-    mapping: Path | None,
+    data: DatasetChoice,
     out_dir: Path,
     key: Path,
     model_version: int | None,
@@ -100,12 +105,16 @@ def package(
     per_tensor: bool,
 ) -> None:
     """Export a checkpoint to ONNX (parity-checked), quantize to int8 and sign it as a device package."""
-    from edge_client.package import PackageError
+    from edge_client.package import PackageError, load_private_key
     from model.export import ExportError, build_package, popularity_from
-    from model.train import RIBRecommender
 
-    split = open_or_fail(dataset, mapping)
-    rec = RIBRecommender.load(checkpoint, device="cpu")
+    try:
+        load_private_key(key)  # a bad key fails now, not after the export
+    except PackageError as err:
+        raise BadInput(f"--key {key}: {err}") from err
+    rec = load_checkpoint_or_fail(checkpoint, device="cpu")
+    split = data.open()
+    check_checkpoint_data(rec, split, data.name)
     version = model_version or int(time.time())
     echo_step(
         f"exporting {checkpoint} ({rec.rib_config.data_type}, {rec.rib_config.n_items} items) as version {version}"
@@ -120,9 +129,11 @@ def package(
             popularity_from(split.train),
             int8=not fp32,
             per_channel=not per_tensor,
-            extra={"checkpoint": checkpoint.name, "dataset": dataset},
+            extra={"checkpoint": checkpoint.name, "dataset": data.name},
         )
-    except (ExportError, FileExistsError) as err:
+    except FileExistsError as err:
+        raise BadInput(f"{out_dir} already exists; choose a new --out directory") from err
+    except ExportError as err:
         raise click.ClickException(str(err)) from err
     except PackageError as err:
         raise _package_error(err) from err
@@ -138,7 +149,10 @@ def package(
 @click.argument("package_dir", type=click.Path(path_type=Path))
 @public_key_option
 @click.option(
-    "--installed-version", type=int, default=None, help="Refuse unless the package is newer than this."
+    "--installed-version",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Refuse unless the package is newer than this.",
 )
 def verify(package_dir: Path, public_key: Path, installed_version: int | None) -> None:
     """Check a package's signature, manifest, files and version; prints the manifest (exit 2 if refused)."""
@@ -162,12 +176,12 @@ def verify(package_dir: Path, public_key: Path, installed_version: int | None) -
     help="Raw UI events, JSON lines.",
 )
 @public_key_option
-@click.option("-k", "k", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("-k", "k", default=20, show_default=True, type=click.IntRange(1, 1000))
 @click.option(
     "--device",
     "device_id",
     default=None,
-    help="Device whose latest session to use (default: the latest session of any device).",
+    help="Device whose latest session to use (default: the device with the latest session).",
 )
 @click.option("--keep-seen", is_flag=True, help="Do not exclude items already in the session.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output with explanations.")
@@ -180,7 +194,10 @@ def recommend(
     keep_seen: bool,
     as_json: bool,
 ) -> None:
-    """Run the device extractor on raw events and recommend for the latest session."""
+    """Run the device extractor on raw events and recommend for the latest session of one device.
+
+    Sessions are a device's own: two devices' sessions that share an id stay apart.
+    """
     from edge_client.extract import extract_population
     from edge_client.package import PackageError
     from edge_client.runtime import Recommender, format_recommendations, latest_session
@@ -190,31 +207,47 @@ def recommend(
         rec = Recommender(package_dir, public_key)
     except PackageError as err:
         raise _package_error(err) from err
-    report = SkipReport()
-    with open(events, "rb") as handle:
-        population = extract_population(read_event_lines(handle, report), report=report)
+    parsed, extracted = SkipReport(), SkipReport()
+    try:
+        with open(events, "rb") as handle:
+            population = extract_population(read_event_lines(handle, parsed), report=extracted)
+    except OSError as err:
+        raise BadInput(f"cannot read {events}: {err.strerror or err}") from err
+    if not parsed.kept:
+        raise BadInput(f"{events}: no valid events ({parsed.summary()})")
     if device_id is not None:
-        population = {device_id: population.get(device_id, [])}
-    records = [r for device in population.values() for r in device]
-    session = latest_session(records)
+        if device_id not in population:
+            raise BadInput(f"{events} holds no micro behaviors of device {device_id!r}")
+        population = {device_id: population[device_id]}
+    # The device with the latest session; ties go to the larger (device, session) id, deterministically.
+    latest = {device: latest_session(records) for device, records in population.items()}
+    latest = {device: session for device, session in latest.items() if session}
+    chosen = max(
+        latest, key=lambda d: (latest[d][-1].timestamp_ms, d, latest[d][-1].session_id), default=None
+    )
+    session = latest[chosen] if chosen is not None else []
     recs = rec.recommend(session, k=k, exclude_seen=not keep_seen)
     if as_json:
         click.echo(
             json.dumps(
                 {
                     "model_version": rec.model_version,
+                    "device_id": chosen,
+                    "session_id": session[0].session_id if session else None,
                     "session_tuples": len(session),
                     "skipped": dict(rec.stats),
-                    "events": report.to_dict(),
+                    "events": parsed.to_dict(),
+                    "extraction": extracted.to_dict(),
                     "recommendations": format_recommendations(recs),
                 },
                 indent=2,
             )
         )
         return
-    session_id = session[0].session_id if session else "-"
+    where = f"device {chosen}, session {session[0].session_id}" if session else "no session"
     click.echo(
-        f"model v{rec.model_version}; session {session_id}: {len(session)} tuples; events: {report.summary()}"
+        f"model v{rec.model_version}; {where}: {len(session)} tuples; "
+        f"events: {parsed.summary()}; extraction: {extracted.summary()}"
     )
     if rec.stats:
         click.echo(f"skipped tuples: {dict(rec.stats)}")
@@ -261,7 +294,7 @@ class _Stop(Exception):
     "--idle-check-s",
     default=30.0,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     help="Seconds between checks that store the open pages of sessions idle past the session gap (0: off).",
 )
 def serve(
@@ -285,9 +318,14 @@ def serve(
 
     from edge_client.client import EdgeClient
     from edge_client.package import PackageError
+    from edge_client.server import is_loopback
     from edge_client.server import serve as start_server
     from edge_client.store import StoreError
 
+    if not allow_remote and not is_loopback(host):
+        raise BadInput(
+            f"refusing to bind non-loopback host {host!r}; add --allow-remote to expose the device"
+        )
     try:
         client = EdgeClient(
             store_dir, package_dir, public_key, device_id=device_id, idle_check_s=idle_check_s or None
@@ -295,12 +333,17 @@ def serve(
     except PackageError as err:
         raise _package_error(err) from err
     except StoreError as err:
-        raise click.ClickException(f"store refused: {err}") from err
+        raise BadInput(f"store refused: {err}") from err
     try:
         server = start_server(client, host=host, port=port, allow_remote=allow_remote, pages_dir=pages_dir)
-    except (ValueError, OSError) as err:
+    except OSError as err:
         client.close()
-        raise click.ClickException(str(err)) from err
+        if err.errno == errno.EADDRINUSE:
+            raise BadInput(f"port {port} on {host} is busy; choose another with --port") from err
+        raise BadInput(f"cannot serve on {host}:{port}: {err.strerror or err}") from err
+    except ValueError as err:
+        client.close()
+        raise BadInput(str(err)) from err
 
     # The handler raises in the main thread (wherever it is: here, time.sleep) once; a second signal while
     # the server stops and open visits are stored is ignored, so it cannot cut the flush short.
@@ -347,14 +390,33 @@ def serve(
 @click.option(
     "--items",
     "n_items",
+    type=click.IntRange(min=1),
     default=100_000,
     show_default=True,
     help="Catalogue size of the random-weight model.",
 )
-@click.option("--seq-len", default=50, show_default=True)
-@click.option("--repeats", default=500, show_default=True, help="Timed runs per latency figure.")
-@click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads.")
-@click.option("--epochs", default=10, show_default=True, help="Training epochs of the synthetic model.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Timed runs per latency figure.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="onnxruntime intra-op threads.",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Training epochs of the synthetic model.",
+)
 @click.option("--skip-trained", is_flag=True, help="Only the random-weight model.")
 @click.option(
     "--shared-dataset",
@@ -363,7 +425,11 @@ def serve(
     help="Also a model trained on this shared dataset (the largest shared vocabulary); '' to skip.",
 )
 @click.option(
-    "--shared-train-seconds", default=300.0, show_default=True, help="Training budget of that model."
+    "--shared-train-seconds",
+    type=FiniteFloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Training budget of that model.",
 )
 def bench_edge_command(
     out_dir: Path,

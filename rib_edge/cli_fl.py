@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from rib_edge.cli_common import BadInput, check_port_free
+
 _existing = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 # Run-config keys that name files or directories: on a loopback SuperLink ``fl run`` makes them absolute (the
@@ -23,13 +25,6 @@ PATH_KEYS = (
     "signing-key",
     "metrics-path",
 )
-
-
-def _bad_input(message: str) -> click.ClickException:
-    """A bad file or value: one line, exit 2."""
-    exc = click.ClickException(message)
-    exc.exit_code = 2
-    return exc
 
 
 def _tls(ca: Path | None, cert: Path | None = None, key: Path | None = None, insecure: bool = False):
@@ -54,13 +49,6 @@ def _exec(command: list[str], env_extra: dict[str, str] | None = None) -> None:
     os.execvpe(command[0], command, tool_env(env_extra))
 
 
-def _free_or_fail(port: int, flag: str, what: str, host: str = "127.0.0.1") -> None:
-    from aggregator.deploy import port_in_use
-
-    if port_in_use(port, host):
-        raise _bad_input(f"port {port} is in use (another {what}?): give this one its own {flag}")
-
-
 def parse_run_config(items: tuple[str, ...] | list[str]) -> dict[str, object]:
     """``-c key=value`` items as TOML values (strings may be bare); exit 2 on a malformed item."""
     import tomllib
@@ -69,7 +57,7 @@ def parse_run_config(items: tuple[str, ...] | list[str]) -> dict[str, object]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise _bad_input(f"--run-config expects key=value, got {item!r}")
+            raise BadInput(f"--run-config expects key=value, got {item!r}")
         try:
             overrides[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
@@ -92,7 +80,7 @@ def checked_run_config(overrides: dict[str, object], local: bool) -> dict[str, o
         if local:
             check_run_files(fed)
     except ConfigError as err:
-        raise _bad_input(str(err)) from None
+        raise BadInput(str(err)) from None
     return overrides
 
 
@@ -135,7 +123,7 @@ def fl_serve(
     tls = _tls(ssl_ca_certfile, ssl_certfile, ssl_keyfile, insecure)
     if tls is not None and (ssl_certfile is None or ssl_keyfile is None):
         raise click.UsageError("TLS needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile")
-    _free_or_fail(port, "--port", "SuperLink", host)
+    check_port_free(host, port)
     _exec(superlink_command(port, host=host, database=database, tls=tls))
 
 
@@ -177,11 +165,11 @@ def fl_join(
     from federation.client_app import JoinRefused, check_device
 
     tls = _tls(root_certificates, insecure=insecure)
-    _free_or_fail(port, "--port", "SuperNode")
+    check_port_free("127.0.0.1", port)
     try:
         found = check_device(device_dir, package_dir, public_key)
     except JoinRefused as err:
-        raise _bad_input(f"refusing to join ({err.reason}): {err}") from None
+        raise BadInput(f"refusing to join ({err.reason}): {err}") from None
     unknown = found["unknown_activities"]
     click.echo(
         f"device store: {found['records']} records in {found['sessions']} sessions; installed package: "
@@ -197,7 +185,7 @@ def fl_join(
     try:
         command = supernode_command(superlink, node, port, tls)
     except ValueError as err:
-        raise _bad_input(str(err)) from err
+        raise BadInput(str(err)) from err
     _exec(command)
 
 
@@ -296,7 +284,7 @@ def fl_demo(
     try:
         FederationConfig.from_run_config(extra)
     except ConfigError as err:
-        raise _bad_input(str(err)) from None
+        raise BadInput(str(err)) from None
     try:
         if prepare_only:
             artifacts = prepare(out_dir, devices, seed, click.echo)
@@ -306,5 +294,5 @@ def fl_demo(
             return
         code = run_demo(out_dir, devices, rounds, seed, extra, timeout_s, click.echo)
     except FileExistsError as err:
-        raise _bad_input(str(err)) from None
+        raise BadInput(str(err)) from None
     raise SystemExit(code)

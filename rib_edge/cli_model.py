@@ -10,22 +10,23 @@ from pathlib import Path
 
 import click
 
-from rib_edge.cli_common import DATASET_HELP, echo_step, mapping_option, open_or_fail
+from rib_edge.cli_common import (
+    BadInput,
+    DatasetChoice,
+    FiniteFloatRange,
+    check_checkpoint_data,
+    dataset_options,
+    echo_step,
+    load_checkpoint_or_fail,
+    seed_option,
+    warn_small_test,
+)
 
 DATA_TYPE_NAMES = ("SKU", "SKU+Activity", "SKU+Dwell", "SKU+Micro")
 
 
-def _metric_lines(result) -> list[str]:
-    lines = []
-    for metric in ("recall@20", "mrr@20"):
-        low, high = result.bootstrap_ci(metric)
-        lines.append(f"{metric}: {result.metrics[metric]:.4f}  95% CI [{low:.4f}, {high:.4f}]")
-    return lines
-
-
 @click.command("train")
-@click.option("--dataset", required=True, help=DATASET_HELP)
-@mapping_option
+@dataset_options()
 @click.option(
     "--data-type",
     type=click.Choice(DATA_TYPE_NAMES),
@@ -33,7 +34,7 @@ def _metric_lines(result) -> list[str]:
     show_default=True,
     help="Which tuple fields the model sees (paper Section 5.1).",
 )
-@click.option("--epochs", default=10, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option(
     "--out",
     "out_dir",
@@ -57,12 +58,14 @@ def _metric_lines(result) -> list[str]:
 @click.option(
     "--no-attention", is_flag=True, help="RIB-Attention: last hidden state instead of attention pooling."
 )
-@click.option("--seed", default=0, show_default=True)
-@click.option("--item-dim", default=64, show_default=True)
-@click.option("--hidden-dim", default=100, show_default=True)
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--lr", default=5e-3, show_default=True)
-@click.option("--threads", default=1, show_default=True, help="torch CPU threads.")
+@seed_option
+@click.option("--item-dim", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--hidden-dim", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=5e-3, show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads."
+)
 @click.option("--device", default=None, help="auto, cpu or cuda (env RIB_EDGE_DEVICE overrides).")
 @click.option(
     "--item-catalog",
@@ -88,8 +91,7 @@ def _metric_lines(result) -> list[str]:
     "(validation included: the most recent sessions).",
 )
 def train_command(
-    dataset: str,
-    mapping: Path | None,
+    data: DatasetChoice,
     data_type: str,
     epochs: int,
     out_dir: Path,
@@ -112,12 +114,12 @@ def train_command(
     from model.catalog import CatalogError, catalog_file_vectors
     from model.train import TrainConfig, rib_config_for, train_rib
 
-    split = open_or_fail(dataset, mapping)
+    split = data.open()
     train = split.train
     if data_type in ("SKU+Activity", "SKU+Micro") and not train.has_activity:
-        click.echo(f"note: {dataset} has no activity field; the activity embedding sees one constant value")
+        click.echo(f"note: {data.name} has no activity field; the activity embedding sees one constant value")
     if data_type in ("SKU+Dwell", "SKU+Micro") and not train.has_dwell:
-        click.echo(f"note: {dataset} has no dwell time; the dwell embedding sees only 'unknown'")
+        click.echo(f"note: {data.name} has no dwell time; the dwell embedding sees only 'unknown'")
     try:
         rib_config = rib_config_for(
             train,
@@ -131,7 +133,7 @@ def train_command(
             freeze_items=freeze_items,
         )
     except ValueError as err:  # e.g. --tie-output with the paper loss
-        raise click.ClickException(str(err)) from err
+        raise BadInput(str(err)) from err
     train_config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -147,7 +149,7 @@ def train_command(
         try:
             item_vectors = catalog_file_vectors(item_catalog, train.vocab.item_ids, item_dim, seed)
         except CatalogError as err:
-            raise click.ClickException(str(err)) from err
+            raise BadInput(str(err)) from err
         covered = int(item_vectors.present[1:].sum())
         echo_step(f"item init from {item_catalog}: {covered} of {train.n_items} items")
     echo_step(
@@ -176,8 +178,7 @@ def train_command(
 
 
 @click.command("eval")
-@click.option("--dataset", required=True, help=DATASET_HELP)
-@mapping_option
+@dataset_options()
 @click.option(
     "--checkpoint",
     "checkpoint",
@@ -186,26 +187,28 @@ def train_command(
     help="rib.pt written by `rib-edge train`.",
 )
 @click.option("--device", default=None, help="auto, cpu or cuda (env RIB_EDGE_DEVICE overrides).")
-def eval_command(dataset: str, mapping: Path | None, checkpoint: Path, device: str | None) -> None:
-    """Evaluate a RIB checkpoint on a dataset's test split: Recall@20 and MRR@20 with 95% bootstrap CIs."""
-    from model.evaluate import evaluate
-    from model.train import load_checkpoint
+def eval_command(data: DatasetChoice, checkpoint: Path, device: str | None) -> None:
+    """Evaluate a RIB checkpoint on a dataset's test split: Recall@20 and MRR@20 with 95% bootstrap CIs.
 
-    split = open_or_fail(dataset, mapping)
-    try:
-        rec = load_checkpoint(checkpoint, device=device)
-    except (ValueError, RuntimeError, KeyError) as err:
-        raise click.ClickException(f"cannot load {checkpoint}: {err}") from err
-    if rec.rib_config.n_items != split.test.n_items:
-        raise click.ClickException(
-            f"checkpoint has {rec.rib_config.n_items} items but {dataset} has {split.test.n_items}: trained on another dataset?"
-        )
+    The dataset (with its --mapping and split settings) must give the vocabularies the checkpoint was
+    trained with; another one is refused.
+    """
+    from experiments.benchmark import small_test
+    from model.evaluate import evaluate
+
+    rec = load_checkpoint_or_fail(checkpoint, device=device)
+    split = data.open()
+    check_checkpoint_data(rec, split, data.name)
     result = evaluate(rec, split.test)
     click.echo(
-        f"{rec.name} ({rec.rib_config.data_type}, {rec.rib_config.loss} loss) on {dataset} test: {result.n_examples} examples"
+        f"{rec.name} ({rec.rib_config.data_type}, {rec.rib_config.loss} loss) on {data.name} test: {result.n_examples} examples"
     )
-    for line in _metric_lines(result):
-        click.echo(line)
+    row = {}
+    for metric in ("recall@20", "mrr@20"):
+        low, high = result.bootstrap_ci(metric)
+        row[f"{metric}_ci95"] = [low, high]
+        click.echo(f"{metric}: {result.metrics[metric]:.4f}  95% CI [{low:.4f}, {high:.4f}]")
+    warn_small_test(small_test(result.n_examples, [row]))
 
 
 def _split_csv(value: str | None) -> list[str] | None:
@@ -213,8 +216,7 @@ def _split_csv(value: str | None) -> list[str] | None:
 
 
 @click.command("accuracy")
-@click.option("--dataset", required=True, help=DATASET_HELP)
-@mapping_option
+@dataset_options()
 @click.option(
     "--out",
     "out_dir",
@@ -233,11 +235,16 @@ def _split_csv(value: str | None) -> list[str] | None:
     help="Comma-separated subset of RIB data types: SKU,SKU+Activity,SKU+Dwell,SKU+Micro.",
 )
 @click.option(
-    "--epochs", type=int, default=None, help="Max RIB epochs (early stopping on validation Recall@20)."
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Max RIB epochs (early stopping on validation Recall@20).",
 )
 @click.option("--quick", is_flag=True, help="CI-sized run: tiny RIB, 2 epochs, 100 bootstrap resamples.")
-@click.option("--threads", default=1, show_default=True, help="torch CPU threads for RIB.")
-@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads for RIB."
+)
+@seed_option
 @click.option(
     "--item-catalog",
     default=None,
@@ -253,8 +260,7 @@ def _split_csv(value: str | None) -> list[str] | None:
     help="Instead of running: merge accuracy runs (dirs with accuracy.json + ranks.npz) of this dataset into --out.",
 )
 def bench_accuracy_command(
-    dataset: str,
-    mapping: Path | None,
+    data: DatasetChoice,
     out_dir: Path | None,
     models: str | None,
     data_types: str | None,
@@ -270,11 +276,11 @@ def bench_accuracy_command(
     from experiments.accuracy import MODEL_NAMES, AccuracySettings, merge_accuracy, run_accuracy
 
     if merge_dirs:
-        out_dir = out_dir or Path("benchmarks/results/accuracy") / Path(dataset).name
+        out_dir = out_dir or Path("benchmarks/results/accuracy") / data.label
         try:
             merge_accuracy(merge_dirs, out_dir)
-        except ValueError as err:
-            raise click.ClickException(str(err)) from err
+        except (ValueError, OSError) as err:
+            raise BadInput(f"--merge: {err}") from err
         click.echo(
             f"merged {len(merge_dirs)} runs into {out_dir / 'accuracy.json'} and {out_dir / 'accuracy.md'}"
         )
@@ -291,17 +297,17 @@ def bench_accuracy_command(
             item_catalog=item_catalog,
         )
     except ValueError as err:
-        raise click.ClickException(str(err)) from err
+        raise BadInput(str(err)) from err
     from model.catalog import CatalogError
 
     if item_catalog is not None and item_catalog != "shipped" and not Path(item_catalog).is_file():
-        raise click.ClickException(f"--item-catalog: {item_catalog} is not a file (or 'shipped')")
-    split = open_or_fail(dataset, mapping)
-    out_dir = out_dir or Path("benchmarks/results/accuracy") / Path(dataset).name
+        raise BadInput(f"--item-catalog: {item_catalog} is not a file (or 'shipped')")
+    split = data.open()
+    out_dir = out_dir or Path("benchmarks/results/accuracy") / data.label
     try:
-        payload = run_accuracy(split, dataset, out_dir, settings, progress=echo_step)
+        payload = run_accuracy(split, data.name, out_dir, settings, progress=echo_step)
     except CatalogError as err:
-        raise click.ClickException(str(err)) from err
+        raise BadInput(str(err)) from err
     for row in payload["rows"]:
         if row.get("skipped"):
             click.echo(f"{row['model']:14s} {row['data_type']:13s} skipped: {row['skipped']}")
@@ -310,11 +316,11 @@ def bench_accuracy_command(
                 f"{row['model']:14s} {row['data_type']:13s} recall@20 {row['recall@20']:.4f}  mrr@20 {row['mrr@20']:.4f}"
             )
     click.echo(f"wrote {out_dir / 'accuracy.json'} and {out_dir / 'accuracy.md'}")
+    warn_small_test(payload.get("small_test_reasons", []))
 
 
 @click.command("case-study")
-@click.option("--dataset", required=True, help=DATASET_HELP)
-@mapping_option
+@dataset_options()
 @click.option(
     "--checkpoint",
     "checkpoints",
@@ -325,7 +331,7 @@ def bench_accuracy_command(
 )
 @click.option(
     "--session",
-    type=int,
+    type=click.IntRange(min=0),
     default=None,
     help="Test session index [default: a 6-14 tuple session with varied activities].",
 )
@@ -337,8 +343,7 @@ def bench_accuracy_command(
     help="Output directory [default: benchmarks/results/case_study/<dataset>].",
 )
 def case_study_command(
-    dataset: str,
-    mapping: Path | None,
+    data: DatasetChoice,
     checkpoints: tuple[Path, ...],
     session: int | None,
     out_dir: Path | None,
@@ -346,12 +351,15 @@ def case_study_command(
     """Figure-8 case study: attention weight of every tuple of one test session, per data type (text + PNG)."""
     from experiments.case_study import case_study, case_study_text, write_case_study
 
-    split = open_or_fail(dataset, mapping)
+    recs = [load_checkpoint_or_fail(path) for path in checkpoints]
+    split = data.open()
+    for rec in recs:
+        check_checkpoint_data(rec, split, data.name)
     try:
         study = case_study(split.test, checkpoints, session)
     except (ValueError, RuntimeError, KeyError) as err:
-        raise click.ClickException(str(err)) from err
-    out_dir = out_dir or Path("benchmarks/results/case_study") / Path(dataset).name
+        raise BadInput(str(err)) from err
+    out_dir = out_dir or Path("benchmarks/results/case_study") / data.label
     paths = write_case_study(study, out_dir)
     click.echo(case_study_text(study))
     click.echo(f"wrote {paths['json']}, {paths['text']} and {paths['png']}")

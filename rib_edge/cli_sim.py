@@ -8,9 +8,11 @@ from pathlib import Path
 
 import click
 
+from edge_client.schema import SchemaError
+from rib_edge.cli_common import BadInput, DatasetChoice, FiniteFloatRange, dataset_options
+
 # Flags that override a preset's settings (None = keep the preset's value): option name -> preset key.
 _OVERRIDES = {
-    "dataset": "dataset",
     "devices": "devices",
     "rounds": "num-server-rounds",
     "fraction": "fraction-fit",
@@ -27,7 +29,11 @@ _OVERRIDES = {
 
 @click.command("simulate")
 @click.option("--preset", default="smoke", show_default=True, help="Scenario from simulations/presets.toml.")
-@click.option("--dataset", default=None, help="'synthetic' or a shared dataset name (overrides the preset).")
+@dataset_options(
+    required=False,
+    help="'synthetic', a shared dataset name, an interactions file or a directory of device event logs "
+    "(overrides the preset's; --mapping and the split settings apply to either).",
+)
 @click.option(
     "--devices",
     type=click.IntRange(min=2),
@@ -37,23 +43,23 @@ _OVERRIDES = {
 @click.option("--rounds", type=click.IntRange(min=1), default=None)
 @click.option(
     "--fraction",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FiniteFloatRange(0, 1, min_open=True),
     default=None,
     help="Share of devices sampled per round.",
 )
 @click.option("--local-steps", type=click.IntRange(min=1), default=None)
 @click.option(
     "--dp-epsilon",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=None,
     help="User-level DP target epsilon.",
 )
-@click.option("--dropout", type=click.FloatRange(0, 1), default=None)
+@click.option("--dropout", type=FiniteFloatRange(0, 1), default=None)
 @click.option("--availability", type=click.Choice(["always", "diurnal"]), default=None)
-@click.option("--straggler-fraction", type=click.FloatRange(0, 1), default=None)
-@click.option("--deadline-s", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--straggler-fraction", type=FiniteFloatRange(0, 1), default=None)
+@click.option("--deadline-s", type=FiniteFloatRange(min=0, min_open=True), default=None)
 @click.option("--strategy", type=click.Choice(["fedavg", "fedadam"]), default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=click.IntRange(min=0), default=None)
 @click.option(
     "--population",
     "population_dir",
@@ -82,6 +88,7 @@ _OVERRIDES = {
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 def simulate_command(
     preset: str,
+    data: DatasetChoice,
     population_dir: Path | None,
     ray_address: str | None,
     num_cpus: int,
@@ -98,12 +105,19 @@ def simulate_command(
     try:
         settings = load_preset(preset)
         settings.update({_OVERRIDES[k]: v for k, v in flags.items() if v is not None})
+        if data.name is not None:
+            settings["dataset"] = data.name
+        options = data.options
+        if options.mapping is not None:
+            settings["mapping"] = str(options.mapping)
+        if options.min_item_support is not None:
+            settings["min-item-support"] = options.min_item_support
+        if options.test_fraction is not None or options.test_days is not None:  # one replaces the other
+            settings["test-fraction"], settings["test-days"] = options.test_fraction, options.test_days
         settings.update(parse_run_config(run_config))
         check_settings(preset, settings)
     except PresetError as err:
-        exc = click.ClickException(str(err))
-        exc.exit_code = 2
-        raise exc from None
+        raise BadInput(str(err)) from err
     started = time.perf_counter()
     click.echo(
         f"preset {preset}: {json.dumps({k: v for k, v in settings.items() if k != 'description'}, default=str)}"
@@ -125,6 +139,8 @@ def simulate_command(
 
     try:
         summary = simulate(settings, out_dir, population_dir, ray_address, num_cpus, on_round, on_build)
+    except SchemaError as err:  # the dataset, its mapping or its settings: the user's input
+        raise BadInput(str(err)) from err
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
     keys = (

@@ -190,21 +190,33 @@ def simulate(
     build_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, object]:
     """Build (or reuse) the population, run the federation, write metrics, summary and plots."""
+    from model.data.open import DataOptions, protocol_for
     from simulations.population import build_population, open_population
 
     out = Path(out_dir)
     settings = dict(settings)
     het = heterogeneity_from(settings)
+    dataset = str(settings["dataset"])
+    options = DataOptions(
+        settings.get("mapping") or None,  # type: ignore[arg-type]
+        settings.get("min-item-support"),  # type: ignore[arg-type]
+        settings.get("test-fraction"),  # type: ignore[arg-type]
+        settings.get("test-days"),  # type: ignore[arg-type]
+    )
+    # An explicitly given population is used as it is; the run's own is built, resumed, or (when built
+    # with these settings) reused, and refused when it was built with others.
     pop_dir = Path(population_dir) if population_dir else out / "population"
-    if not (pop_dir / "population.json").exists():
+    if population_dir is None or not (pop_dir / "population.json").exists():
         build_population(
-            str(settings["dataset"]),
+            dataset,
             pop_dir,
             partition=str(settings.get("partition", "auto")),
             max_devices=settings.get("devices"),  # type: ignore[arg-type]
             seed=int(settings.get("seed", 0)),  # type: ignore[call-overload]
+            mapping=options.mapping,
             heterogeneity=het,
             min_examples=int(settings.get("min-examples", 0)),  # type: ignore[call-overload]
+            protocol=protocol_for(dataset, options),
             progress=build_progress,
         )
     population = open_population(pop_dir)

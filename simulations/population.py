@@ -73,6 +73,7 @@ BUILD_FILE = "build.json"
 DEVICES_DIR = "devices"
 SPLIT_FILE = Path("server") / "split.npz"
 STATUS_OK = "ok"
+REPLAY = "action-events"
 _REQUIRED_KEYS = (
     "format",
     "source",
@@ -304,6 +305,11 @@ def _open_source(
     min_examples: int,
     protocol: ProtocolConfig | None,
 ) -> PopulationSource:
+    if mapping is not None and (source == SYNTHETIC or Path(source).expanduser().is_dir()):
+        raise SchemaError(
+            "bad_argument",
+            f"{source}: an activity mapping applies to interaction logs; device events name their activities",
+        )
     if source == SYNTHETIC:
         n = max_devices if max_devices is not None else (synthetic or SyntheticConfig()).n_devices
         return SyntheticSource(n, seed, synthetic, heterogeneity, split_devices, protocol)
@@ -351,8 +357,8 @@ def _prepare_dir(out: Path, params: dict, overwrite: bool) -> bool:
     if not overwrite:
         changed = sorted(k for k in set(params) | set(previous) if params.get(k) != previous.get(k))
         raise PopulationError(
-            f"{out} holds a population built with other arguments ({', '.join(changed) or 'unreadable'}); "
-            "pass overwrite=True to rebuild it"
+            f"{out} holds a population built with other settings ({', '.join(changed) or 'unreadable'}); "
+            "delete it or use another directory"
         )
     for entry in (summary, build, out / DEVICES_FILE, out / "server", out / DEVICES_DIR):
         if entry.is_dir():
@@ -463,7 +469,8 @@ def build_population(
     (``max_devices`` devices, default the SyntheticConfig's), or a directory of per-device raw event logs.
     ``partition``: ``auto`` (by user where every row has a user id, else by session), ``user`` or
     ``session`` (interaction logs only). ``max_devices``: a seeded sample of that many devices.
-    ``mapping``: an activity mapping (object or TOML path) for interaction logs; at most 5 activities.
+    ``mapping``: an activity mapping (object or TOML path) for interaction logs; devices record its
+    activities, however many, as ``action`` events under the same names.
     ``protocol``: the session protocol's settings (default: the source's, as a centralized run uses).
     ``heterogeneity.volume_skew``: Zipf-skewed sessions per device (synthetic) or a cap on each device's
     training sessions (real logs). ``split_devices``: event sources build the server split from this many
@@ -481,7 +488,10 @@ def build_population(
         "max_devices": max_devices,
         "seed": seed,
         "data_dir": None if data_dir is None else str(data_dir),
-        "mapping": _jsonable(mapping),
+        # The mapping's content, not its path: an edited mapping file is another population.
+        "mapping": _jsonable(
+            ActivityMapping.from_toml(mapping) if isinstance(mapping, (str, os.PathLike)) else mapping
+        ),
         "volume": (
             {k: v for k, v in heterogeneity.to_dict().items() if k.startswith("volume") or k == "seed"}
             if heterogeneity.volume_skew > 0
@@ -491,6 +501,9 @@ def build_population(
         "split_devices": split_devices,
         "min_examples": min_examples,
         "protocol": None if protocol is None else protocol.to_dict(),
+        # How interaction rows become device events: one ``action`` event each, under the mapping's names (a
+        # population built before, under device activity names, is refused rather than silently reused).
+        "replay": REPLAY,
     }
     params = json.loads(json.dumps(params))  # the form it has after a round trip through build.json
     if out.exists() and not out.is_dir():

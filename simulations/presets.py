@@ -16,10 +16,15 @@ from pathlib import Path
 
 PRESETS_FILE = "presets.toml"
 
-# The population and its faults, with defaults; None means "not set" (every user, no deadline).
+# The population (its data settings as every --dataset command takes them) and its faults, with defaults;
+# None means "not set" (the dataset's own protocol, every user, no deadline).
 SIMULATION_DEFAULTS: dict[str, object] = {
     "description": "",
     "dataset": "synthetic",
+    "mapping": None,
+    "min-item-support": None,
+    "test-fraction": None,
+    "test-days": None,
     "partition": "auto",
     "devices": None,
     "min-examples": 0,
@@ -36,6 +41,10 @@ SIMULATION_DEFAULTS: dict[str, object] = {
 _TYPES: dict[str, tuple[type, ...]] = {
     "description": (str,),
     "dataset": (str,),
+    "mapping": (str,),
+    "min-item-support": (int,),
+    "test-fraction": (int, float),
+    "test-days": (int, float),
     "partition": (str,),
     "devices": (int,),
     "min-examples": (int,),
@@ -122,6 +131,9 @@ def check_settings(name: str, settings: dict[str, object]) -> None:
         ("devices", settings["devices"] is None or settings["devices"] >= 1),
         ("min-examples", settings["min-examples"] >= 0),
         ("partition", settings["partition"] in ("auto", "user", "session")),
+        ("min-item-support", settings["min-item-support"] is None or settings["min-item-support"] >= 1),
+        ("test-fraction", settings["test-fraction"] is None or 0 < settings["test-fraction"] < 1),
+        ("test-days", settings["test-days"] is None or settings["test-days"] > 0),
     )
     bad = [key for key, ok in checks if not ok]
     if bad:

@@ -4,19 +4,13 @@ Real datasets are interaction logs (user, item, action, time), not raw UI events
 its interactions as the raw events a real device would record, replays them through the device's own
 ``TupleExtractor`` and keeps the result in its own encrypted ``TupleStore``.
 
-**Activities.** The device's event schema can say five things *inside* a product visit: a module view
-(comments, specification, bottom), cart and order; each becomes one RIB activity (Detail_comments,
-Detail_specification, Detail_bottom, Cart, Order). An ``ActivityCodec`` gives every activity of a dataset
-(<= 5 of them, after its mapping) one of those, by name where one fits (cart -> Cart, order/buy -> Order,
-comment -> Detail_comments), the rest in vocabulary order. The server split is built with the same
-mapping renamed through the codec, so its activity vocabulary has the centralized run's order (the same
-indices, so the same model) under the names the devices' records carry. Page-entry activities
-(Home2Product ...) are not used: a ``page_enter`` always opens a new visit, so a log activity that can
-occur in the middle of a visit cannot be one.
+**Activities.** Each interaction row becomes one ``action`` event that carries its activity name (the
+dataset's, after its mapping): the device records any app's own actions, as many as the mapping has, and
+the server split is the centralized split itself (same names, same order, same indices).
 
-**Events.** Each interaction row is one in-visit event (``module_view``/``cart``/``order``) on its item
-at its time, in the protocol's order (time, then log order). No ``page_enter`` is sent: an action on an
-item with no open page opens a visit of its own, and a different item closes the open one ("switch"), so
+**Events.** Each interaction row is one ``action`` event on its item at its time, in the protocol's order
+(time, then log order); like ``module_view``/``cart``/``order`` it adds to the open visit of its item. No
+``page_enter`` is sent: an action on an item with no open page opens a visit of its own, and a different item closes the open one ("switch"), so
 the extractor's visits are the protocol's visits (consecutive rows on one item), its repeat collapsing
 is the protocol's, and a visit's dwell is the time to the next visit's first event, capped at 30 min: the
 protocol's gap-derived dwell. Where the log gives ``dwell_seconds``, a ``page_leave`` closes the visit at
@@ -35,125 +29,17 @@ protocol's gap-derived dwell. Where the log gives ``dwell_seconds``, a ``page_le
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from edge_client.extract import DEVICE_EXTRACTOR_CONFIG
-from edge_client.schema import (
-    EVENT_TO_ACTIVITY,
-    MODULE_TO_ACTIVITY,
-    EventType,
-    MicroBehavior,
-    RawEvent,
-    SchemaError,
-)
+from edge_client.schema import EventType, MicroBehavior, RawEvent
 from model.data.dataset import SessionDataset, Vocabulary
 from model.data.local import records_to_dataset
-from model.data.mapping import ActivityMapping, looks_like_conversion
 
-# The RIB activities a device can record inside a visit, with the event that records each.
-IN_VISIT_EVENTS: dict[str, tuple[EventType, str | None]] = {
-    MODULE_TO_ACTIVITY["specification"]: (EventType.MODULE_VIEW, "specification"),
-    MODULE_TO_ACTIVITY["comments"]: (EventType.MODULE_VIEW, "comments"),
-    MODULE_TO_ACTIVITY["bottom"]: (EventType.MODULE_VIEW, "bottom"),
-    EVENT_TO_ACTIVITY[EventType.CART.value]: (EventType.CART, None),
-    EVENT_TO_ACTIVITY[EventType.ORDER.value]: (EventType.ORDER, None),
-}
-MAX_DEVICE_ACTIVITIES = len(IN_VISIT_EVENTS)
 _GAP_MS = DEVICE_EXTRACTOR_CONFIG.session_gap_s * 1000
-_ORDER_WORD = re.compile(r"(?<![a-z])(order|buy|purchase|checkout)(s|ed)?(?![a-z])", re.I)
-_CART_WORD = re.compile(r"(?<![a-z])carts?(?![a-z])", re.I)
-_COMMENT_WORD = re.compile(r"(?<![a-z])(comment|review)s?(?![a-z])", re.I)
-
-# Datasets with more activities than a device can express, and the collapse their population uses.
-COLLAPSED_MAPPINGS: dict[str, ActivityMapping] = {
-    # JData 2016: 58 click modules -> one "click" (datasets.md documents the same collapse for any run).
-    "jdata2016_sample": ActivityMapping(
-        actions={
-            "browse": "browse",
-            "click:*": "click",
-            "click": "click",
-            "add_cart": "add_cart",
-            "order": "order",
-            "follow": "follow",
-        },
-        drop=frozenset({"remove_cart"}),
-        conversions=frozenset({"add_cart", "order"}),
-        activities=("browse", "click", "add_cart", "order", "follow"),
-    ),
-}
-
-
-@dataclass(frozen=True)
-class ActivityCodec:
-    """A dataset's activities -> the RIB activities a device records them as (one-to-one)."""
-
-    to_device: Mapping[str, str]
-
-    def __post_init__(self) -> None:
-        targets = list(self.to_device.values())
-        unknown = sorted(set(targets) - set(IN_VISIT_EVENTS))
-        if unknown or len(set(targets)) != len(targets):
-            raise SchemaError("bad_codec", f"activity codec must map one-to-one into {list(IN_VISIT_EVENTS)}")
-        object.__setattr__(self, "to_device", dict(self.to_device))
-
-    @classmethod
-    def for_activities(cls, activities: Sequence[str]) -> ActivityCodec:
-        """Assign device activities: names that already are one, then by meaning, then in order."""
-        if len(activities) > MAX_DEVICE_ACTIVITIES:
-            raise SchemaError(
-                "too_many_activities",
-                f"{len(activities)} activities ({', '.join(list(activities)[:6])}...) but a device records at most "
-                f"{MAX_DEVICE_ACTIVITIES} in a visit ({', '.join(IN_VISIT_EVENTS)}); collapse them with an activity "
-                'mapping (e.g. "click:*" = "click")',
-            )
-        free = list(IN_VISIT_EVENTS)
-        out: dict[str, str] = {}
-
-        def take(activity: str, target: str) -> None:
-            out[activity] = target
-            free.remove(target)
-
-        for activity in activities:
-            if activity in free:
-                take(activity, activity)
-        rules = (
-            ("Order", _ORDER_WORD),
-            ("Cart", _CART_WORD),
-            (MODULE_TO_ACTIVITY["comments"], _COMMENT_WORD),
-        )
-        for activity in activities:
-            if activity in out:
-                continue
-            text = activity.replace("_", " ").replace("-", " ")
-            for target, pattern in rules:
-                if (
-                    target in free
-                    and pattern.search(text)
-                    and looks_like_conversion(text) == (target in ("Order", "Cart"))
-                ):
-                    take(activity, target)
-                    break
-        for activity in activities:
-            if activity not in out:
-                take(activity, free[0])
-        return cls({a: out[a] for a in activities})
-
-    def rename(self, mapping: ActivityMapping) -> ActivityMapping:
-        """The same mapping with activity names replaced by device names (order, drops and conversions kept)."""
-        return ActivityMapping(
-            actions={action: self.to_device[activity] for action, activity in mapping.actions.items()},
-            drop=mapping.drop,
-            conversions=frozenset(self.to_device[c] for c in mapping.conversions),
-            activities=tuple(self.to_device[a] for a in mapping.activities),
-        )
-
-    def to_dict(self) -> dict[str, str]:
-        """JSON-ready form: dataset activity -> device activity."""
-        return dict(self.to_device)
 
 
 def rows_to_events(
@@ -170,9 +56,9 @@ def rows_to_events(
     end before the visit's last event), which the extractor then measures from the events instead.
     """
     n = len(timestamps_ms)
-    kinds = [IN_VISIT_EVENTS[a] for a in activities]
+    action = EventType.ACTION
     events = [
-        RawEvent(device_id, sessions[i], int(timestamps_ms[i]), kinds[i][0], items[i], module=kinds[i][1])
+        RawEvent(device_id, sessions[i], int(timestamps_ms[i]), action, items[i], action=activities[i])
         for i in range(n)
     ]
     if dwell_seconds is None or not np.isfinite(dwell_seconds).any():

@@ -26,6 +26,7 @@ import pandas as pd
 from edge_client.extract import DEVICE_EXTRACTOR_CONFIG, TupleExtractor
 from edge_client.schema import (
     RIB_ACTIVITY_VOCAB,
+    ActivityVocabulary,
     MicroBehavior,
     RawEvent,
     SchemaError,
@@ -37,7 +38,7 @@ from model.data.mapping import ActivityMapping
 from model.data.protocol import ProtocolConfig, build_split, sessionize, to_visit_tuples
 from model.data.synthetic import DAY_MS, SyntheticConfig, _category_chains, _session_events
 from simulations.heterogeneity import Heterogeneity
-from simulations.replay import COLLAPSED_MAPPINGS, MAX_DEVICE_ACTIVITIES, ActivityCodec, rows_to_events
+from simulations.replay import rows_to_events
 
 SYNTHETIC = "synthetic"
 PARTITIONS = ("auto", "user", "session")
@@ -76,6 +77,15 @@ def extract(events: list[RawEvent], report: SkipReport | None = None) -> list[Mi
         records += push(event)
     records += extractor.flush()
     return records
+
+
+def event_log_activities(activities: pd.Series) -> ActivityVocabulary:
+    """The activity vocabulary of extracted device events: RIB's (Table 1) when every activity is one of
+    its names (a JD-style kiosk), else the app's own action names, most frequent first, conversions by name
+    (as for an interactions file without a mapping)."""
+    if set(activities.unique()) <= set(RIB_ACTIVITY_VOCAB.names):
+        return RIB_ACTIVITY_VOCAB
+    return ActivityMapping.infer(activities).vocabulary()
 
 
 def _sample_sorted(keys: list[str], max_devices: int | None, seed: int) -> list[str]:
@@ -170,11 +180,8 @@ class InteractionSource(PopulationSource):
                 f"{name_or_path!r} is neither a dataset name ({', '.join(DATASETS)}), {SYNTHETIC!r}, "
                 "an interactions file nor a directory of device event logs",
             )
-        base = mapping or loaded.mapping
-        if mapping is None and len(base.activities) > MAX_DEVICE_ACTIVITIES and name in COLLAPSED_MAPPINGS:
-            base = COLLAPSED_MAPPINGS[name]
-        self.codec = ActivityCodec.for_activities(base.activities)
-        self.mapping = self.codec.rename(base)
+        # The centralized run's mapping: devices record its activity names as ``action`` events, however many.
+        self.mapping = mapping or loaded.mapping
         self.config = protocol or loaded.config
         self.name = loaded.name
         self.loaded_notes = loaded.notes
@@ -187,7 +194,7 @@ class InteractionSource(PopulationSource):
         frame = sessionize(mapped.drop(columns="action").reset_index(drop=True), self.config.session_gap_s)
         has_user = "user_id" in frame and frame["user_id"].notna().all()
         if partition == "user" and not has_user:
-            raise SchemaError("missing_field", f"{self.name}: partition='user' needs a user id on every row")
+            raise SchemaError("missing_field", f"{self.name}: devices by user need a user_id on every row")
         self.partition = ("user" if has_user else "session") if partition == "auto" else partition
 
         # Train/test side of every session exactly as build_split decides it (session end over tuples).
@@ -273,7 +280,6 @@ class InteractionSource(PopulationSource):
             "notes": self.loaded_notes,
             "protocol": self.config.to_dict(),
             "mapping": self.mapping.to_dict(),
-            "activity_codec": self.codec.to_dict(),
             "source_skips": self.split.info.get("skips", {}),
             "excluded": self.excluded,
             "train_sessions": self.train_sessions,
@@ -328,7 +334,7 @@ class _EventSource(PopulationSource):
         frame = pd.DataFrame(
             rows, columns=["session_id", "user_id", "timestamp_ms", "item_id", "activity", "dwell_seconds"]
         )
-        self.split = build_split(frame, self.name, RIB_ACTIVITY_VOCAB, self.protocol)
+        self.split = build_split(frame, self.name, event_log_activities(frame["activity"]), self.protocol)
         self.split.info.update(source=self.name, split_devices=used)
         self.split_ms = int(self.split.info["split_time_ms"])
 

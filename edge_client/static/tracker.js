@@ -8,6 +8,11 @@
  *   <section data-rib-module="comments">                  module views (comments | specification | bottom)
  *   <button data-rib-action="cart">                       cart / order clicks (on the page's item, or the
  *                                                         closest data-rib-item ancestor's)
+ * An app with its own behaviors (a hotel, media or grocery kiosk) names them with the activity names its
+ * model package ships (vocab.json); each becomes an "action" event:
+ *   <body data-rib-item="ROOM" data-rib-enter-action="ViewRoom">   the page's entry, instead of page_enter
+ *   <button data-rib-action="Book">                       a click (any name but cart / order)
+ *   <section data-rib-seen-action="ReadReviews">          when half of it has been on screen, once
  *   <a data-rib-item="OTHER">                             tiles of other items: hover after a 300 ms rest
  * API: ribEdge.recommend(k) -> Promise of the JSON answer of GET /recommendations, asked once the queued
  * events have been answered (so the answer counts them); ribEdge.flush() -> Promise of the server's answers.
@@ -31,6 +36,7 @@
   var root = document.body || document.documentElement;
   var pageItem = root.getAttribute("data-rib-item");
   var pageSource = root.getAttribute("data-rib-source") || "home";
+  var enterAction = root.getAttribute("data-rib-enter-action");
 
   function newId() {
     if (global.crypto && global.crypto.randomUUID) {
@@ -131,21 +137,29 @@
     return item || pageItem;
   }
 
-  // page_enter
-  if (pageItem) {
+  // page_enter, or the app's own entry action
+  if (pageItem && enterAction) {
+    track("action", { item_id: pageItem, action: enterAction });
+  } else if (pageItem) {
     track("page_enter", { item_id: pageItem, page_source: pageSource });
   }
 
-  // module_view: a module counts once, when half of it has been on screen
-  var modules = document.querySelectorAll("[data-rib-module]");
+  // module_view and the app's seen-actions: each counts once, when half of it has been on screen
+  var modules = document.querySelectorAll("[data-rib-module], [data-rib-seen-action]");
   if (pageItem && modules.length && global.IntersectionObserver) {
     var seen = {};
     var observer = new IntersectionObserver(function (entries) {
       entries.forEach(function (entry) {
-        var name = entry.target.getAttribute("data-rib-module");
-        if (entry.isIntersecting && !seen[name]) {
-          seen[name] = true;
-          track("module_view", { item_id: pageItem, module: name });
+        var module = entry.target.getAttribute("data-rib-module");
+        var action = entry.target.getAttribute("data-rib-seen-action");
+        var key = module ? "module:" + module : "action:" + action;
+        if (entry.isIntersecting && !seen[key]) {
+          seen[key] = true;
+          if (module) {
+            track("module_view", { item_id: pageItem, module: module });
+          } else {
+            track("action", { item_id: pageItem, action: action });
+          }
           observer.unobserve(entry.target);
         }
       });
@@ -153,7 +167,7 @@
     Array.prototype.forEach.call(modules, function (el) { observer.observe(el); });
   }
 
-  // cart / order clicks
+  // cart / order clicks, and the app's own actions
   document.addEventListener("click", function (e) {
     var target = e.target && e.target.closest ? e.target.closest("[data-rib-action]") : null;
     if (!target) {
@@ -166,6 +180,8 @@
       if (action === "order") {
         flush(false);
       }
+    } else if (action && item) {
+      track("action", { item_id: item, action: action });
     }
   }, true);
 

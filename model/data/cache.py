@@ -16,7 +16,7 @@ from pathlib import Path
 
 from model.data.dataset import SplitData
 
-CODE_VERSION = "data-1"
+CODE_VERSION = "data-2"  # data-2: inferred conversions no longer include RIB page entries (Cart2Product)
 CACHE_ENV = "RIB_EDGE_CACHE"
 _CHUNK = 1 << 20
 

@@ -31,8 +31,11 @@ import pandas as pd
 from edge_client.schema import MAX_ID_CHARS, ActivityVocabulary, SchemaError, SkipReport
 
 # Action names that read as a conversion when no mapping file says otherwise ("add_cart", "orders",
-# "clickout item", "Purchase"), but not when they undo one ("remove_cart", "delete_order").
-_CONVERSION_WORD = re.compile(r"(?<![a-z])(cart|order|buy|purchase|clickout|checkout)(s|ed)?(?![a-z])", re.I)
+# "clickout item", "Purchase"), but not when they undo one ("remove_cart", "delete_order"), nor RIB's page
+# entries ("Cart2Product": reaching a product from the cart page).
+_CONVERSION_WORD = re.compile(
+    r"(?<![a-z])(cart|order|buy|purchase|clickout|checkout)(s|ed)?(?![a-z0-9])", re.I
+)
 _UNDO_WORD = re.compile(
     r"(?<![a-z])(remove|removed|delete|deleted|del|cancel|cancelled|refund)(?![a-z])", re.I
 )

@@ -185,3 +185,20 @@ def test_concurrent_recording(world, tmp_path):
         lines
     )
     client.close()
+
+
+def test_action_events_must_name_an_activity_of_the_installed_model(world, tmp_path):
+    client = make_client(world, tmp_path / "store")
+    item = world["events"][0].item_id
+    base = {"session_id": "app", "event_type": "action", "item_id": item}
+    unknown = client.record({**base, "timestamp_ms": 1_000, "action": "Book"})
+    assert not unknown.ok and unknown.reason == "unknown_action" and "Book" in unknown.message
+    assert "Detail_comments" in unknown.message  # the message lists what the model knows
+    assert client.stats["dropped_unknown_action"] == 1
+    # A name of the package's vocabulary is recorded, and the model uses the tuple it makes.
+    assert client.record({**base, "timestamp_ms": 2_000, "action": "Detail_comments"}).ok
+    session = client.current_session()
+    assert [(r.item_id, r.activity) for r in session] == [(item, "Detail_comments")]
+    recs = client.recommend(k=3)
+    assert recs[0].source == "model" and [t.used for t in recs[0].explanation] == [True]
+    client.close()

@@ -343,3 +343,25 @@ def test_dense_shuffles_within_window_give_the_same_tuples_and_cues():
         assert by_session(extract_population(shuffled, DEVICE_EXTRACTOR_CONFIG)["dev"]) == by_session(
             expected
         )
+
+
+def test_action_events_are_in_visit_activities_under_their_own_names():
+    events = [
+        ev(0, "action", action="ViewRoom"),  # opens a visit of A (no page_enter: an app's own entry)
+        ev(4, "action", action="Photos"),
+        ev(5, "action", action="Photos"),  # a repeat within the visit is one micro behavior
+        ev(9, "cart"),  # the built-in events mix with an app's own
+        ev(12, "action", item="B", action="ViewRoom"),  # another item: A's visit closes ("switch")
+        ev(20, "action", item="B", action="Book"),
+        ev(30, "page_leave", item="B"),
+    ]
+    out, _ = run(events)
+    assert [(m.item_id, m.activity, m.dwell_seconds) for m in out] == [
+        ("A", "ViewRoom", 12.0),
+        ("A", "Photos", 12.0),
+        ("A", "Cart", 12.0),
+        ("B", "ViewRoom", 18.0),
+        ("B", "Book", 18.0),
+    ]
+    # The batch path (what training reads) gives the same records.
+    assert extract_population(events)["dev"] == out

@@ -147,3 +147,25 @@ def test_bad_dwell_edges_are_rejected():
     for edges in [(10.0, 5.0), (-1.0,), (float("inf"),), (3.0, 3.0)]:
         with pytest.raises(SchemaError):
             DwellBuckets(edges)
+
+
+def test_action_events_carry_an_apps_own_activity_name():
+    event = {**GOOD, "event_type": "action", "action": "ViewRoom"}
+    del event["page_source"]
+    parsed = parse_event_line(json.dumps(event))
+    assert parsed.event_type is EventType.ACTION and parsed.action == "ViewRoom"
+    assert RawEvent.from_dict(json.loads(parsed.to_json())) == parsed
+    for change, reason in (
+        ({"action": None}, "missing_field"),  # an action event names its action
+        ({"action": ""}, "bad_value"),
+        ({"action": "x" * 200}, "bad_value"),
+        ({"action": "a\nb"}, "bad_value"),
+        ({"action": ["Book"]}, "bad_type"),
+        ({"item_id": None}, "missing_field"),  # on an item, like a cart
+    ):
+        broken = {k: v for k, v in {**event, **change}.items() if v is not None}
+        with pytest.raises(SchemaError) as err:
+            RawEvent.from_dict(broken)
+        assert err.value.reason == reason, change
+    with pytest.raises(SchemaError, match="action only belongs to action events"):
+        RawEvent.from_dict({**GOOD, "action": "ViewRoom"})

@@ -187,7 +187,7 @@ def test_cli_serve_refuses_remote(world, tmp_path):
         "0",
     ]
     result = CliRunner().invoke(edge_group, args)
-    assert result.exit_code == 1 and "non-loopback" in result.output
+    assert result.exit_code == 2 and "non-loopback" in result.output and "--allow-remote" in result.output
 
 
 def test_stop_releases_port(world, tmp_path):

@@ -174,4 +174,4 @@ def test_cli_serve_refuses_an_older_package_and_a_tampered_record(packages, worl
     assert result.exit_code == 2 and "package refused (stale_version)" in result.output
     flip_last_byte(blob_path(store))
     result = serve("v2")
-    assert result.exit_code == 1 and "store refused" in result.output and VERSION_BLOB in result.output
+    assert result.exit_code == 2 and "store refused" in result.output and VERSION_BLOB in result.output

@@ -180,6 +180,57 @@ def test_same_seed_same_model_and_save_load_round_trip(split, tmp_path):
     assert RIBRecommender.load(path).name == "RIB-Attention"
 
 
+def test_a_checkpoint_remembers_its_vocabularies_and_refuses_others(split, tmp_path):
+    import dataclasses
+
+    from edge_client.schema import ActivityVocabulary, DwellBuckets
+    from model.train import CheckpointError
+
+    config = rib_config_for(split.train, **TINY)
+    rec, _ = train_rib(split.train, config, replace(FAST, epochs=1), progress=False)
+    loaded = load_checkpoint(rec.save(tmp_path / "rib.pt"))
+    loaded.check_vocabulary(split.vocab)  # its own: fine
+    vocab = split.vocab
+    others = {
+        "other ids or another order": dataclasses.replace(vocab, item_ids=vocab.item_ids[::-1].copy()),
+        "activities": dataclasses.replace(
+            vocab, activities=ActivityVocabulary(tuple(reversed(vocab.activities.names)))
+        ),
+        "dwell edges": dataclasses.replace(
+            vocab, dwell=DwellBuckets(tuple(e + 1 for e in vocab.dwell.edges_s))
+        ),
+        "items: ": dataclasses.replace(vocab, item_ids=vocab.item_ids[:-1]),
+    }
+    for what, other in others.items():
+        with pytest.raises(CheckpointError, match=f"other vocabularies.*{what}"):
+            loaded.check_vocabulary(other)
+    # A checkpoint from before the record: only the sizes can be checked (same sizes, other order passes).
+    payload = torch.load(tmp_path / "rib.pt", weights_only=True)
+    del payload["vocabulary"]
+    torch.save(payload, tmp_path / "old.pt")
+    old = load_checkpoint(tmp_path / "old.pt")
+    old.check_vocabulary(others["other ids or another order"])
+    with pytest.raises(CheckpointError, match=r"items: \d+ in the checkpoint, \d+ in the data"):
+        old.check_vocabulary(others["items: "])
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"\x80\x02garbage", b"PK\x03\x04truncated", b"not a checkpoint at all"]
+)
+def test_a_file_that_is_not_a_checkpoint_is_a_checkpoint_error(tmp_path, content):
+    from model.train import CheckpointError
+
+    path = tmp_path / "rib.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a RIB checkpoint"):
+        load_checkpoint(path)
+    torch.save({"format": 1, "weights": [1, 2]}, path)  # a torch file, but no model in it
+    with pytest.raises(CheckpointError, match="no model state"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
 def test_paper_loss_trains_and_its_ranking_follows_the_loss(split):
     """The paper's embedding-space loss falls, and ranking by -KL(t_j || o) improves with it (vs untrained)."""
     config = rib_config_for(split.train, loss="paper", **TINY)

@@ -32,7 +32,7 @@ def test_synth_then_extract_counts_bad_lines(runner, tmp_path):
     result = runner.invoke(main, ["data", "extract", str(events), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert f"read {good_lines + 3}, kept {good_lines}, skipped 3" in result.output
-    assert out.read_text().startswith("session_id,user_id,timestamp_ms,item_id,activity,dwell_seconds")
+    assert out.read_text().startswith("session_id,user_id,timestamp,item_id,action,dwell_seconds")
 
 
 def test_extract_of_an_empty_file_is_a_clear_error(runner, tmp_path):
@@ -195,10 +195,10 @@ def test_fl_join_and_serve_name_the_flag_of_a_busy_port(runner, tmp_path):
             + ["--public-key", str(key)],
         )
         assert (
-            result.exit_code == 2 and f"port {port} is in use" in result.output and "--port" in result.output
+            result.exit_code == 2 and f"port {port} on 127.0.0.1 is busy" in result.output and "--port" in result.output
         )
         result = runner.invoke(main, ["fl", "serve", "--insecure", "--port", port])
-        assert result.exit_code == 2 and f"port {port} is in use" in result.output
+        assert result.exit_code == 2 and f"port {port} on 127.0.0.1 is busy" in result.output
 
 
 def test_fl_join_refuses_a_device_that_cannot_take_part(runner, tmp_path):

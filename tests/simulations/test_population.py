@@ -115,7 +115,7 @@ def test_rebuild_is_a_no_op_and_other_arguments_are_refused(synthetic_pop, tmp_p
     out, info = synthetic_pop
     again = build_population("synthetic", out, max_devices=N, seed=3, split_devices=N, workers=2)
     assert again.created == info.created  # found, not rebuilt
-    with pytest.raises(PopulationError, match="other arguments.*seed"):
+    with pytest.raises(PopulationError, match="other settings.*seed.*delete it or use another directory"):
         build_population("synthetic", out, max_devices=N, seed=4, split_devices=N)
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -14,15 +14,14 @@ from simulations.population import build_population, open_population
 pytestmark = pytest.mark.shared_data
 
 
-def test_split_is_the_centralized_split_under_device_activity_names(shared_data, tmp_path):
+def test_split_is_the_centralized_split(shared_data, tmp_path):
     info = build_population(
         "jdata2018_mkmsr_demo", tmp_path / "pop", max_devices=40, data_dir=shared_data, workers=2
     )
     split = open_population(tmp_path / "pop").split()
     central = open_dataset("jdata2018_mkmsr_demo", data_dir=shared_data)
-    codec = info.raw["source_details"]["activity_codec"]
-    assert split.vocab.activities.names == tuple(codec[a] for a in central.vocab.activities.names)
-    assert split.vocab.activities.conversions == {codec[a] for a in central.vocab.activities.conversions}
+    # The devices record the log's own activity names (action events): the vocabulary is the centralized one.
+    assert split.vocab.activities == central.vocab.activities
     assert np.array_equal(split.vocab.item_ids, central.vocab.item_ids)
     assert split.vocab.dwell == central.vocab.dwell
     for part in ("train", "test"):
@@ -41,14 +40,10 @@ def test_jdata2016_devices_hold_the_protocols_tuples(shared_data, tmp_path):
     info = build_population(
         "jdata2016_sample", tmp_path / "pop", max_devices=60, seed=1, data_dir=shared_data, workers=2
     )
-    # 63 activities (58 click modules) do not fit a device: the documented collapse is applied.
-    assert info.raw["source_details"]["mapping"]["activities"] == [
-        "Detail_specification",
-        "Detail_comments",
-        "Cart",
-        "Order",
-        "Detail_bottom",
-    ]
+    # All 63 activities (58 click modules) reach the devices as action events: nothing is collapsed.
+    central = open_dataset("jdata2016_sample", data_dir=shared_data)
+    assert info.raw["source_details"]["mapping"]["activities"] == list(central.vocab.activities.names)
+    assert len(central.vocab.activities) == 63
     report = compare_population(open_population(tmp_path / "pop"), max_devices=None)
     # Sessions cut per user at 30 min: every tuple equal, only the last visit's (unknown) dwell differs.
     assert set(report["sessions"]) == {"last_visit_dwell"}
@@ -75,7 +70,7 @@ def test_session_partition_without_user_ids(shared_data, tmp_path):
     pop = open_population(tmp_path / "pop")
     for index in pop.ok_indices():
         assert len({r.session_id for r in pop.records(int(index))}) == 1  # one session per device
-    with pytest.raises(SchemaError, match="partition='user' needs a user id"):
+    with pytest.raises(SchemaError, match="devices by user need a user_id on every row"):
         build_population("diginetica_sample", tmp_path / "d", partition="user", data_dir=shared_data)
     info = build_population(
         "taobao_userbehavior_sample", tmp_path / "t", partition="session", data_dir=shared_data

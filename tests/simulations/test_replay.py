@@ -7,46 +7,12 @@ import pytest
 
 from edge_client.extract import DEVICE_EXTRACTOR_CONFIG, TupleExtractor
 from edge_client.schema import EventType, MicroBehavior, SchemaError
-from model.data.mapping import ActivityMapping
 from model.data.protocol import ProtocolConfig
 from simulations.equivalence import compare_population
 from simulations.population import build_population, open_population
-from simulations.replay import ActivityCodec, device_dataset, protocol_tuples, rows_to_events
+from simulations.replay import device_dataset, protocol_tuples, rows_to_events
 
 PROTOCOL = ProtocolConfig(min_item_support=1, test_fraction=0.25)
-
-
-def test_codec_assigns_by_meaning_then_in_order():
-    jd = ActivityCodec.for_activities(["browse", "order", "follow", "comment", "add_cart"]).to_dict()
-    assert jd == {
-        "browse": "Detail_specification",
-        "order": "Order",
-        "follow": "Detail_bottom",
-        "comment": "Detail_comments",
-        "add_cart": "Cart",
-    }
-    taobao = ActivityCodec.for_activities(["pv", "cart", "fav", "buy"]).to_dict()
-    assert taobao == {"pv": "Detail_specification", "cart": "Cart", "fav": "Detail_comments", "buy": "Order"}
-    undo = ActivityCodec.for_activities(["view", "remove_cart"]).to_dict()
-    assert undo["remove_cart"] != "Cart"
-    assert ActivityCodec.for_activities(["view", "Cart"]).to_dict() == {
-        "view": "Detail_specification",
-        "Cart": "Cart",
-    }
-    with pytest.raises(SchemaError, match="at most 5"):
-        ActivityCodec.for_activities([f"a{i}" for i in range(6)])
-
-
-def test_codec_renames_a_mapping_keeping_order_and_conversions():
-    mapping = ActivityMapping(
-        actions={"pv": "view", "cart": "cart", "buy": "buy", "click:*": "view"},
-        drop=frozenset({"remove"}),
-        conversions=frozenset({"cart", "buy"}),
-    )
-    renamed = ActivityCodec.for_activities(mapping.activities).rename(mapping)
-    assert renamed.activities == ("Detail_specification", "Cart", "Order")
-    assert renamed.conversions == {"Cart", "Order"}
-    assert renamed.activity_of("click:12") == "Detail_specification" and renamed.activity_of("remove") is None
 
 
 def _extract(events):
@@ -57,29 +23,60 @@ def _extract(events):
     return out + extractor.flush()
 
 
-def test_rows_to_events_uses_in_visit_events_and_the_protocol_visits():
+def test_rows_to_events_uses_action_events_and_the_protocol_visits():
     ts = np.array([0, 0, 5_000, 5_000, 9_000, 20_000], dtype=np.int64)
     items = ["a", "a", "a", "b", "a", "a"]
-    acts = ["Detail_specification", "Detail_specification", "Cart", "Detail_specification", "Order", "Order"]
+    acts = ["view", "view", "add_cart", "view", "buy", "buy"]
     events, unreplayable = rows_to_events("d", ["s"] * 6, ts, items, acts)
     assert unreplayable == 0 and len(events) == 6
-    assert {e.event_type for e in events} <= {EventType.MODULE_VIEW, EventType.CART, EventType.ORDER}
+    # Every row is an action event under the log's own activity name: no device vocabulary to squeeze into.
+    assert {e.event_type for e in events} == {EventType.ACTION}
+    assert [e.action for e in events] == acts
     records = _extract(events)
-    # Visits a (spec, cart) | b (spec) | a (order): repeats within a visit collapse (the duplicate row is
+    # Visits a (view, add_cart) | b (view) | a (buy): repeats within a visit collapse (the duplicate row is
     # also dropped as a duplicate event); dwell = time to the next visit's first event.
     got = [(r.item_id, r.activity, r.dwell_seconds) for r in records]
     assert got == [
-        ("a", "Detail_specification", 5.0),
-        ("a", "Cart", 5.0),
-        ("b", "Detail_specification", 4.0),
-        ("a", "Order", 11.0),  # the last visit: closed at its last event by flush (the protocol says unknown)
+        ("a", "view", 5.0),
+        ("a", "add_cart", 5.0),
+        ("b", "view", 4.0),
+        ("a", "buy", 11.0),  # the last visit: closed at its last event by flush (the protocol says unknown)
     ]
+
+
+def test_a_log_with_seven_actions_keeps_them_all_on_the_devices(tmp_path):
+    """A hotel app's seven action types: the devices record each under its own name, and the server split
+    is the centralized split (no collapse into a device vocabulary)."""
+    from model.data.open import open_dataset
+    from tests.app_logs import HOTEL_ACTIVITIES, write_hotel_log
+
+    log, mapping = write_hotel_log(tmp_path, users=12, sessions=3)
+    info = build_population(str(log), tmp_path / "pop", mapping=mapping, protocol=PROTOCOL, workers=2)
+    assert info.raw["source_details"]["mapping"]["activities"] == list(HOTEL_ACTIVITIES)
+    pop = open_population(tmp_path / "pop")
+    split = pop.split()
+    central = open_dataset(str(log), mapping=mapping, min_item_support=1, test_fraction=0.25)
+    assert split.vocab.activities == central.vocab.activities
+    assert np.array_equal(split.train.activities, central.train.activities)
+    stored = {r.activity for i in pop.ok_indices() for r in pop.records(int(i))}
+    assert stored == set(HOTEL_ACTIVITIES)
+    report = compare_population(pop, max_devices=None)
+    assert report["tuples"]["device"] == report["tuples"]["central"] > 0
+    assert report["examples"]["devices_identical"] == report["devices"]
+
+
+def test_a_mapping_for_device_event_sources_is_refused(tmp_path):
+    from tests.app_logs import write_hotel_log
+
+    _, mapping = write_hotel_log(tmp_path)
+    with pytest.raises(SchemaError, match="applies to interaction logs"):
+        build_population("synthetic", tmp_path / "pop", max_devices=3, mapping=mapping)
 
 
 def test_given_dwell_becomes_page_leave():
     ts = np.array([0, 1_000, 30_000, 100_000], dtype=np.int64)
     items = ["a", "a", "b", "c"]
-    acts = ["Detail_specification", "Cart", "Detail_specification", "Detail_specification"]
+    acts = ["view", "cart", "view", "view"]
     dwell = np.array([12.0, 12.0, 80.0, 7.5])  # b's 80 s would run into c: not replayable
     events, unreplayable = rows_to_events("d", ["s"] * 4, ts, items, acts, dwell)
     assert unreplayable == 1
