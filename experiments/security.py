@@ -151,7 +151,8 @@ def _fuzz_command(run: str, args: argparse.Namespace, target: Path) -> list[str]
     surface, _, mode = run.partition(":")
     command = [
         sys.executable,
-        __file__,
+        "-m",  # as a module from the repository root (cwd): the test modules import as ``tests.*``
+        "experiments.security",
         "fuzz-one",
         surface,
         "--examples",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from rib_edge.cli_common import BadInput, check_port_free
+from rib_edge.cli_common import BadInput, FiniteFloatRange, check_port_free
 
 _existing = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -164,8 +164,6 @@ def fl_join(
     from aggregator.deploy import supernode_command
     from federation.client_app import JoinRefused, check_device
 
-    tls = _tls(root_certificates, insecure=insecure)
-    check_port_free("127.0.0.1", port)
     try:
         found = check_device(device_dir, package_dir, public_key)
     except JoinRefused as err:
@@ -183,9 +181,10 @@ def fl_join(
         "public-key": str(public_key.resolve()),
     }
     try:
-        command = supernode_command(superlink, node, port, tls)
+        command = supernode_command(superlink, node, port, _tls(root_certificates, insecure=insecure))
     except ValueError as err:
         raise BadInput(str(err)) from err
+    check_port_free("127.0.0.1", port)
     _exec(command)
 
 
@@ -204,7 +203,7 @@ def fl_join(
 )
 @click.option(
     "--wait-s",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=30,
     show_default=True,
     help="How long to wait for a SuperLink on this machine to answer (one started just before).",
@@ -264,7 +263,7 @@ def fl_run(
     help="Build the artifacts and print the commands that run the same deployment by hand.",
 )
 @click.option(
-    "--timeout-s", type=click.FloatRange(min=1), default=600, show_default=True, help="Stop a run that hangs."
+    "--timeout-s", type=FiniteFloatRange(min=1), default=600, show_default=True, help="Stop a run that hangs."
 )
 def fl_demo(
     devices: int,

@@ -179,26 +179,29 @@ def test_fl_run_without_a_superlink_says_so(runner, population_split):
     assert result.exit_code == 1 and "no SuperLink answers on 127.0.0.1:1" in result.output
 
 
-def test_fl_join_and_serve_name_the_flag_of_a_busy_port(runner, tmp_path):
+def test_a_second_fl_join_on_a_busy_port_names_the_flag(runner, tmp_path):
+    """The second SuperNode on one machine needs its own --port: one line saying so, not a traceback."""
     import socket
 
+    from edge_client.keys import KeyFileProvider
+    from edge_client.schema import MicroBehavior
+    from edge_client.store import TupleStore
+    from tests.edge_client.worlds import shared_world
+
+    world = shared_world(tmp_path / "world")
+    store = TupleStore(tmp_path / "store", key_provider=KeyFileProvider(tmp_path / "store" / "store.key"))
+    item, activity = str(world["vocab"].item_ids[0]), world["vocab"].activities.names[0]
+    store.append([MicroBehavior("s", 1_700_000_000_000, item, activity, 2.0)])
+    store.close()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = str(busy.getsockname()[1])
-        key = tmp_path / "key.pem"
-        key.write_text("x")
-        join = ["fl", "join", "--superlink", "127.0.0.1:9092", "--insecure", "--port", port]
-        result = runner.invoke(
-            main,
-            [*join, "--device-dir", str(tmp_path), "--package-dir", str(tmp_path)]
-            + ["--public-key", str(key)],
-        )
-        assert (
-            result.exit_code == 2 and f"port {port} on 127.0.0.1 is busy" in result.output and "--port" in result.output
-        )
-        result = runner.invoke(main, ["fl", "serve", "--insecure", "--port", port])
-        assert result.exit_code == 2 and f"port {port} on 127.0.0.1 is busy" in result.output
+        args = ["fl", "join", "--superlink", "127.0.0.1:9092", "--insecure", "--port", port]
+        args += ["--device-dir", str(tmp_path / "store"), "--package-dir", str(world["package"])]
+        result = runner.invoke(main, [*args, "--public-key", str(world["public"])])
+    assert result.exit_code == 2 and f"port {port} on 127.0.0.1 is busy" in result.output
+    assert "--port" in result.output and "Traceback" not in result.output
 
 
 def test_fl_join_refuses_a_device_that_cannot_take_part(runner, tmp_path):
