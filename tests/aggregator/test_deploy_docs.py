@@ -124,3 +124,15 @@ def test_the_documented_deployment_runs_as_written(tmp_path):
     # Each Flower line once (Opacus' root logging handler used to print every line a second time).
     started = [line for line in output.splitlines() if "configure_fit: strategy sampled" in line]
     assert len(started) == 3, started  # two rounds of the documented run, one of the mismatched run
+
+
+@pytest.mark.slow
+def test_the_documented_commands_are_what_prepare_only_prints(tmp_path, monkeypatch):
+    from rib_edge.fl_demo import manual_commands, prepare
+
+    _, by_hand = section_blocks(DOC.read_text(), SECTION)
+    lines = by_hand.strip().split("\n")
+    assert lines[0] == "rib-edge fl demo --devices 2 --out by-hand --prepare-only"
+    monkeypatch.chdir(tmp_path)
+    artifacts = prepare(Path("by-hand"), 2, echo=lambda line: None)
+    assert manual_commands(artifacts, rounds=2, cwd=tmp_path) == lines[1:-1]
