@@ -8,7 +8,9 @@
   (``device-dir``) and its installed signed package (``package-dir`` + ``public-key``) — the ClientApp
   reads nothing else.
 - ``submit_run``: ``flwr run <app> <connection>`` with a private ``FLWR_HOME`` whose ``config.toml`` names
-  the SuperLink, so nothing is written to the user's ``~/.flwr``.
+  the SuperLink, so nothing is written to the user's ``~/.flwr``. ``stream_run`` does the same, hands every
+  output line to a callback as it comes and then asks the SuperLink how the run ended (``flwr ls``): Flower's
+  ``flwr run --stream`` exits 0 whether the ServerApp finished or failed.
 - ``Deployment``: starts and stops those processes (a context manager; every process it starts is
   terminated on exit, SIGKILL after a grace period).
 
@@ -20,7 +22,9 @@ SuperNode and ``flwr run`` the CA as root certificate.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -68,6 +72,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a ``host:port`` address names this machine (then the run config's paths are local paths)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
 def superlink_command(
@@ -157,6 +167,26 @@ def write_flwr_home(
     return path
 
 
+def stage_app(app_dir: Path, target: Path) -> Path:
+    """A copy of the app holding only what its FAB includes (``fab-include`` in pyproject.toml).
+
+    ``flwr run`` walks every file under the app directory to build the FAB; in a checkout that holds a
+    virtual environment that is tens of thousands of files and seconds per run. Returns ``target``.
+    """
+    import tomllib
+
+    app_dir = Path(app_dir)
+    patterns = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["fab-include"]
+    shutil.rmtree(target, ignore_errors=True)
+    for pattern in patterns:
+        for source in app_dir.glob(pattern):
+            if source.is_file() and "__pycache__" not in source.parts:
+                destination = target / source.relative_to(app_dir)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, destination)
+    return target
+
+
 def submit_run(
     superlink: str,
     run_config: dict[str, object],
@@ -169,13 +199,102 @@ def submit_run(
 ) -> subprocess.CompletedProcess:
     """``flwr run`` the rib-edge app on a SuperLink (with ``stream``, returns when the run ends)."""
     write_flwr_home(flwr_home, superlink, tls)
-    command = [_bin("flwr"), "run", str(app_dir), "rib-edge"]
+    command = [_bin("flwr"), "run", str(stage_app(app_dir, flwr_home / "app")), "rib-edge"]
     if run_config:
         command += ["--run-config", key_value_arg(run_config)]
     if stream:
         command.append("--stream")
     env = tool_env({"FLWR_HOME": str(flwr_home)})
     return subprocess.run(command, env=env, capture_output=capture, text=True, timeout=timeout_s, check=False)
+
+
+@dataclass
+class RunOutcome:
+    """How a submitted run ended: Flower's status (``finished:completed``, ``finished:failed``, ...) and details."""
+
+    run_id: int | None
+    status: str
+    details: str = ""
+    returncode: int = 0
+
+    @property
+    def completed(self) -> bool:
+        """The ServerApp returned normally (for rib-edge: every round trained)."""
+        return self.status == "finished:completed"
+
+
+_RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
+
+
+def _flwr(args: list[str], flwr_home: Path, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+    env = tool_env({"FLWR_HOME": str(flwr_home)})
+    return subprocess.run(
+        [_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+
+
+def run_status(run_id: int, flwr_home: Path, wait_s: float = 30.0) -> tuple[str, str]:
+    """(status, details) of a run from the SuperLink, waiting up to ``wait_s`` for it to be finished."""
+    deadline = time.monotonic() + wait_s
+    status, details = "unknown", ""
+    while True:
+        result = _flwr(["ls", "--run-id", str(run_id), "--format", "json"], flwr_home)
+        with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+            run = json.loads(result.stdout)["runs"][0]
+            status, details = str(run["status"]), str(run.get("status-details") or "")
+        if status.startswith("finished") or time.monotonic() >= deadline:
+            return status, details
+        time.sleep(0.5)
+
+
+def stop_run(run_id: int, flwr_home: Path) -> None:
+    """Ask the SuperLink to stop a run (``flwr stop``)."""
+    with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+        _flwr(["stop", str(run_id)], flwr_home, timeout_s=30)
+
+
+def stream_run(
+    superlink: str,
+    run_config: dict[str, object],
+    flwr_home: Path,
+    on_line,
+    app_dir: Path = REPO_ROOT,
+    tls: TLSFiles | None = None,
+) -> RunOutcome:
+    """``flwr run --stream`` the rib-edge app; every output line goes to ``on_line`` as it arrives.
+
+    Returns how the run ended according to the SuperLink. On KeyboardInterrupt the run is stopped
+    (``flwr stop``) before the interrupt propagates.
+    """
+    write_flwr_home(flwr_home, superlink, tls)
+    command = [_bin("flwr"), "run", str(stage_app(app_dir, flwr_home / "app")), "rib-edge", "--stream"]
+    if run_config:
+        command += ["--run-config", key_value_arg(run_config)]
+    env = tool_env({"FLWR_HOME": str(flwr_home)})
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    run_id: int | None = None
+    try:
+        for line in process.stdout:  # type: ignore[union-attr]
+            match = _RUN_ID_RE.search(line)
+            if match and run_id is None:
+                run_id = int(match.group(1))
+            on_line(line.rstrip("\n"))
+        process.wait()
+    except KeyboardInterrupt:
+        if run_id is not None:
+            stop_run(run_id, flwr_home)
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
+        raise
+    if run_id is None:
+        return RunOutcome(
+            None, "not started", f"flwr run exited with {process.returncode}", process.returncode
+        )
+    status, details = run_status(run_id, flwr_home)
+    return RunOutcome(run_id, status, details, process.returncode)
 
 
 @dataclass

@@ -3,6 +3,10 @@
 Settings come from the run config (``[tool.flwr.app.config]``, parsed by ``FederationConfig``). The server
 holds the shared vocabulary and the held-out sessions it evaluates on (``eval-split`` or the population's
 ``server/split.npz``); it never holds a device's data.
+
+What it prints (Flower's log stream, which ``rib-edge fl run`` shows): "waiting for N devices (have M)" while
+devices join, then one line per round (devices that trained, failures by reason, Recall@20 / MRR@20, epsilon,
+time). A bad run config or a round that did not train ends the run as failed with one line, no traceback.
 """
 
 from __future__ import annotations
@@ -16,17 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Context
+from flwr.common.logger import FLOWER_LOGGER, set_logger_propagation
+from flwr.common.logger import log as flwr_log
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from aggregator.checkpoint import CheckpointStore
 from aggregator.evaluation import CentralEvaluator, SkipGramEvaluator
 from aggregator.release import publish_release
 from aggregator.strategy import SeededClientManager, build_strategy, sampled_per_round
-from aggregator.workflow import FederatedRun
+from aggregator.workflow import FederatedRun, RecordedSecAggPlusWorkflow, RunFailed, describe_round
 from federation.config import ConfigError, FederationConfig
-from federation.task import run_rib_config
+from federation.task import run_rib_config, vocab_fingerprint
 from model import skipgram
 from model.data.dataset import SplitData
 from model.device import pick_device
@@ -36,6 +41,24 @@ from model.train import init_from_catalog, save_init_checkpoint
 from privacy.accountant import FederatedAccountant, noise_for_epsilon
 
 log = logging.getLogger(__name__)
+
+
+class _ExpectedFailure(logging.Filter):
+    """Flower logs a ServerApp's exception with its traceback; a failed round or a bad run config already
+    said what went wrong in one line, so those are logged as that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, RunFailed | ConfigError):
+            record.msg, record.args = "run failed: %s", (str(error),)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+# Opacus calls logging.basicConfig when imported, so every Flower line would also reach that root handler and
+# print twice; Flower's own console handler is the one that shows it (Flower does the same in notebooks).
+set_logger_propagation(FLOWER_LOGGER, False)
+FLOWER_LOGGER.addFilter(_ExpectedFailure())
 
 INIT_CHECKPOINT = "rib-init.pt"  # what a task = "word2vec" run writes (see FederationConfig.task)
 
@@ -99,14 +122,36 @@ def initial_weights(fed: FederationConfig, rib_config, vocab) -> list[np.ndarray
     return get_weights(model)
 
 
+# Run-config keys naming files the ServerApp reads (checked before the run starts).
+_INPUT_FILES = ("initial-checkpoint", "item-catalog", "signing-key")
+
+
+def check_run_files(fed: FederationConfig) -> None:
+    """Raise ConfigError naming the first file the run config names that the server cannot read."""
+    split_path = fed.eval_split_path()
+    if split_path is None:
+        raise ConfigError("no eval split: set eval-split (the server's held-out sessions) or population-dir")
+    if not split_path.is_file():
+        key = "eval-split" if fed.eval_split else "population-dir"
+        raise ConfigError(f"{key}: {split_path} not found (the server's held-out sessions and vocabulary)")
+    for key in _INPUT_FILES:
+        value = getattr(fed, key.replace("-", "_"))
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{key}: {value} not found")
+    if fed.release_dir and fed.task == "rib" and not fed.signing_key:
+        raise ConfigError("release-dir needs signing-key (an Ed25519 private key; rib-edge edge keygen)")
+
+
 def make_run(
     fed: FederationConfig, population: int, stop_after: int | None = None, on_round=None
 ) -> tuple[FederatedRun, object]:
     """The strategy stack and round loop for one run (shared by the ServerApp and tests)."""
+    check_run_files(fed)
     split_path = fed.eval_split_path()
-    if split_path is None or not split_path.exists():
-        raise ConfigError(f"eval split not found: {split_path} (set eval-split or population-dir)")
-    split = SplitData.load(split_path)
+    try:
+        split = SplitData.load(split_path)
+    except Exception as err:  # noqa: BLE001 - any unreadable split is the same configuration error
+        raise ConfigError(f"eval split {split_path} is unreadable: {type(err).__name__}: {err}") from None
     vocab = split.vocab
     rib_config = run_rib_config(vocab, fed)
     device = pick_device(fed.device or None)  # the one place that decides CPU or CUDA
@@ -138,7 +183,7 @@ def make_run(
             delta,
             fed.num_server_rounds,
         )
-    strategy = build_strategy(fed, first_weights, evaluate_fn, population, noise)
+    strategy = build_strategy(fed, first_weights, evaluate_fn, population, noise, vocab_fingerprint(vocab))
     if fed.task == "rib" and rib_config.freeze_items:
         # Devices never change the public item table; the server keeps it out of the DP noise and FedAdam.
         strategy.frozen = {i: first_weights[i].copy() for i in frozen_indices(RIB(rib_config))}
@@ -147,7 +192,7 @@ def make_run(
         shares = fed.secagg_num_shares if fed.secagg_num_shares < 1 else int(fed.secagg_num_shares)
         threshold = fed.secagg_reconstruction_threshold
         threshold = threshold if threshold < 1 else int(threshold)
-        fit_workflow = SecAggPlusWorkflow(
+        fit_workflow = RecordedSecAggPlusWorkflow(
             num_shares=shares,
             reconstruction_threshold=threshold,
             clipping_range=fed.secagg_clipping_range,
@@ -169,8 +214,6 @@ def make_run(
             return save_init_checkpoint(rib_config, vectors, Path(init_dir) / INIT_CHECKPOINT, fed.seed, note)
 
     elif fed.release_dir:
-        if not fed.signing_key:
-            raise ConfigError("release-dir needs signing-key (an Ed25519 private key; rib-edge edge keygen)")
 
         def releaser(server_round: int, weights: list) -> Path:
             extra = {"federation": {"round": server_round, "strategy": fed.strategy, "dp": fed.dp}}
@@ -207,7 +250,8 @@ def make_server_app(
         """Run the federation described by the run config."""
         settings = fed if fed is not None else FederationConfig.from_run_config(context.run_config)
         population = population_size(settings, grid)
-        run, strategy = make_run(settings, population, stop_after=stop_after, on_round=on_round)
+        progress = on_round or round_logger(settings.num_server_rounds)
+        run, strategy = make_run(settings, population, stop_after=stop_after, on_round=progress)
         legacy = LegacyContext(
             context=context,
             config=ServerConfig(num_rounds=settings.num_server_rounds),
@@ -217,6 +261,21 @@ def make_server_app(
         run(grid, legacy)
 
     return server_app
+
+
+def round_logger(num_rounds: int):
+    """The ServerApp's own progress: one line per round in Flower's log (what ``fl run`` streams)."""
+
+    def on_round(row: dict) -> None:
+        if row["round"] == 0:
+            shown = (
+                f"recall@20 {row['recall@20']:.4f} mrr@20 {row['mrr@20']:.4f}" if "recall@20" in row else ""
+            )
+            flwr_log(logging.INFO, "round 0 (the starting model): %s", shown or "no evaluation")
+        else:
+            flwr_log(logging.INFO, "round %d/%d: %s", row["round"], num_rounds, describe_round(row))
+
+    return on_round
 
 
 app = make_server_app()

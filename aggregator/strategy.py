@@ -10,10 +10,13 @@ Everything here is Flower's own machinery, configured:
 - ``SeededClientManager``: Flower's ``SimpleClientManager`` whose sample is drawn from the sorted node ids
   with a generator keyed by (seed, round), so a resumed run samples what the uninterrupted run would.
 
-``RoundRecorder`` wraps the strategy to keep what a round did (sampled, results, failures, fit metrics)
-and adapts the DP wrapper to dropouts: Flower's wrapper drops a whole round on any failure and calibrates
-its noise to the number it sampled; here failures are logged and left out, and the noise is calibrated to
-the number of updates actually averaged (std = sigma * C / m_received), so the accountant's sigma holds.
+``RoundRecorder`` wraps the strategy to keep what a round did (sampled, results, failures and their reasons,
+fit metrics), checks every reply before aggregation (``aggregator.validation``) and adapts the DP wrapper to
+dropouts: Flower's wrapper drops a whole round on any failure and calibrates its noise to the number it
+sampled; here failures are counted and left out, and the noise is calibrated to the number of updates
+actually averaged (std = sigma * C / m_received), so the accountant's sigma holds. A round with fewer usable
+replies than ``min-fit-clients``, or whose aggregate is not a finite model, is not applied: its record says
+``trained = False`` and why, and the round loop fails the run.
 """
 
 from __future__ import annotations
@@ -21,18 +24,29 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import re
+import time
 from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
 from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log as flwr_log
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, Strategy
 
+from aggregator.validation import (
+    ReplyRules,
+    aggregate_problem,
+    distinct_failures,
+    failure_reason,
+    screen_results,
+)
 from federation.config import FederationConfig
+from federation.task import SERVER_ROUND_KEY, VOCAB_KEY
+
+__all__ = ["RoundRecorder", "SeededClientManager", "build_strategy", "failure_reason", "sampled_per_round"]
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +75,20 @@ class SeededClientManager(SimpleClientManager):
         rng = random.Random(f"{self.seed}/{self.round}")
         return [self.clients[cid] for cid in rng.sample(available, num_clients)]
 
-
-_REASON_RE = re.compile(r"\b(offline|dropout|late|no_data|budget_exhausted|diverged)\b")
-
-
-def failure_reason(failure: object) -> str:
-    """Why a device's round failed, from its error reply: offline, dropout, late, a refusal reason, or error."""
-    match = _REASON_RE.search(str(failure))
-    return match.group(1) if match else "error"
+    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+        """Flower's wait, saying what it waits for: one line whenever the count changes, else every minute."""
+        deadline = time.monotonic() + timeout
+        announced: tuple[int, float] | None = None
+        with self._cv:
+            while len(self.clients) < num_clients:
+                now = time.monotonic()
+                if announced is None or announced[0] != len(self.clients) or now - announced[1] >= 60:
+                    flwr_log(logging.INFO, "waiting for %d devices (have %d)", num_clients, len(self.clients))
+                    announced = (len(self.clients), now)
+                if now >= deadline:
+                    return False
+                self._cv.wait(timeout=min(deadline - now, 10.0))
+        return True
 
 
 def sampled_per_round(fed: FederationConfig, population: int) -> int:
@@ -97,13 +117,18 @@ def build_strategy(
     evaluate_fn: EvaluateFn | None,
     population: int,
     noise_multiplier: float | None = None,
+    vocab_hash: str = "",
 ) -> RoundRecorder:
-    """The configured strategy stack, outermost the RoundRecorder (``noise_multiplier`` default: the config's)."""
+    """The configured strategy stack, outermost the RoundRecorder (``noise_multiplier`` default: the config's;
+    ``vocab_hash``: the run's vocabulary fingerprint, sent to devices with every round)."""
     if noise_multiplier is None:
         noise_multiplier = fed.dp_noise_multiplier
 
     def fit_config(server_round: int) -> dict[str, Scalar]:
-        return {"server-round": server_round}
+        config: dict[str, Scalar] = {SERVER_ROUND_KEY: server_round}
+        if vocab_hash:
+            config[VOCAB_KEY] = vocab_hash  # a device whose installed vocabulary differs declines at once
+        return config
 
     common = {
         "fraction_fit": fed.fraction_fit,
@@ -141,10 +166,23 @@ def build_strategy(
             clipping_norm=fed.dp_clipping_norm,
             num_sampled_clients=sampled_per_round(fed, population),
         )
-    bound = fed.max_update_norm
-    if bound == 0 and private and not fed.secagg:
-        bound = fed.dp_clipping_norm  # honest devices clip to this already; enforce it for the others
-    return RoundRecorder(dp_wrapper or inner, dp_wrapper, max_update_norm=bound, post_adam=post_adam)
+    # Honest devices clip to the DP clipping norm already; without SecAgg+ the server enforces it for the others.
+    clip = fed.dp_clipping_norm if private and not fed.secagg else 0.0
+    rules = ReplyRules.for_weights(
+        initial_weights,
+        uniform_weight=private,
+        max_examples=fed.max_device_examples,
+        # Under SecAgg+ every reply carries the same aggregate: there is no single update to measure.
+        max_update_norm=0.0 if fed.secagg else fed.max_update_norm,
+    )
+    return RoundRecorder(
+        dp_wrapper or inner,
+        dp_wrapper,
+        max_update_norm=clip,
+        post_adam=post_adam,
+        rules=rules,
+        min_results=fed.min_fit_clients,
+    )
 
 
 class RoundRecorder(Strategy):
@@ -156,6 +194,8 @@ class RoundRecorder(Strategy):
         dp_wrapper: DifferentialPrivacyClientSideFixedClipping | None = None,
         max_update_norm: float = 0.0,
         post_adam: FedAdam | None = None,
+        rules: ReplyRules | None = None,
+        min_results: int = 1,
     ) -> None:
         self.strategy = strategy
         self.dp_wrapper = dp_wrapper
@@ -163,6 +203,8 @@ class RoundRecorder(Strategy):
         self.max_update_norm = float(
             max_update_norm
         )  # > 0: clip each update's distance from the global model
+        self.rules = rules  # what a usable reply looks like (None: taken from the first global model seen)
+        self.min_results = max(1, int(min_results))  # fewer usable replies: the round is not applied
         self._global: dict[int, list[np.ndarray]] = {}
         self.rounds: dict[int, dict[str, object]] = {}
         # Weight positions held at fixed values (a frozen public table, see RIBConfig.freeze_items): the DP
@@ -187,45 +229,59 @@ class RoundRecorder(Strategy):
         """Sample devices; remembers how many."""
         instructions = self.strategy.configure_fit(server_round, parameters, client_manager)
         self.rounds.setdefault(server_round, {})["sampled"] = len(instructions)
-        if self.max_update_norm > 0:
-            self._global = {server_round: parameters_to_ndarrays(parameters)}
+        self._global = {server_round: parameters_to_ndarrays(parameters)}
+        if self.rules is None:
+            self.rules = ReplyRules.for_weights(self._global[server_round])
         return instructions
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Aggregate the updates that arrived; failures are counted and left out."""
+        """Aggregate the replies that pass ``aggregator.validation``; failures and rejections are counted."""
         record = self.rounds.setdefault(server_round, {})
+        failures = distinct_failures(failures)
+        global_weights = self._global.get(server_round)
+        if self.rules is None:  # aggregate_fit without configure_fit (tests): the first reply sets the shapes
+            self.rules = ReplyRules.for_weights(
+                global_weights or parameters_to_ndarrays(results[0][1].parameters)
+            )
+        screened = screen_results(results, self.rules, global_weights)
+        reasons = Counter(failure_reason(f) for f in failures) + screened.rejected
         # Float sums depend on order and replies arrive in any order: aggregate in a content-defined order
         # so a resumed run reproduces the uninterrupted one bit for bit.
         usable = sorted(
-            ((proxy, res) for proxy, res in results if _finite(res.parameters)),
-            key=lambda pair: hashlib.sha256(b"".join(pair[1].parameters.tensors)).digest(),
+            screened.usable, key=lambda pair: hashlib.sha256(b"".join(pair[1].parameters.tensors)).digest()
         )
         record.update(
             {
                 "results": len(results),
                 "failures": len(failures),
-                "rejected_non_finite": len(results) - len(usable),
-                "failure_reasons": dict(Counter(failure_reason(f) for f in failures)),
+                "accepted": len(usable),
+                "rejected": sum(screened.rejected.values()),
+                "failure_reasons": dict(sorted(reasons.items())),
+                "examples_clamped": screened.clamped,
+                "trained": False,
             }
         )
-        if self.max_update_norm > 0 and server_round in self._global:
-            usable, record["clipped"] = self._clip_updates(self._global[server_round], usable)
+        if screened.norms:
+            record["update_norm_median"] = float(np.median(screened.norms))
+            record["update_norm_max"] = float(max(screened.norms))
+        if screened.rejected:
+            flwr_log(logging.WARNING, "round %d: replies rejected: %s", server_round, dict(screened.rejected))
+        if self.max_update_norm > 0 and global_weights is not None:
+            usable, record["clipped"] = self._clip_updates(global_weights, usable)
             if record["clipped"]:
-                log.warning(
+                flwr_log(
+                    logging.WARNING,
                     "round %d: %d update(s) clipped to norm %.3g",
                     server_round,
                     record["clipped"],
                     self.max_update_norm,
                 )
-        if len(usable) < len(results):
-            log.warning(
-                "round %d: %d update(s) with non-finite values rejected",
-                server_round,
-                len(results) - len(usable),
+        if len(usable) < self.min_results:
+            record["failed"] = f"{len(usable)} usable update(s), min-fit-clients is {self.min_results}" + (
+                f" (failed: {_reasons_text(reasons)})" if reasons else ""
             )
-        if not usable:
             return None, {}
         if self.dp_wrapper is not None:
             # Noise calibrated to the updates actually averaged (uniform weights: see federation.training).
@@ -242,6 +298,13 @@ class RoundRecorder(Strategy):
             parameters, metrics = self.strategy.aggregate_fit(server_round, usable, [])
         if self.frozen and parameters is not None:
             parameters = self._restore_frozen(parameters)
+        problem = aggregate_problem(
+            None if parameters is None else parameters_to_ndarrays(parameters), self.rules
+        )
+        if problem is not None:
+            record["failed"] = f"{problem}: not applied"
+            return None, {}
+        record["trained"] = True
         record["fit_metrics"] = dict(metrics)
         return parameters, metrics
 
@@ -313,5 +376,5 @@ class RoundRecorder(Strategy):
             base.v_t = list(state.get("v_t", [])) or None
 
 
-def _finite(parameters: Parameters) -> bool:
-    return all(np.isfinite(a).all() for a in parameters_to_ndarrays(parameters))
+def _reasons_text(reasons: Counter) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))

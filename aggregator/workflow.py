@@ -1,10 +1,16 @@
 """The server's round loop: Flower's DefaultWorkflow, plus resume, accounting, checkpoints and releases.
 
 Per round it runs Flower's own fit workflow (``default_fit_workflow``, or ``SecAggPlusWorkflow`` so the
-server only ever sees the sum of the sampled updates), then central evaluation, then: step the DP
-accountant, append a metrics row (JSON lines), checkpoint, and publish a signed release when one is due.
-On start it resumes from the newest verified checkpoint: same weights, optimiser state, accountant and
-history, continuing at the next round (the client sample of a round depends on (seed, round) only).
+server only ever sees the sum of the sampled updates) on a ``CheckedGrid`` (malformed replies become failures
+of their device), then central evaluation, then: step the DP accountant, append a metrics row (JSON lines),
+checkpoint, and publish a signed release when one is due. On start it resumes from the newest verified
+checkpoint: same weights, optimiser state, accountant and history, continuing at the next round (the client
+sample of a round depends on (seed, round) only).
+
+A round that did not train (fewer usable replies than ``min-fit-clients``, a halted SecAgg+ protocol, an
+aggregate that is not a finite model) fails the run: its row goes to the metrics file with the reasons, and
+``RunFailed`` is raised before any checkpoint or release of that round is written. Rerunning the same
+command resumes from the last round that trained.
 """
 
 from __future__ import annotations
@@ -12,25 +18,111 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import flwr.compat.common.recorddict_compat as compat
 from flwr.app import ConfigRecord
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log as flwr_log
 from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.server.workflow.default_workflows import default_fit_workflow
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
 from aggregator.checkpoint import CheckpointStore, ServerState
 from aggregator.strategy import RoundRecorder, SeededClientManager
+from aggregator.validation import CheckedGrid, distinct_failures, failure_reason
 from privacy.accountant import FederatedAccountant
 
 log = logging.getLogger(__name__)
 
 Releaser = Callable[[int, list], Path]
+
+
+class RunFailed(RuntimeError):
+    """A round did not train; the message says which round and why (reasons counted per device)."""
+
+
+def describe_round(row: dict[str, object]) -> str:
+    """One line for a round's row: devices that trained, failures by reason, accuracy, epsilon, time."""
+    reasons = row.get("failure_reasons") or {}
+    failed = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none"  # type: ignore[union-attr]
+    parts = [f"{row.get('participants', 0)}/{row.get('sampled', 0)} devices trained", f"failed: {failed}"]
+    if "recall@20" in row:
+        parts.append(f"recall@20 {float(row['recall@20']):.4f} mrr@20 {float(row.get('mrr@20', 0.0)):.4f}")
+    if row.get("epsilon") is not None:
+        parts.append(f"epsilon {float(row['epsilon']):.3g}")
+    parts.append(f"{float(row.get('seconds', 0.0)):.1f} s")
+    line = ", ".join(parts)
+    return f"{line} -> NOT TRAINED: {row['failed']}" if row.get("failed") else line
+
+
+class RecordedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow that, when the protocol halts, tells the strategy which devices failed and why.
+
+    Flower's workflow returns silently on a halt (too few devices left for the reconstruction threshold), so
+    the strategy's ``aggregate_fit`` never sees that round. A reply Flower's stage code cannot take (past the
+    ``CheckedGrid``'s structural checks) halts the round the same way instead of ending the run.
+    """
+
+    def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        if not isinstance(context, LegacyContext):
+            raise TypeError(f"expected a LegacyContext, got {type(context).__name__}")
+        state = WorkflowState()
+        steps = (
+            self.setup_stage,
+            self.share_keys_stage,
+            self.collect_masked_vectors_stage,
+            self.unmask_stage,
+        )
+        flwr_log(logging.INFO, "Secure aggregation commencing.")
+        for step in steps:
+            problem = None
+            try:
+                done = step(grid, context, state)
+            except Exception as err:  # noqa: BLE001 - a device's reply broke the protocol: the round halts
+                done, problem = False, f"{type(err).__name__}: {str(err)[:200]}"
+            if not done:
+                stage = step.__name__.removesuffix("_stage")
+                flwr_log(logging.INFO, "Secure aggregation halted.")
+                self._record_halt(context, state, stage, problem)
+                return
+        flwr_log(logging.INFO, "Secure aggregation completed.")
+
+    @staticmethod
+    def _record_halt(context: LegacyContext, state: WorkflowState, stage: str, problem: str | None) -> None:
+        strategy = context.strategy
+        current = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        if not isinstance(strategy, RoundRecorder):
+            return
+        record = strategy.rounds.setdefault(current, {})
+        failures = distinct_failures(state.failures)
+        reasons = Counter(failure_reason(f) for f in failures)
+        why = problem or (
+            f"{len(state.active_node_ids)} of {len(state.sampled_node_ids)} sampled devices left, "
+            f"below the reconstruction threshold {state.threshold}"
+        )
+        record.update(
+            {
+                "results": 0,
+                "failures": len(failures),
+                "accepted": 0,
+                "rejected": 0,
+                "failure_reasons": dict(sorted(reasons.items())),
+                "trained": False,
+                "failed": f"SecAgg+ halted in {stage}: {why}"
+                + (
+                    f" (failed: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})"
+                    if reasons
+                    else ""
+                ),
+            }
+        )
 
 
 class FederatedRun:
@@ -117,33 +209,32 @@ class FederatedRun:
             if isinstance(context.client_manager, SeededClientManager):
                 context.client_manager.round = server_round
             t0 = time.perf_counter()
-            self.fit_workflow(grid, context)
+            self.fit_workflow(CheckedGrid(grid, [tuple(w.shape) for w in weights]), context)
             fit_seconds = time.perf_counter() - t0
+            done = strategy.rounds.get(server_round, {})
+            row: dict[str, object] = {"round": server_round, "fit_seconds": fit_seconds}
+            row.update(_round_counts(done, weights))
+            if not done.get("trained"):
+                # Nothing is applied, accounted, checkpointed or released for this round.
+                row.update(
+                    {
+                        "trained": False,
+                        "failed": done.get("failed") or "no device was sampled",
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
+                self._report(row)
+                raise RunFailed(f"round {server_round}: {row['failed']}")
             weights = parameters_to_ndarrays(
                 compat.arrayrecord_to_parameters(
                     context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
                 )
             )
-            done = strategy.rounds.get(server_round, {})
-            if self.accountant is not None and done.get("results", 0):
+            if self.accountant is not None:
                 self.accountant.step()
-            row: dict[str, object] = {"round": server_round, "fit_seconds": fit_seconds}
             if server_round % self.eval_every == 0 or server_round == self.num_rounds:
                 row.update(self._evaluate(strategy, server_round, weights))
-            row.update(
-                {
-                    "sampled": done.get("sampled", 0),
-                    "participants": done.get("results", 0),
-                    "dropouts": done.get("failures", 0),
-                    "rejected": done.get("rejected_non_finite", 0),
-                    "failure_reasons": done.get("failure_reasons", {}),
-                    # Plain float32 weights each way (SecAgg+ adds key exchange and masking stages on top).
-                    "bytes_down": done.get("sampled", 0) * _weight_bytes(weights),
-                    "bytes_up": done.get("results", 0) * _weight_bytes(weights),
-                    "fit_metrics": done.get("fit_metrics", {}),
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
+            row.update({"fit_metrics": done.get("fit_metrics", {}), "seconds": time.perf_counter() - t0})
             due = self.releaser is not None and (
                 server_round == self.num_rounds
                 or (self.release_every and server_round % self.release_every == 0)
@@ -174,10 +265,10 @@ class FederatedRun:
         """History row, then checkpoint, then the metrics line (a resume rewrites the lines from the checkpoint)."""
         self.history.append(row)
         self._checkpoint(int(row["round"]), weights, strategy)
-        shown = {
-            k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "fit_metrics"
-        }
-        log.info("round %s: %s", row.get("round"), shown)
+        self._report(row)
+
+    def _report(self, row: dict[str, object]) -> None:
+        """The round's progress line and its metrics line."""
         if self.on_round is not None:
             self.on_round(row)
         if self.metrics_path is not None:
@@ -201,6 +292,26 @@ class FederatedRun:
                 releases=self.releases,
             )
         )
+
+
+def _round_counts(done: dict[str, object], weights: list) -> dict[str, object]:
+    """A round's participation figures from the strategy's record of it."""
+    sampled = int(done.get("sampled", 0))  # type: ignore[arg-type]
+    accepted = int(done.get("accepted", 0))  # type: ignore[arg-type]
+    counts = {
+        "sampled": sampled,
+        "participants": accepted,  # replies that passed the checks and were averaged
+        "dropouts": done.get("failures", 0),  # devices that failed, declined or vanished
+        "rejected": done.get("rejected", 0),  # replies the server's checks dropped
+        "failure_reasons": done.get("failure_reasons", {}),
+        # Plain float32 weights each way (SecAgg+ adds key exchange and masking stages on top).
+        "bytes_down": sampled * _weight_bytes(weights),
+        "bytes_up": int(done.get("results", 0)) * _weight_bytes(weights),  # type: ignore[arg-type]
+    }
+    for key in ("update_norm_median", "update_norm_max", "clipped", "examples_clamped", "dp_noise_std"):
+        if key in done:
+            counts[key] = done[key]
+    return counts
 
 
 def _weight_bytes(weights: list) -> int:

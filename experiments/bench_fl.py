@@ -34,7 +34,6 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,14 @@ from experiments.benchmark import mark_small_test
 from experiments.paths import REPO_ROOT
 from experiments.paths import RESULTS as RESULTS_ROOT
 from model.data.protocol import ProtocolConfig
+
+# A variant is checked as a preset table over the shared settings' population keys.
+SIMULATION_DEFAULTS_FOR_CHECK = {
+    "dataset": "synthetic",
+    "partition": "auto",
+    "devices": None,
+    "min-examples": 0,
+}
 
 FEDAVG_TARGET = 0.95  # issue 6: federated (no DP) Recall@20 >= 0.95 x centralized
 DP_TARGET = 0.90  # issue 6: user-level DP at epsilon <= 8 >= 0.90 x centralized non-private
@@ -83,34 +90,31 @@ def base_settings(
     devices: int | None,
     min_devices: int,
 ) -> dict[str, object]:
-    """The simulation settings every federated row shares: the "smoke" preset's defaults, overridden."""
-    from simulations.presets import load_preset
+    """The simulation settings every federated row shares (a preset: the run config's keys plus the
+    population's), without heterogeneity: this benchmark measures utility, not faults."""
+    from simulations.presets import SIMULATION_DEFAULTS, check_settings
 
-    settings = load_preset("smoke")  # no heterogeneity: this benchmark measures utility, not faults
-    settings.update(
-        {
-            "name": "bench-fl",
-            "description": "rib-edge bench fl: centralized vs FedAvg vs FedAvg + user-level DP",
-            "dataset": dataset,
-            "partition": "user",
-            "devices": devices,
-            "min_examples": 1,
-            "rounds": int(rounds),
-            "fraction": float(fraction),
-            "min_devices": int(min_devices),
-            "local_steps": int(local_steps),
-            "batch_size": int(batch_size),
-            "learning_rate": float(learning_rate),
-            "strategy": "fedavg",
-            "dp_epsilon": None,
-            "dp_delta": None,  # 1 / N
-            "seed": int(seed),
-            # Read by simulations.engine.federation_from when present:
-            "item_dim": int(item_dim),
-            "hidden_dim": int(hidden_dim),
-            "eval_max_examples": int(eval_max_examples),
-        }
-    )
+    settings = {
+        **SIMULATION_DEFAULTS,
+        "name": "bench-fl",
+        "description": "rib-edge bench fl: centralized vs FedAvg vs FedAvg + user-level DP",
+        "dataset": dataset,
+        "partition": "user",
+        "devices": devices,
+        "min-examples": 1,
+        "num-server-rounds": int(rounds),
+        "fraction-fit": float(fraction),
+        "min-fit-clients": int(min_devices),
+        "local-steps": int(local_steps),
+        "local-batch-size": int(batch_size),
+        "local-lr": float(learning_rate),
+        "strategy": "fedavg",
+        "seed": int(seed),
+        "item-dim": int(item_dim),
+        "hidden-dim": int(hidden_dim),
+        "eval-max-examples": int(eval_max_examples),
+    }
+    check_settings("bench-fl", settings)
     return settings
 
 
@@ -126,35 +130,19 @@ def run_federated(
     settings: Mapping[str, object],
     run_dir: Path,
     population_dir: Path,
-    fed_overrides: Mapping[str, object] | None = None,
     num_cpus: int = 2,
     progress: Progress | None = None,
 ) -> dict[str, object]:
-    """Run (resume, or reuse when finished) one federated setting; returns its summary.
+    """Run (resume, or reuse when finished) one federated setting with ``simulations.engine.simulate``;
+    ``settings``: a preset's table (run-config keys plus the population's). Returns its summary."""
+    from simulations.engine import simulate
 
-    Without ``fed_overrides`` this is ``simulations.engine.simulate``. Overrides (FederationConfig fields
-    ``federation_from`` does not read, e.g. FedAdam's ``server_lr``) go through the same plan and runner.
-    """
-    from simulations.engine import (
-        SimulationPlan,
-        federation_from,
-        heterogeneity_from,
-        plot_metrics,
-        read_metrics,
-        run_simulation_plan,
-        simulate,
-    )
-    from simulations.population import open_population
-
-    overrides = dict(fed_overrides or {})
     stored = dict(settings)
-    if overrides:
-        stored["federation_overrides"] = overrides
     summary_path, settings_path = run_dir / "summary.json", run_dir / "settings.json"
     if summary_path.exists() and settings_path.exists():
         done = json.loads(summary_path.read_text())
         same = json.loads(settings_path.read_text()) == _normalized(stored)
-        if same and int(done.get("rounds", 0)) >= int(settings["rounds"]):  # type: ignore[arg-type]
+        if same and int(done.get("rounds", 0)) >= int(settings["num-server-rounds"]):  # type: ignore[arg-type]
             _say(progress, f"  reusing the finished run in {run_dir}")
             return done
     started = time.perf_counter()
@@ -169,28 +157,7 @@ def run_federated(
             f"round_s={row.get('seconds', 0.0):.1f}",
         )
 
-    if not overrides:
-        return simulate(
-            settings, run_dir, population_dir=population_dir, num_cpus=num_cpus, progress=on_round
-        )
-    population = open_population(population_dir)
-    fed = replace(federation_from(settings, population_dir, run_dir, population.n_devices), **overrides)
-    fed.validate()
-    plan = SimulationPlan(
-        population_dir,
-        run_dir,
-        fed,
-        heterogeneity_from(settings),
-        population.n_devices,
-        num_cpus=num_cpus,
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    settings_path.write_text(json.dumps(stored, indent=2, default=str))
-    summary = run_simulation_plan(plan, on_round)
-    summary["population"] = population.info.raw
-    summary["plots"] = plot_metrics(read_metrics(run_dir / "metrics.jsonl"), run_dir)
-    summary_path.write_text(json.dumps(summary, indent=2, default=float))
-    return summary
+    return simulate(settings, run_dir, population_dir=population_dir, num_cpus=num_cpus, progress=on_round)
 
 
 # ---- evaluation with per-example ranks --------------------------------------------------------------------
@@ -323,12 +290,12 @@ FEDERATED_W2V_INIT = "federated-w2v"  # variant "init": start from a federated s
 # The skip-gram stage's defaults (a variant's "w2v" mapping overrides them), chosen by in-process probes on
 # jdata2016: 10 % of devices, 30 rounds, 5 local SGD steps at lr 1, FedAdam at 0.1 reach a nearest-item
 # Recall@20 of 0.28 (gensim on the pooled sessions: 0.36), enough for the RIB run after it.
-W2V_STAGE_DEFAULTS: dict[str, float] = {
-    "rounds": 30,
-    "fraction": 0.1,
-    "local_steps": 5,
-    "local_lr": 1.0,
-    "server_lr": 0.1,
+W2V_STAGE_DEFAULTS: dict[str, float] = {  # run-config keys
+    "num-server-rounds": 30,
+    "fraction-fit": 0.1,
+    "local-steps": 5,
+    "local-lr": 1.0,
+    "server-lr": 0.1,
 }
 
 
@@ -360,21 +327,14 @@ def federated_w2v_checkpoint(
 
     chosen = w2v_stage_settings(stage)
     stage_settings = {
-        **settings,
-        "rounds": int(chosen["rounds"]),
-        "fraction": float(chosen["fraction"]),
-        "local_steps": int(chosen["local_steps"]),
-        "learning_rate": float(chosen["local_lr"]),
+        **{k: v for k, v in settings.items() if k not in ("dp", "dp-epsilon")},
+        **chosen,
         "strategy": "fedadam",
-        "dp_epsilon": None,
-    }
-    overrides = {
         "task": "word2vec",
-        "server_lr": float(chosen["server_lr"]),
-        "server_tau": 1e-8,  # Adam's own epsilon scale: SGNS gradients per row are small
-        "release_dir": str(run_dir),
+        "server-tau": 1e-8,  # Adam's own epsilon scale: SGNS gradients per row are small
+        "release-dir": str(run_dir),
     }
-    run_federated(stage_settings, run_dir, population_dir, overrides, num_cpus, progress)
+    run_federated(stage_settings, run_dir, population_dir, num_cpus, progress)
     rows = read_metrics(run_dir / "metrics.jsonl")
     last = rows[-1] if rows else {}
     report = {
@@ -567,9 +527,9 @@ def bench_fl(
     dataset becomes the population, as ``--mapping``, ``--min-item-support`` and the split settings do.
 
     ``variants``: extra federated runs reported beside the table (not in ``rows``), each a mapping with
-    ``name``, optional simulation-setting overrides (``strategy``, ``local_steps``, ``learning_rate``,
-    ``rounds``, ``fraction``, ``dp_epsilon`` ...) and optional ``fed`` (FederationConfig field overrides,
-    e.g. ``{"server_lr": 0.05}``); ``"init": "pooled-w2v"`` starts it from ``pooled_w2v_checkpoint`` (a diagnostic).
+    ``name`` and run-config keys overriding the shared settings (``strategy``, ``local-steps``, ``local-lr``,
+    ``num-server-rounds``, ``fraction-fit``, ``dp-epsilon``, ``server-lr`` ...: a preset's table);
+    ``"init": "pooled-w2v"`` starts it from ``pooled_w2v_checkpoint`` (a diagnostic).
     """
     from aggregator.checkpoint import CheckpointStore
     from aggregator.evaluation import CentralEvaluator
@@ -578,8 +538,14 @@ def bench_fl(
     from model.evaluate import paired_bootstrap_diff
     from simulations.engine import federation_from, read_metrics
     from simulations.population import build_population, open_population
+    from simulations.presets import SIMULATION_DEFAULTS, PresetError, check_settings
 
     for variant in variants:  # fail before hours of runs, not after
+        table = {k: v for k, v in variant.items() if k not in ("name", "init", "w2v")}
+        try:
+            check_settings(str(variant.get("name")), {**SIMULATION_DEFAULTS, **table})
+        except PresetError as err:
+            raise ValueError(f"variant {variant.get('name')!r}: {err}") from None
         if variant.get("init") not in (None, POOLED_W2V_INIT, FEDERATED_W2V_INIT, CATALOG_INIT):
             raise ValueError(
                 f"variant {variant.get('name')!r}: unknown init {variant['init']!r} "
@@ -678,14 +644,14 @@ def bench_fl(
 
     # 3. Federated settings.
     plan: list[tuple[str, float | None, dict[str, object], dict[str, object]]] = [("fedavg", None, {}, {})]
-    plan += [("fedavg+dp", float(e), {"dp_epsilon": float(e)}, {}) for e in epsilons]
+    plan += [("fedavg+dp", float(e), {"dp": "user", "dp-epsilon": float(e)}, {}) for e in epsilons]
     w2v_stages: dict[str, dict[str, object]] = {}  # variant name -> its federated skip-gram stage
     for variant in variants:
-        extra = {k: v for k, v in variant.items() if k not in ("name", "fed", "w2v")}
-        fed_over = dict(variant.get("fed", {}))  # type: ignore[call-overload]
+        extra = {k: v for k, v in variant.items() if k not in ("name", "w2v")}
+        fed_over: dict[str, object] = {}  # the run-config keys an init sets (files this benchmark writes)
         if extra.get("init") == POOLED_W2V_INIT:
             path = pooled_w2v_checkpoint(split.train, rib_config, work / "pooled-w2v-init.pt", seed)
-            fed_over["initial_checkpoint"] = str(path)
+            fed_over["initial-checkpoint"] = str(path)
         elif extra.get("init") == FEDERATED_W2V_INIT:
             stage_dir = work / f"variant-{variant['name']}-w2v-stage"
             _say(progress, f"{variant['name']}: federated skip-gram stage -> {stage_dir}")
@@ -697,10 +663,10 @@ def bench_fl(
                 split, item_dim, seed, eval_max_examples
             )
             w2v_stages[str(variant["name"])] = stage_report
-            fed_over["initial_checkpoint"] = str(path)
+            fed_over["initial-checkpoint"] = str(path)
         elif extra.get("init") == CATALOG_INIT:
-            fed_over["item_catalog"] = str(catalog_path)
-        eps = extra.get("dp_epsilon")
+            fed_over["item-catalog"] = str(catalog_path)
+        eps = extra.get("dp-epsilon")
         plan.append((str(variant["name"]), None if eps is None else float(eps), extra, fed_over))  # type: ignore[arg-type]
     rows: list[dict[str, object]] = [
         {
@@ -725,12 +691,12 @@ def bench_fl(
     n_main = 1 + len(epsilons)
     for index, (name, eps, extra, fed_over) in enumerate(plan):
         is_variant = index >= n_main
-        run_settings = {**settings, **{k: v for k, v in extra.items() if k != "init"}}
+        run_settings = {**settings, **{k: v for k, v in extra.items() if k != "init"}, **fed_over}
         label = name if is_variant else setting_dir_name(name, eps)
         run_dir = work / (f"variant-{label}" if is_variant else label)
         _say(progress, f"{name}{'' if eps is None else f' (target epsilon {eps:g})'}: {run_dir}")
         t0 = time.perf_counter()
-        summary = run_federated(run_settings, run_dir, pop_dir, fed_over, num_cpus, progress)
+        summary = run_federated(run_settings, run_dir, pop_dir, num_cpus, progress)
         run_seconds = time.perf_counter() - t0
         metrics_rows = read_metrics(run_dir / "metrics.jsonl")
         curves[label] = (name if is_variant else "", eps, metrics_rows)
@@ -738,8 +704,6 @@ def bench_fl(
         final_round = int(last.get("round", 0))
         weights = CheckpointStore(run_dir / "checkpoints").load(final_round).weights
         fed = federation_from(run_settings, pop_dir, run_dir, n)
-        if fed_over:
-            fed = replace(fed, **fed_over)
         run_config = run_rib_config(split.vocab, fed)
         # Same examples (same seeded sample), the run's own model layout (e.g. a tied output).
         scorer = evaluator
@@ -779,18 +743,13 @@ def bench_fl(
             "mrr@20": float(last.get("mrr@20", math.nan)),
             "ratio_to_centralized": float(last.get("recall@20", math.nan)) / central["recall@20"],
             "devices_per_round": m,
-            "local_steps": int(run_settings["local_steps"]),  # type: ignore[arg-type]
+            "local_steps": fed.local_steps,
             "strategy": fed.strategy,
             "noise_multiplier": _noise_multiplier(fed, n) if eps is not None else 0.0,
             "run_dir": label,
         }
         if is_variant:
-            shown = {
-                k: v
-                for k, v in fed_over.items()
-                if not ("init" in extra and k in ("initial_checkpoint", "item_catalog"))
-            }
-            row["overrides"] = {**extra, **({"fed": shown} if shown else {})}
+            row["overrides"] = dict(extra)  # the variant's table (the init's file paths are this run's own)
             if name in w2v_stages:
                 row["w2v_stage"] = w2v_stages[name]
             variant_rows.append(row)
@@ -1027,8 +986,8 @@ def markdown(result: Mapping[str, object]) -> str:
         for row in staged:
             st = row["w2v_stage"]
             lines.append(
-                f"| {row['setting']} | {st['rounds']:g} | {st['fraction']:g} | {st['local_steps']:g} ({st['local_lr']:g}) "
-                f"| {st['server_lr']:g} | {_fmt(st['word2vec_recall@20'])} | {_fmt(st['word2vec_mrr@20'])} "
+                f"| {row['setting']} | {st['num-server-rounds']:g} | {st['fraction-fit']:g} | {st['local-steps']:g} "
+                f"({st['local-lr']:g}) | {st['server-lr']:g} | {_fmt(st['word2vec_recall@20'])} | {_fmt(st['word2vec_mrr@20'])} "
                 f"| {_fmt(st.get('pooled_word2vec_recall@20'))} | {st['rounds_seconds_total']:.0f} |"
             )
     spread = result.get("centralized_seed_spread")

@@ -44,6 +44,7 @@ FUZZ_MODULES = (
     "tests.edge_client.test_fuzz_store",
     "tests.edge_client.test_fuzz_package",
     "tests.model.data.test_fuzz_loaders",
+    "tests.aggregator.test_fuzz_replies",
 )
 
 
@@ -150,7 +151,8 @@ def _fuzz_command(run: str, args: argparse.Namespace, target: Path) -> list[str]
     surface, _, mode = run.partition(":")
     command = [
         sys.executable,
-        __file__,
+        "-m",  # as a module from the repository root (cwd): the test modules import as ``tests.*``
+        "experiments.security",
         "fuzz-one",
         surface,
         "--examples",

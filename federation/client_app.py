@@ -8,8 +8,16 @@ Which device a ClientApp instance is:
 - simulation: node config ``partition-id`` maps to ``<population-dir>/devices/<id>`` and the vocabulary
   comes from the population's split (every virtual device shares one process-wide copy).
 
+Before any training the device checks that it belongs to this run (``check_round``): the vocabulary
+fingerprint the server sends with every round must be its installed package's, and the global weights must
+have the shapes of the model it builds from that package and the run config. Otherwise, and whenever it has
+nothing to train on or no budget left, it declines with a short error reply ``declined: <reason>: <why>``
+(``federation.task.DECLINE_REASONS``) that the server counts and shows; nothing else leaves the device.
+``check_device`` runs the same checks a device can make alone (package verifies, store opens, its activities
+are the package's) when ``rib-edge fl join`` starts, so a mismatch is seen before the device joins at all.
+
 What leaves the device is the new weights, the averaging weight and the scalar metrics named in
-``federation.training.METRIC_KEYS``. ``egress_guard_mod`` enforces that on every reply: an array whose
+``federation.task.METRIC_KEYS``. ``egress_guard_mod`` enforces that on every reply: an array whose
 shape is not a model shape, a metric not on the list, or a string anywhere fails the round instead of
 leaving. SecAgg+ (``secaggplus_mod``) and client-side update clipping (``fixedclipping_mod``) are Flower's
 own mods; they run only when the server's instructions ask for them, so one ClientApp serves every run.
@@ -36,26 +44,32 @@ from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import parameters_to_ndarrays
+from flwr.common.logger import FLOWER_LOGGER, set_logger_propagation
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from edge_client.keys import KeyProviderError, default_key_provider
+from edge_client.package import PackageError
+from edge_client.store import MANIFEST_NAME, StoreError, TupleStore
 from federation.config import FederationConfig
-from federation.task import run_rib_config
-from federation.training import (
+from federation.task import (
     METRIC_KEYS,
-    DeviceTrainer,
-    DeviceTrainingConfig,
-    TrainingRefused,
-    set_torch_threads,
+    SERVER_ROUND_KEY,
+    VOCAB_KEY,
+    declined_text,
+    run_rib_config,
+    vocab_fingerprint,
 )
+from federation.training import DeviceTrainer, DeviceTrainingConfig, TrainingRefused, set_torch_threads
 from model.data.dataset import SplitData, Vocabulary
-from model.local import LocalTrainConfig
+from model.local import LocalTrainConfig, get_weights
+from model.rib import RIB
 from model.skipgram import SkipGramConfig
 
 log = logging.getLogger(__name__)
-
-SERVER_ROUND_KEY = "server-round"
+# Opacus' import-time logging.basicConfig would print every Flower line twice (see aggregator.server_app).
+set_logger_propagation(FLOWER_LOGGER, False)
 
 
 class EgressError(RuntimeError):
@@ -92,7 +106,11 @@ def device_and_vocab(node_config: Mapping[str, object], fed: FederationConfig) -
     if "package-dir" in node_config:
         if "public-key" not in node_config:
             raise ValueError("node config package-dir needs public-key (the release signing key)")
-        return device_dir, _package_vocab(str(node_config["package-dir"]), str(node_config["public-key"]))
+        try:
+            vocab = _package_vocab(str(node_config["package-dir"]), str(node_config["public-key"]))
+        except PackageError as err:
+            raise TrainingRefused("package_invalid", f"the installed package is refused: {err}") from None
+        return device_dir, vocab
     split = fed.eval_split_path()
     if split is None:
         raise ValueError(
@@ -131,6 +149,95 @@ def training_config(fed: FederationConfig, server_round: int, device_name: str) 
     )
 
 
+# ---- does this device belong to the run? ----------------------------------------------------------------
+
+
+def expected_shapes(fed: FederationConfig, vocab: Vocabulary) -> list[tuple[int, ...]]:
+    """The shapes of the global weights this device can train: the run's model built on its vocabulary."""
+    if fed.task == "word2vec":
+        return [(vocab.n_items + 1, fed.item_dim)] * 2
+    return [tuple(w.shape) for w in get_weights(RIB(run_rib_config(vocab, fed)))]
+
+
+def check_round(
+    parameters: list[np.ndarray], config: Mapping[str, object], fed: FederationConfig, vocab: Vocabulary
+) -> None:
+    """Decline (TrainingRefused) a round whose model is not the one this device's package describes."""
+    theirs, ours = config.get(VOCAB_KEY), vocab_fingerprint(vocab)
+    if theirs is not None and theirs != ours:
+        raise TrainingRefused(
+            "vocab_mismatch",
+            f"the run's vocabulary is {theirs}, this device's installed package has {ours} "
+            f"({vocab.n_items} items, {len(vocab.activities.names)} activities): install the run's release",
+        )
+    got = [tuple(a.shape) for a in parameters]
+    wanted = expected_shapes(fed, vocab)
+    if got != wanted:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(got, wanted, strict=False)) if a != b),
+            min(len(got), len(wanted)),
+        )
+        detail = (
+            f"{len(got)} arrays, this device's model has {len(wanted)}"
+            if len(got) != len(wanted)
+            else f"array {first} is {got[first]}, this device's model has {wanted[first]}"
+        )
+        raise TrainingRefused(
+            "shape_mismatch", f"the global weights do not fit this device's model: {detail}"
+        )
+
+
+class JoinRefused(RuntimeError):
+    """A device that cannot take part in any run with its package and store; ``reason`` names why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_device(
+    device_dir: str | Path, package_dir: str | Path, public_key: str | Path
+) -> dict[str, object]:
+    """What ``rib-edge fl join`` checks before the SuperNode starts; returns counts to show, or raises JoinRefused.
+
+    The installed package must verify; the store must open with its key and be readable; and if it holds
+    records, at least one must be of an activity the package's model knows (a store written under another
+    activity vocabulary would train on nothing).
+    """
+    try:
+        vocab = _package_vocab(str(package_dir), str(public_key))
+    except PackageError as err:
+        raise JoinRefused("package_invalid", f"the installed package is refused: {err}") from None
+    device_dir = Path(device_dir)
+    if not (device_dir / MANIFEST_NAME).is_file():
+        raise JoinRefused("store_unreadable", f"{device_dir} holds no device store (no {MANIFEST_NAME})")
+    try:
+        store = TupleStore(device_dir, key_provider=default_key_provider(device_dir))
+        try:
+            records = store.read()
+        finally:
+            store.close()
+    except (StoreError, KeyProviderError, OSError) as err:
+        raise JoinRefused(
+            "store_unreadable", f"the device store {device_dir} cannot be read: {err}"
+        ) from None
+    known = set(vocab.activities.names)
+    activities = {r.activity for r in records}
+    if records and not activities & known:
+        raise JoinRefused(
+            "activity_mismatch",
+            f"the store's activities {sorted(activities)[:8]} are not the package's {sorted(known)}: "
+            "it was recorded for another model",
+        )
+    return {
+        "records": len(records),
+        "sessions": len({r.session_id for r in records}),
+        "unknown_activities": sorted(activities - known),
+        "vocab_hash": vocab_fingerprint(vocab),
+        "items": vocab.n_items,
+    }
+
+
 # ---- the client -----------------------------------------------------------------------------------------
 
 
@@ -144,10 +251,11 @@ class RIBClient(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: Mapping[str, object]
     ) -> tuple[list[np.ndarray], int, dict]:
-        """Local training; a refusal (no data, spent budget) fails this device's round, nothing is sent."""
+        """Local training; a refusal (another model, no data, spent budget) fails this device's round."""
         server_round = int(config.get(SERVER_ROUND_KEY, 0))  # type: ignore[arg-type]
         settings = training_config(self.fed, server_round, self.trainer.device_dir.name)
         try:
+            check_round(list(parameters), config, self.fed, self.trainer.vocab)
             update = self.trainer.train(list(parameters), settings)
         except TrainingRefused as err:
             log.info(
@@ -172,7 +280,11 @@ def client_fn(context: Context, fed: FederationConfig | None = None) -> Client:
         # A simulated slot whose sessions all fell in the test period has no store: nothing to train on.
         raise TrainingRefused("no_data", f"simulated device {device_dir.name} has no store")
     rib_config = run_rib_config(vocab, fed)
-    return RIBClient(DeviceTrainer(device_dir, vocab, rib_config), fed).to_client()
+    try:
+        trainer = DeviceTrainer(device_dir, vocab, rib_config)
+    except (StoreError, KeyProviderError, OSError) as err:
+        raise TrainingRefused("store_unreadable", f"the device store cannot be opened: {err}") from None
+    return RIBClient(trainer, fed).to_client()
 
 
 # ---- mods ----------------------------------------------------------------------------------------------
@@ -215,7 +327,10 @@ def egress_guard_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) 
     expected = [tuple(a.shape) for a in parameters_to_ndarrays(fitins.parameters)]
     fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
     sent = parameters_to_ndarrays(fitres.parameters)
-    check_egress(sent, expected, dict(fitres.metrics))
+    try:
+        check_egress(sent, expected, dict(fitres.metrics))
+    except EgressError as err:
+        raise TrainingRefused("egress_refused", str(err)) from None
     return out
 
 
@@ -275,18 +390,21 @@ def refusal_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Me
     try:
         return call_next(msg, ctxt)
     except TrainingRefused as err:
-        return Message(Error(code=0, reason=f"declined: {err.reason}"), reply_to=msg)
+        log.info("declining the round: %s: %s", err.reason, err)
+        return Message(Error(code=0, reason=declined_text(err.reason, str(err))), reply_to=msg)
 
 
 def make_client_app(extra_mods: list[Mod] | None = None, fed: FederationConfig | None = None) -> ClientApp:
     """The device ClientApp; ``fed`` fixes the settings (Python-driven simulations), else the run config gives
     them; ``extra_mods`` (outermost first) are for tests and harnesses that watch or shape the wire."""
+    # refusal_mod sits outside SecAgg+ and clipping: they expect a reply with content from what they wrap, so a
+    # decline travels through them as an exception and becomes the error reply here.
     mods: list[Mod] = [egress_audit_mod, *list(extra_mods or [])]
     mods += [
+        refusal_mod,
         when(asks_for_secagg, secaggplus_mod),
         when(asks_for_clipping, fixedclipping_mod),
         egress_guard_mod,
-        refusal_mod,
     ]
 
     def bound_client_fn(context: Context) -> Client:

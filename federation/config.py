@@ -71,9 +71,14 @@ class FederationConfig:
     dp_epsilon: float = 0.0  # target epsilon over all rounds; sets the noise multiplier
     dp_clipping_norm: float = 1.0
     dp_delta: float = 0.0  # 0: 1 / population
-    max_update_norm: float = (
-        0.0  # server-side bound on each update's L2 distance (0: dp-clipping-norm under DP)
-    )
+    # Server-side checks of every reply (aggregator/validation.py). An update farther than max-update-norm
+    # (L2) from the global model is dropped as too_large (0: no bound; unchecked under SecAgg+, where the server
+    # sees only the sum). Honest updates measured 0.05-44 across the local settings this project uses
+    # (benchmarks/results/fl_validation/update_norms.md); Adam moves each trained weight by about local-lr per
+    # step, so catalogues far beyond 10^5 items with many local steps may need more. Under DP the server also
+    # clips to dp-clipping-norm.
+    max_update_norm: float = 100.0
+    max_device_examples: int = 10_000  # a device's averaging weight is clamped to this (1 under DP)
     # Record-level DP-SGD on devices (Opacus) and each device's lifetime budget.
     record_dp_noise_multiplier: float = 0.0  # 0: no DP-SGD on the device
     record_dp_max_grad_norm: float = 1.0
@@ -141,6 +146,7 @@ class FederationConfig:
             (self.dp_noise_multiplier >= 0 and self.dp_epsilon >= 0, "dp noise and epsilon must be >= 0"),
             (0.0 <= self.dp_delta < 1.0, "dp-delta must be in [0, 1)"),
             (self.max_update_norm >= 0, "max-update-norm must be >= 0"),
+            (self.max_device_examples >= 1, "max-device-examples must be >= 1"),
             (
                 self.record_dp_noise_multiplier >= 0 and self.record_dp_max_grad_norm > 0,
                 "record DP settings out of range",

@@ -24,6 +24,7 @@ import torch
 
 from edge_client.keys import KeyProvider, default_key_provider
 from edge_client.store import TupleStore
+from federation.task import METRIC_KEYS  # noqa: F401 - the device's metric list, re-exported for callers
 from model.data.dataset import SessionDataset, Vocabulary
 from model.data.local import records_to_dataset
 from model.local import LocalTrainConfig, WindowDataset, get_weights, set_weights, train_local
@@ -31,8 +32,6 @@ from model.rib import RIB, RIBConfig
 from model.skipgram import SkipGramConfig, train_local_skipgram
 
 LEDGER_BLOB = "privacy-ledger"
-# The only metric names a device reports (the ClientApp's egress guard enforces this list).
-METRIC_KEYS = ("train_loss", "examples", "steps", "seconds", "device_epsilon", "record_dp")
 
 
 class TrainingRefused(RuntimeError):

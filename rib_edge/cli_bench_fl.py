@@ -43,7 +43,7 @@ def _seeds(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[in
 
 
 def _variants(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[dict]:
-    """Parse --variants: a JSON list of {"name", settings overrides..., "fed": {...}}."""
+    """Parse --variants: a JSON list of {"name", run-config keys..., optional "init" and "w2v"}."""
     if not value:
         return []
     try:
@@ -92,7 +92,7 @@ def _variants(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     "--variants",
     default=None,
     callback=_variants,
-    help='Extra federated runs as JSON, e.g. \'[{"name": "fedadam", "strategy": "fedadam", "fed": {"server_lr": 0.02}}]\'.',
+    help='Extra federated runs as JSON tables of run-config keys, e.g. \'[{"name": "fedadam", "strategy": "fedadam", "server-lr": 0.02}]\'.',
 )
 @click.option("--num-cpus", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option(

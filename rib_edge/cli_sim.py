@@ -11,17 +11,17 @@ import click
 from edge_client.schema import SchemaError
 from rib_edge.cli_common import BadInput, DatasetChoice, FiniteFloatRange, dataset_options
 
-# Flags that override a preset's settings (None = keep the preset's value).
+# Flags that override a preset's settings (None = keep the preset's value): option name -> preset key.
 _OVERRIDES = {
     "devices": "devices",
-    "rounds": "rounds",
-    "fraction": "fraction",
-    "local_steps": "local_steps",
-    "dp_epsilon": "dp_epsilon",
+    "rounds": "num-server-rounds",
+    "fraction": "fraction-fit",
+    "local_steps": "local-steps",
+    "dp_epsilon": "dp-epsilon",
     "dropout": "dropout",
     "availability": "availability",
-    "straggler_fraction": "straggler_fraction",
-    "deadline_s": "deadline_s",
+    "straggler_fraction": "straggler-fraction",
+    "deadline_s": "deadline-s",
     "strategy": "strategy",
     "seed": "seed",
 }
@@ -79,6 +79,12 @@ _OVERRIDES = {
     show_default=True,
     help="CPUs for the local Ray backend.",
 )
+@click.option(
+    "--run-config",
+    "-c",
+    multiple=True,
+    help="key=value of the run config overriding the preset (repeatable).",
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 def simulate_command(
     preset: str,
@@ -86,40 +92,46 @@ def simulate_command(
     population_dir: Path | None,
     ray_address: str | None,
     num_cpus: int,
+    run_config: tuple[str, ...],
     out_dir: Path,
     **flags,
 ) -> None:
     """Simulate federated RIB over many virtual devices; re-running the same command resumes a killed run."""
+    from aggregator.workflow import describe_round
+    from rib_edge.cli_fl import parse_run_config
     from simulations.engine import simulate
-    from simulations.presets import PresetError, load_preset
+    from simulations.presets import PresetError, check_settings, load_preset
 
     try:
         settings = load_preset(preset)
+        settings.update({_OVERRIDES[k]: v for k, v in flags.items() if v is not None})
+        if data.name is not None:
+            settings["dataset"] = data.name
+        options = data.options
+        if options.mapping is not None:
+            settings["mapping"] = str(options.mapping)
+        if options.min_item_support is not None:
+            settings["min-item-support"] = options.min_item_support
+        if options.test_fraction is not None or options.test_days is not None:  # one replaces the other
+            settings["test-fraction"], settings["test-days"] = options.test_fraction, options.test_days
+        settings.update(parse_run_config(run_config))
+        check_settings(preset, settings)
     except PresetError as err:
         raise BadInput(str(err)) from err
-    settings.update({_OVERRIDES[k]: v for k, v in flags.items() if v is not None})
-    if data.name is not None:
-        settings["dataset"] = data.name
-    options = data.options
-    if options.mapping is not None:
-        settings["mapping"] = str(options.mapping)
-    if options.min_item_support is not None:
-        settings["min_item_support"] = options.min_item_support
-    if options.test_fraction is not None or options.test_days is not None:  # one replaces the other
-        settings["test_fraction"], settings["test_days"] = options.test_fraction, options.test_days
     started = time.perf_counter()
     click.echo(
         f"preset {preset}: {json.dumps({k: v for k, v in settings.items() if k != 'description'}, default=str)}"
     )
 
     def on_round(row: dict) -> None:
-        eps = row.get("epsilon")
-        click.echo(
-            f"[{time.perf_counter() - started:7.1f}s] round {row['round']:>3}: "
-            f"recall@20={row.get('recall@20', float('nan')):.4f} mrr@20={row.get('mrr@20', float('nan')):.4f} "
-            f"eps={'-' if eps is None else f'{eps:.2f}'} participants={row.get('participants', '-')} "
-            f"failed={row.get('dropouts', '-')} round_s={row.get('seconds', 0.0):.1f}"
-        )
+        if row["round"] == 0:
+            shown = (
+                f"recall@20 {row['recall@20']:.4f} mrr@20 {row['mrr@20']:.4f}" if "recall@20" in row else ""
+            )
+            line = f"the starting model: {shown}"
+        else:
+            line = describe_round(row)
+        click.echo(f"[{time.perf_counter() - started:7.1f}s] round {row['round']:>3}: {line}")
 
     def on_build(done: int, total: int) -> None:
         if done == total or done % max(1, total // 20) == 0:

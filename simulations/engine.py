@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from federation.config import FederationConfig
+from federation.task import SIMULATED_PREFIX as FAILURE_PREFIX
 from simulations.heterogeneity import Heterogeneity
 
 log = logging.getLogger(__name__)
-
-FAILURE_PREFIX = "rib-edge-simulated:"
 
 
 @dataclass
@@ -150,50 +149,35 @@ def _sum_dicts(dicts: list[dict]) -> dict[str, int]:
 
 # ---- from settings (a preset plus overrides) to a finished run --------------------------------------------
 
+DATASET_CATALOG = "dataset"  # item-catalog = "dataset": the dataset's own catalog, written by the simulation
+
 
 def heterogeneity_from(settings: Mapping[str, object]) -> Heterogeneity:
     """The Heterogeneity knobs named in a preset's settings."""
-    keys = (
-        "dropout",
-        "availability",
-        "online_hours",
-        "rounds_per_day",
-        "straggler_fraction",
-        "straggler_delay_s",
-    )
-    values = {k: settings[k] for k in keys if k in settings}
-    values["deadline_s"] = settings.get("deadline_s")
-    values["volume_skew"] = settings.get("volume_skew", 0.0)
-    values["seed"] = int(settings.get("seed", 0))
-    return Heterogeneity(**values)
+    from simulations.presets import heterogeneity_settings
+
+    return Heterogeneity(**heterogeneity_settings(dict(settings)))
 
 
 def federation_from(
     settings: Mapping[str, object], population_dir: Path, out_dir: Path, n_devices: int
 ) -> FederationConfig:
-    """The FederationConfig of a simulation: sampling, local training, DP, checkpoints, metrics."""
-    dp_epsilon = settings.get("dp_epsilon")
-    min_devices = int(settings.get("min_devices", 2))
-    return FederationConfig(
-        population_dir=str(population_dir),
-        num_server_rounds=int(settings["rounds"]),
-        fraction_fit=float(settings["fraction"]),
-        min_fit_clients=min_devices,
-        min_available_clients=max(min_devices, n_devices),
-        seed=int(settings.get("seed", 0)),
-        strategy=str(settings.get("strategy", "fedavg")),
-        local_steps=int(settings["local_steps"]),
-        local_batch_size=int(settings["batch_size"]),
-        local_lr=float(settings["learning_rate"]),
-        dp="user" if dp_epsilon else "none",
-        dp_epsilon=float(dp_epsilon or 0.0),
-        dp_delta=float(settings.get("dp_delta") or 0.0),
-        item_dim=int(settings.get("item_dim", 64)),
-        hidden_dim=int(settings.get("hidden_dim", 100)),
-        eval_max_examples=int(settings.get("eval_max_examples", 2000)),
-        checkpoint_dir=str(out_dir / "checkpoints"),
-        metrics_path=str(out_dir / "metrics.jsonl"),
+    """The FederationConfig of a simulation: the preset's run-config keys, plus where this run's files go."""
+    from simulations.presets import run_config_of
+
+    run_config = run_config_of(dict(settings))
+    if run_config.get("dp-epsilon") and "dp" not in run_config:
+        run_config["dp"] = "user"  # a target epsilon means user-level DP
+    min_fit = int(run_config.get("min-fit-clients", FederationConfig.min_fit_clients))  # type: ignore[call-overload]
+    run_config.update(
+        {
+            "population-dir": str(population_dir),
+            "min-available-clients": max(min_fit, n_devices),
+            "checkpoint-dir": str(out_dir / "checkpoints"),
+            "metrics-path": str(out_dir / "metrics.jsonl"),
+        }
     )
+    return FederationConfig.from_run_config(run_config)
 
 
 def simulate(
@@ -210,13 +194,14 @@ def simulate(
     from simulations.population import build_population, open_population
 
     out = Path(out_dir)
+    settings = dict(settings)
     het = heterogeneity_from(settings)
     dataset = str(settings["dataset"])
     options = DataOptions(
         settings.get("mapping") or None,  # type: ignore[arg-type]
-        settings.get("min_item_support"),  # type: ignore[arg-type]
-        settings.get("test_fraction"),  # type: ignore[arg-type]
-        settings.get("test_days"),  # type: ignore[arg-type]
+        settings.get("min-item-support"),  # type: ignore[arg-type]
+        settings.get("test-fraction"),  # type: ignore[arg-type]
+        settings.get("test-days"),  # type: ignore[arg-type]
     )
     # An explicitly given population is used as it is; the run's own is built, resumed, or (when built
     # with these settings) reused, and refused when it was built with others.
@@ -227,19 +212,25 @@ def simulate(
             pop_dir,
             partition=str(settings.get("partition", "auto")),
             max_devices=settings.get("devices"),  # type: ignore[arg-type]
-            seed=int(settings.get("seed", 0)),
+            seed=int(settings.get("seed", 0)),  # type: ignore[call-overload]
             mapping=options.mapping,
             heterogeneity=het,
-            min_examples=int(settings.get("min_examples", 0)),
+            min_examples=int(settings.get("min-examples", 0)),  # type: ignore[call-overload]
             protocol=protocol_for(dataset, options),
             progress=build_progress,
         )
     population = open_population(pop_dir)
     n_devices = population.n_devices
+    if settings.get("item-catalog") == DATASET_CATALOG:
+        from model.catalog import dataset_catalog
+
+        out.mkdir(parents=True, exist_ok=True)
+        catalog = dataset_catalog(str(settings["dataset"]), seed=int(settings.get("seed", 0)))  # type: ignore[call-overload]
+        settings["item-catalog"] = str(catalog.write_csv(out / "item-catalog.csv"))
     fed = federation_from(settings, pop_dir, out, n_devices)
     plan = SimulationPlan(pop_dir, out, fed, het, n_devices, num_cpus=num_cpus, ray_address=ray_address)
     (out / "settings.json").parent.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(dict(settings), indent=2, default=str))
+    (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
     summary = run_simulation_plan(plan, progress)
     summary["population"] = population.info.raw
     summary["plots"] = plot_metrics(read_metrics(out / "metrics.jsonl"), out)

@@ -40,18 +40,35 @@ def test_sampling_depends_only_on_seed_and_round():
 
 def test_non_finite_updates_are_rejected_and_counted():
     zero = [np.zeros(3, np.float32)]
-    strategy = build_strategy(FederationConfig(), zero, None, population=10)
+    strategy = build_strategy(FederationConfig(min_fit_clients=1), zero, None, population=10)
     good = _result([np.ones(3, np.float32)])
     bad = _result([np.array([1.0, np.nan, 1.0], np.float32)])
     parameters, _ = strategy.aggregate_fit(1, [good, bad], [RuntimeError("dropped")])
     np.testing.assert_allclose(parameters_to_ndarrays(parameters)[0], np.ones(3))
-    assert strategy.rounds[1] == {**strategy.rounds[1], "results": 2, "failures": 1, "rejected_non_finite": 1}
+    record = strategy.rounds[1]
+    assert (record["results"], record["failures"], record["accepted"], record["rejected"]) == (2, 1, 1, 1)
+    assert record["failure_reasons"] == {"error": 1, "non_finite": 1} and record["trained"]
 
 
-def test_only_bad_updates_leave_the_model_unchanged():
-    strategy = build_strategy(FederationConfig(), [np.zeros(2, np.float32)], None, population=10)
+def test_only_bad_updates_leave_the_model_unchanged_and_the_round_untrained():
+    strategy = build_strategy(
+        FederationConfig(min_fit_clients=1), [np.zeros(2, np.float32)], None, population=10
+    )
     parameters, _ = strategy.aggregate_fit(1, [_result([np.array([np.inf, 0], np.float32)])], [])
     assert parameters is None
+    assert not strategy.rounds[1]["trained"] and "0 usable update(s)" in strategy.rounds[1]["failed"]
+
+
+def test_fewer_usable_replies_than_min_fit_clients_fail_the_round():
+    strategy = build_strategy(
+        FederationConfig(min_fit_clients=3), [np.zeros(2, np.float32)], None, population=10
+    )
+    declined = [RuntimeError("Error(code=0, reason='declined: vocab_mismatch: another vocabulary')")] * 2
+    parameters, _ = strategy.aggregate_fit(1, [_result([np.ones(2, np.float32)])], declined)
+    assert parameters is None
+    record = strategy.rounds[1]
+    assert not record["trained"] and record["failure_reasons"] == {"vocab_mismatch": 2}
+    assert "1 usable update(s), min-fit-clients is 3 (failed: vocab_mismatch 2)" == record["failed"]
 
 
 def test_dp_noise_is_calibrated_to_the_updates_that_arrived():
@@ -65,18 +82,41 @@ def test_dp_noise_is_calibrated_to_the_updates_that_arrived():
     assert noise.std() == pytest.approx(0.5, rel=0.05)
 
 
-def test_a_huge_update_is_clipped_server_side_and_counted():
-    fed = FederationConfig(max_update_norm=1.0)
+def test_an_update_beyond_max_update_norm_is_dropped_and_counted():
+    fed = FederationConfig(max_update_norm=1.0, min_fit_clients=1)
     strategy = build_strategy(fed, [np.zeros(4, np.float32)], None, population=10)
     manager = _manager(3, seed=0)
     strategy.configure_fit(1, ndarrays_to_parameters([np.zeros(4, np.float32)]), manager)
     honest = _result([np.full(4, 0.1, np.float32)])
     attacker = _result([np.full(4, 1e6, np.float32)])
     parameters, _ = strategy.aggregate_fit(1, [honest, attacker], [])
-    average = parameters_to_ndarrays(parameters)[0]
+    np.testing.assert_allclose(parameters_to_ndarrays(parameters)[0], 0.1, rtol=1e-6)
+    assert strategy.rounds[1]["failure_reasons"] == {"too_large": 1}
+    assert strategy.rounds[1]["update_norm_max"] == pytest.approx(0.2)
+
+
+def test_the_default_bounds_a_1e30_update():
+    assert 0 < FederationConfig().max_update_norm < 1e6
+    strategy = build_strategy(
+        FederationConfig(min_fit_clients=1), [np.zeros(4, np.float32)], None, population=10
+    )
+    strategy.configure_fit(1, ndarrays_to_parameters([np.zeros(4, np.float32)]), _manager(3, seed=0))
+    parameters, _ = strategy.aggregate_fit(
+        1, [_result([np.full(4, 0.1, np.float32)]), _result([np.full(4, 1e30, np.float32)])], []
+    )
+    np.testing.assert_allclose(parameters_to_ndarrays(parameters)[0], 0.1, rtol=1e-6)
+
+
+def test_under_dp_a_large_update_is_clipped_to_the_clipping_norm():
+    fed = FederationConfig(dp="user", dp_noise_multiplier=1e-9, dp_clipping_norm=1.0, min_fit_clients=1)
+    strategy = build_strategy(fed, [np.zeros(4, np.float32)], None, population=10)
+    strategy.configure_fit(1, ndarrays_to_parameters([np.zeros(4, np.float32)]), _manager(3, seed=0))
+    honest = _result([np.full(4, 0.1, np.float32)])
+    large = _result([np.full(4, 10.0, np.float32)])  # norm 20: within max-update-norm, beyond the DP clip
+    parameters, _ = strategy.aggregate_fit(1, [honest, large], [])
     assert strategy.rounds[1]["clipped"] == 1
-    # The attacker's update counts with norm 1 (0.5 per entry), not 1e6.
-    np.testing.assert_allclose(average, (0.1 + 0.5) / 2, rtol=1e-5)
+    # The large update counts with norm 1 (0.5 per entry), not 20.
+    np.testing.assert_allclose(parameters_to_ndarrays(parameters)[0], (0.1 + 0.5) / 2, rtol=1e-5)
 
 
 def test_under_dp_the_clipping_norm_is_enforced_without_secagg():

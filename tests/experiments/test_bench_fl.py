@@ -40,8 +40,8 @@ def test_bench_fl_writes_table_targets_and_plots(tmp_path):
         measure_dp_step=False,
         spread_seeds=(1,),
         variants=[
-            {"name": "fw2v", "init": "federated-w2v", "w2v": {"rounds": 1, "fraction": 1.0}},
-            {"name": "cat", "init": "catalog", "dp_epsilon": 8.0},
+            {"name": "fw2v", "init": "federated-w2v", "w2v": {"num-server-rounds": 1, "fraction-fit": 1.0}},
+            {"name": "cat", "init": "catalog", "dp": "user", "dp-epsilon": 8.0},
         ],
     )
     written = json.loads((out / "fl.json").read_text())
@@ -55,12 +55,15 @@ def test_bench_fl_writes_table_targets_and_plots(tmp_path):
     assert "with other seeds [1]" in (out / "fl.md").read_text()
     staged, cat = written["variants"]
     # The catalog variant starts from the synthetic population's catalog; its centralized reference too.
-    assert cat["overrides"] == {"init": "catalog", "dp_epsilon": 8.0} and 0 < cat["epsilon"] <= 8.0 + 1e-6
+    assert (
+        cat["overrides"] == {"init": "catalog", "dp": "user", "dp-epsilon": 8.0}
+        and 0 < cat["epsilon"] <= 8.0 + 1e-6
+    )
     assert written["centralized_catalog_init"]["item_init"] == "item vectors"
     assert written["centralized_catalog_init"]["ranks_match_evaluator"]
     assert "catalog item init" in (out / "fl.md").read_text()
     stage = staged["w2v_stage"]
-    assert stage["rounds"] == 1 and 0 <= stage["word2vec_recall@20"] <= 1
+    assert stage["num-server-rounds"] == 1 and 0 <= stage["word2vec_recall@20"] <= 1
     assert 0 < stage["pooled_word2vec_recall@20"] <= 1
     assert "federated skip-gram run" in (out / "fl.md").read_text()
     assert written["targets"]["best_deployable_non_private_variant"]["name"] == "fw2v"
@@ -150,11 +153,15 @@ def test_federated_w2v_stage_writes_an_initial_checkpoint_and_is_reused(tmp_path
     pop_dir = tmp_path / "population"
     build_population("synthetic", pop_dir, partition="user", max_devices=8, seed=0, min_examples=1)
     settings = base_settings("synthetic", 1, 1.0, 1, 8, 8, 0, 8, 0.005, 100, 8, 2)
-    stage = {"rounds": 2, "fraction": 1.0, "local_steps": 2}
+    stage = {"num-server-rounds": 2, "fraction-fit": 1.0, "local-steps": 2}
     path, report = federated_w2v_checkpoint(settings, stage, tmp_path / "stage", pop_dir)
     loaded = load_checkpoint(path, device="cpu")
     assert loaded.rib_config.item_dim == 8 and "skip-gram" in loaded.history["init"]
-    assert report["rounds"] == 2 and report["local_steps"] == 2 and 0 <= report["word2vec_recall@20"] <= 1
+    assert (
+        report["num-server-rounds"] == 2
+        and report["local-steps"] == 2
+        and 0 <= report["word2vec_recall@20"] <= 1
+    )
     before = path.stat().st_mtime_ns
     assert federated_w2v_checkpoint(settings, stage, tmp_path / "stage", pop_dir)[0] == path  # reused
     assert path.stat().st_mtime_ns == before
@@ -165,7 +172,8 @@ def test_federated_w2v_stage_writes_an_initial_checkpoint_and_is_reused(tmp_path
 @pytest.mark.parametrize(
     "variant, message",
     [
-        ({"name": "x", "w2v": {"rounds": 3}}, "need init"),
+        ({"name": "x", "w2v": {"num-server-rounds": 3}}, "need init"),
+        ({"name": "x", "fed": {"server_lr": 0.1}}, "unknown run-config key 'fed'"),
         ({"name": "x", "init": "federated-w2v", "w2v": {"epochs": 3}}, "unknown w2v stage settings"),
     ],
 )
@@ -192,7 +200,7 @@ def test_targets_never_count_the_pooled_word2vec_diagnostic_as_deployable():
             "ratio_to_centralized": 0.96,
             "overrides": {"init": "federated-w2v"},
         },
-        {"setting": "dp", "epsilon": 8.0, "ratio_to_centralized": 0.97, "overrides": {"dp_epsilon": 8.0}},
+        {"setting": "dp", "epsilon": 8.0, "ratio_to_centralized": 0.97, "overrides": {"dp-epsilon": 8.0}},
     ]
     out = targets(rows, variants, None)
     assert out["fedavg_recall_ratio"]["met"] is False

@@ -141,3 +141,93 @@ def test_train_with_a_frozen_tied_item_table(runner, tmp_path):
     )
     result = runner.invoke(main, [*args, "--out", str(tmp_path / "x"), "--tie-output", "--loss", "paper"])
     assert result.exit_code != 0 and "tie_output" in result.output and "Traceback" not in result.output
+
+
+# ---- rib-edge fl: what can be refused before any process starts -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def population_split(tmp_path_factory):
+    from model.data.open import synthetic_split
+    from model.data.synthetic import SyntheticConfig
+
+    path = tmp_path_factory.mktemp("split") / "split.npz"
+    synthetic_split(SyntheticConfig(n_devices=30, n_items=40, n_categories=4, days=6)).save(path)
+    return path
+
+
+def _free_port() -> str:
+    from aggregator.deploy import free_port
+
+    return str(free_port())
+
+
+def test_fl_run_refuses_a_bad_run_config_in_one_line(runner, tmp_path):
+    base = ["fl", "run", "--superlink", "127.0.0.1:1", "--insecure", "--wait-s", "0"]
+    result = runner.invoke(main, [*base, "-c", "num-server-roundz=2"])
+    assert result.exit_code == 2 and "unknown run-config key 'num-server-roundz'" in result.output
+    result = runner.invoke(main, [*base, "-c", f"eval-split={tmp_path / 'nope.npz'}"])
+    assert result.exit_code == 2 and "eval-split:" in result.output and "not found" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    result = runner.invoke(main, [*base, "-c", "release-dir=rel"])
+    assert result.exit_code == 2  # no eval split (and a release dir without a signing key)
+
+
+def test_fl_run_without_a_superlink_says_so(runner, population_split):
+    args = ["fl", "run", "--superlink", "127.0.0.1:1", "--insecure", "--wait-s", "0"]
+    result = runner.invoke(main, [*args, "-c", f"eval-split={population_split}"])
+    assert result.exit_code == 1 and "no SuperLink answers on 127.0.0.1:1" in result.output
+
+
+def test_a_second_fl_join_on_a_busy_port_names_the_flag(runner, tmp_path):
+    """The second SuperNode on one machine needs its own --port: one line saying so, not a traceback."""
+    import socket
+
+    from edge_client.keys import KeyFileProvider
+    from edge_client.schema import MicroBehavior
+    from edge_client.store import TupleStore
+    from tests.edge_client.worlds import shared_world
+
+    world = shared_world(tmp_path / "world")
+    store = TupleStore(tmp_path / "store", key_provider=KeyFileProvider(tmp_path / "store" / "store.key"))
+    item, activity = str(world["vocab"].item_ids[0]), world["vocab"].activities.names[0]
+    store.append([MicroBehavior("s", 1_700_000_000_000, item, activity, 2.0)])
+    store.close()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        args = ["fl", "join", "--superlink", "127.0.0.1:9092", "--insecure", "--port", port]
+        args += ["--device-dir", str(tmp_path / "store"), "--package-dir", str(world["package"])]
+        result = runner.invoke(main, [*args, "--public-key", str(world["public"])])
+    assert result.exit_code == 2 and f"port {port} on 127.0.0.1 is busy" in result.output
+    assert "--port" in result.output and "Traceback" not in result.output
+
+
+def test_fl_join_refuses_a_device_that_cannot_take_part(runner, tmp_path):
+    key = tmp_path / "key.pem"
+    key.write_text("not a key")
+    (tmp_path / "pkg").mkdir()
+    args = ["fl", "join", "--superlink", "127.0.0.1:9092", "--insecure", "--port", _free_port()]
+    result = runner.invoke(
+        main,
+        [
+            *args,
+            "--device-dir",
+            str(tmp_path),
+            "--package-dir",
+            str(tmp_path / "pkg"),
+            "--public-key",
+            str(key),
+        ],
+    )
+    assert result.exit_code == 2 and "refusing to join (package_invalid)" in result.output
+
+
+def test_fl_demo_never_writes_into_a_directory_it_did_not_make(runner, tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    result = runner.invoke(main, ["fl", "demo", "--out", str(tmp_path), "--prepare-only"])
+    assert result.exit_code == 2 and "not written by `rib-edge fl demo`" in result.output
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+    result = runner.invoke(main, ["fl", "demo", "--out", str(tmp_path / "d"), "-c", "local-steps=0"])
+    assert result.exit_code == 2 and "local-steps" in result.output
